@@ -1,0 +1,42 @@
+# Backdoor deployment gate. `make gate` and `make test` work as the first command on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+MODEL  ?= models/demo/gtsrb_badnets3x3.onnx
+DATA   ?=
+POLICY ?= policies/default.yaml
+OUT    ?= gate-out
+GATE_ARGS ?=
+
+.PHONY: install gate test lint models bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev,forge]'
+	touch $(STAMP)
+
+# Scan MODEL under POLICY; exit 0 accept, 1 reject, 2 error/indeterminate, 4 usage error.
+gate: $(STAMP)
+	$(VENV)/bin/gate run $(MODEL) --policy $(POLICY) --out $(OUT) $(if $(DATA),--data $(DATA)) $(GATE_ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check gate models tests bench
+
+# Rebuild the demo models and the full forge zoo (torch, CPU, seeded).
+models: $(STAMP)
+	$(PY) -m models.forge --demo
+	$(PY) -m models.forge --zoo
+
+bench: $(STAMP)
+	$(PY) -m bench.compare $(BENCH_ARGS)
+
+clean:
+	rm -rf $(OUT) .pytest_cache test-artifacts

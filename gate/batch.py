@@ -1,0 +1,64 @@
+"""A reusable buffer of stamped, model-encoded images that is sent to the oracle in one call.
+
+Many classes' candidates are stamped side by side into one preallocated buffer, then one
+``InferenceSession.run`` answers for all of them. :class:`HostBatch` does this in host memory with the
+numba CPU kernels; :class:`gate.kernels_cuda.DeviceBatch` does the same in GPU memory and feeds ORT's
+CUDA provider through IOBinding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gate.kernels import perturb_encode, stamp_encode
+from gate.oracle import Oracle
+
+
+class HostBatch:
+    def __init__(self, oracle: Oracle, capacity: int) -> None:
+        self.oracle = oracle
+        self.capacity = int(capacity)
+        self.buffer = np.empty(oracle.spec.model_shape(self.capacity), dtype=np.float32)
+        self.scale, self.offset = oracle.affine
+        self.channels_first = oracle.spec.channels_first
+        self.size = 0
+
+    def free(self) -> int:
+        return self.capacity - self.size
+
+    def add_stamped(self, images: np.ndarray, masks: np.ndarray, patterns: np.ndarray) -> slice:
+        """Stamp every (mask, pattern) on every image; returns the rows they occupy (trigger-major)."""
+        n = len(masks) * len(images)
+        rows = self._reserve(n)
+        stamp_encode(images, masks, patterns, self.scale, self.offset, self.channels_first, self.buffer[rows])
+        return rows
+
+    def add_perturbed(self, x: np.ndarray, delta: np.ndarray, sigma: float) -> slice:
+        """Gaussian probes clip(x[i] + sigma*delta[i, j]) (image-major rows), for B3D-SS."""
+        n = delta.shape[0] * delta.shape[1]
+        rows = self._reserve(n)
+        perturb_encode(x, delta, np.float32(sigma), self.scale, self.offset, self.channels_first,
+                       self.buffer[rows])
+        return rows
+
+    def _reserve(self, n: int) -> slice:
+        if self.size + n > self.capacity:
+            raise ValueError(f"batch overflow: {self.size} + {n} rows > capacity {self.capacity}")
+        rows = slice(self.size, self.size + n)
+        self.size += n
+        return rows
+
+    def run(self) -> np.ndarray:
+        """Probabilities for every row added since the last run; empties the batch."""
+        n, self.size = self.size, 0
+        return self.oracle.run_encoded(self.buffer[:n])
+
+
+def make_batch(oracle: Oracle, capacity: int):
+    """A device-resident batch when the oracle runs on CUDA and numba.cuda works, else a host one."""
+    if oracle.on_cuda:
+        from gate.kernels_cuda import DeviceBatch, cuda_usable
+
+        if cuda_usable():
+            return DeviceBatch(oracle, capacity)
+    return HostBatch(oracle, capacity)

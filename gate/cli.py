@@ -1,0 +1,60 @@
+"""``gate`` command line: one sub-command per module in :mod:`gate.commands`.
+
+Exit codes (as protectai/modelscan): 0 accept, 1 reject, 2 error or indeterminate (fail closed),
+4 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from gate import __version__
+from gate.errors import GateError, UsageError
+
+EXIT_ACCEPT, EXIT_REJECT, EXIT_ERROR, EXIT_USAGE = 0, 1, 2, 4
+
+COMMANDS = ("scan", "synth", "run", "inspect", "proxy", "calibrate")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse exits 2; usage errors are 4 here
+        self.print_usage(sys.stderr)
+        print(f"gate: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="gate", description="Black-box backdoor detection gate for ONNX image classifiers.")
+    parser.add_argument("--version", action="version", version=f"gate {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"gate.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"gate.commands.{name}":
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except UsageError as exc:
+        print(f"gate: usage error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except GateError as exc:
+        print(f"gate: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("gate: interrupted", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

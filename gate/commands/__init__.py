@@ -1,0 +1,1 @@
+"""Sub-commands of the ``gate`` CLI; each module has ``register(subparsers)``."""

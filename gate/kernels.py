@@ -1,0 +1,123 @@
+"""Numba CPU kernels for the hot path: sampling triggers and stamping whole batches.
+
+All kernels write into buffers the caller preallocated, so a search step allocates nothing large.
+Random numbers come from numpy Generators (``rng.random(out=...)``, ``rng.standard_normal(out=...)``):
+deterministic for a seed whatever the thread count; the kernels only transform them.
+
+Stamping and encoding are fused: the stamped image ``(1-m)*x + m*p`` is written straight in the model's
+layout and value range (``scale[c]*v + offset[c]``), ready for ``InferenceSession.run``.
+:mod:`gate.kernels_cuda` has the same kernels for the GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def bernoulli_masks(u, prob, out):
+    """out[j] = 1[u[j] < prob] — binary masks m_j ~ Bernoulli(prob). u, out: (k, H, W); prob: (H, W)."""
+    k, h, w = out.shape
+    for j in prange(k):
+        for r in range(h):
+            for c in range(w):
+                out[j, r, c] = 1.0 if u[j, r, c] < prob[r, c] else 0.0
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def noisy_patterns(theta_p, eps, sigma, out):
+    """out[j] = g(theta_p + sigma * eps[j]) with g(z) = (tanh z + 1) / 2. eps, out: (k, H, W, C)."""
+    k, h, w, ch = out.shape
+    for j in prange(k):
+        for r in range(h):
+            for c in range(w):
+                for q in range(ch):
+                    out[j, r, c, q] = 0.5 * (math.tanh(theta_p[r, c, q] + sigma * eps[j, r, c, q]) + 1.0)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def stamp_encode(images, masks, patterns, scale, offset, channels_first, out):
+    """Stamp every trigger j on every image i and encode for the model.
+
+    images (B, H, W, C) in [0,1]; masks (n, H, W); patterns (n, H, W, C);
+    out (n*B, C, H, W) when channels_first else (n*B, H, W, C); row j*B + i holds trigger j on image i.
+    """
+    b, h, w, ch = images.shape
+    n = masks.shape[0]
+    for t in prange(n * b):
+        j = t // b
+        i = t - j * b
+        for r in range(h):
+            for c in range(w):
+                m = masks[j, r, c]
+                for q in range(ch):
+                    v = (1.0 - m) * images[i, r, c, q] + m * patterns[j, r, c, q]
+                    e = scale[q] * v + offset[q]
+                    if channels_first:
+                        out[t, q, r, c] = e
+                    else:
+                        out[t, r, c, q] = e
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def perturb_encode(x, delta, sigma, scale, offset, channels_first, out):
+    """Gaussian probes around images for B3D-SS: row i*k + j holds clip(x[i] + sigma*delta[i, j], 0, 1).
+
+    x (n, H, W, C); delta (n, k, H, W, C); out (n*k, C, H, W) or (n*k, H, W, C), encoded for the model.
+    """
+    n, k = delta.shape[0], delta.shape[1]
+    h, w, ch = x.shape[1], x.shape[2], x.shape[3]
+    for t in prange(n * k):
+        i = t // k
+        j = t - i * k
+        for r in range(h):
+            for c in range(w):
+                for q in range(ch):
+                    v = x[i, r, c, q] + sigma * delta[i, j, r, c, q]
+                    v = min(max(v, 0.0), 1.0)
+                    e = scale[q] * v + offset[q]
+                    if channels_first:
+                        out[t, q, r, c] = e
+                    else:
+                        out[t, r, c, q] = e
+
+
+@njit(fastmath=True, cache=True)
+def group_cross_entropy(probs, target, group, out):
+    """out[j] = mean over the j-th group of ``group`` rows of -log p[row, target]."""
+    n = out.shape[0]
+    for j in range(n):
+        s = 0.0
+        for i in range(group):
+            s -= math.log(max(probs[j * group + i, target], 1e-12))
+        out[j] = s / group
+
+
+@njit(fastmath=True, cache=True)
+def group_hits(probs, target, group, out):
+    """out[j] = fraction of the j-th group of rows whose arg-max is ``target``."""
+    n = out.shape[0]
+    k = probs.shape[1]
+    for j in range(n):
+        hits = 0
+        for i in range(group):
+            row = j * group + i
+            best = 0
+            for q in range(1, k):
+                if probs[row, q] > probs[row, best]:
+                    best = q
+            if best == target:
+                hits += 1
+        out[j] = hits / group
+
+
+def stamp_encode_reference(images, masks, patterns, scale, offset, channels_first):
+    """Plain numpy version of :func:`stamp_encode`, for tests."""
+    m = masks[:, None, :, :, None]
+    v = (1.0 - m) * images[None] + m * patterns[:, None]
+    e = v * scale + offset
+    e = e.reshape(-1, *images.shape[1:])
+    return e.transpose(0, 3, 1, 2) if channels_first else e

@@ -1,0 +1,275 @@
+"""The single door to the vendor model: an ONNX Runtime session used as a black box.
+
+Everything else in the gate queries the model through :class:`Oracle`. It validates the ONNX file,
+resolves the input contract (:mod:`gate.spec`), counts every image it sends (``queries``), enforces an
+optional hard query budget, and always answers with class probabilities.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from gate.errors import ModelError, QueryBudgetExceeded
+from gate.spec import InputSpec, SpecOverrides, broadcast_channels, check_channels, resolve_layout
+
+_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+
+def _ort():
+    import onnxruntime as ort
+
+    # Severity 4 (fatal only): onnxruntime-gpu otherwise logs CUDA-library errors on machines without a GPU.
+    ort.set_default_logger_severity(4)
+    return ort
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
+def looks_like_probs(out: np.ndarray, tol: float = 1e-3) -> bool:
+    return bool(out.min() >= -tol and out.max() <= 1 + tol and np.allclose(out.sum(axis=1), 1.0, atol=tol))
+
+
+class Oracle:
+    """Query-only access to an ONNX image classifier.
+
+    ``device``: "auto" (CUDA when ORT really gets it, else CPU), "cpu" or "cuda".
+    ``max_queries``: hard budget on images sent; exceeding it raises :class:`QueryBudgetExceeded`.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        overrides: SpecOverrides | None = None,
+        *,
+        device: str = "auto",
+        max_batch: int = 4096,
+        max_queries: int | None = None,
+        threads: int = 0,
+    ) -> None:
+        self.path = Path(path)
+        overrides = overrides or SpecOverrides()
+        self.max_batch = int(max_batch)
+        self.max_queries = None if max_queries is None else int(max_queries)
+        self.queries = 0
+        self.ort_seconds = 0.0
+        self._open(device, threads)
+        self.spec = self._resolve_spec(overrides)
+        self._scale, self._offset = self.spec.affine()
+
+    # ------------------------------------------------------------------ opening and checking
+    def _open(self, device: str, threads: int) -> None:
+        import onnx
+
+        if not self.path.is_file():
+            raise ModelError(f"model file not found: {self.path}")
+        try:
+            model = onnx.load(str(self.path))
+            onnx.checker.check_model(model, full_check=True)
+        except Exception as exc:  # onnx raises DecodeError, ValidationError, ... for broken files
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"{self.path} is not a valid ONNX model: {first}") from None
+        self.sha256 = file_sha256(self.path)
+        graph_inputs = {i.name for i in model.graph.initializer}
+        real_inputs = [i for i in model.graph.input if i.name not in graph_inputs]
+        if len(real_inputs) != 1:
+            raise ModelError(f"model must have exactly one input, found {len(real_inputs)}: "
+                             f"{[i.name for i in real_inputs]}")
+        del model
+
+        ort = _ort()
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 4
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+        wanted = ["CPUExecutionProvider"]
+        if device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+            wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=wanted)
+        except Exception as exc:
+            raise ModelError(f"onnxruntime cannot load {self.path}: {str(exc).splitlines()[0]}") from None
+        # onnxruntime-gpu lists CUDA even with no GPU: what counts is what the session really got.
+        self.providers = list(self.session.get_providers())
+        self.on_cuda = self.providers[0] == "CUDAExecutionProvider"
+        if device == "cuda" and not self.on_cuda:
+            raise ModelError("device 'cuda' requested but onnxruntime could not use a CUDA GPU")
+
+        inp = self.session.get_inputs()[0]
+        out = self.session.get_outputs()[0]
+        self.input_name, self.output_name = inp.name, out.name
+        self.input_shape = list(inp.shape)
+        if len(self.input_shape) != 4:
+            raise ModelError(f"model input must be rank 4 (a batch of images), got shape {self.input_shape}")
+        if inp.type not in _DTYPES:
+            raise ModelError(f"unsupported input dtype {inp.type}; supported: float32, float16, float64")
+        self._dtype = _DTYPES[inp.type]
+        if len(out.shape) != 2:
+            raise ModelError(f"model output must be rank 2 (batch, classes), got shape {list(out.shape)}")
+        self._declared_classes = out.shape[1] if isinstance(out.shape[1], int) else None
+
+    def _resolve_spec(self, o: SpecOverrides) -> InputSpec:
+        layout, h, w, c, layout_detected = resolve_layout(self.input_shape, o.layout)
+        check_channels(o.mean, c, "mean")
+        check_channels(o.std, c, "std")
+        b = self.input_shape[0]
+        batch = b if isinstance(b, int) and b > 0 else None
+        detected = ["layout"] if layout_detected else []
+        spec = InputSpec(
+            layout=layout, height=h, width=w, channels=c,
+            value_range=float(o.value_range or 1.0),
+            mean=broadcast_channels(o.mean, c), std=broadcast_channels(o.std, c),
+            output_kind=o.output_kind or "probs", batch=batch,
+            dtype=np.dtype(self._dtype).name, detected=tuple(detected),
+        )
+        self.spec = spec
+        self._scale, self._offset = spec.affine()
+        if o.output_kind is None:
+            spec = self._probe_output_kind(spec)
+        return spec
+
+    def _probe_output_kind(self, spec: InputSpec) -> InputSpec:
+        """Send a few random images and look at the raw outputs: rows on the simplex mean probabilities."""
+        rng = np.random.default_rng(0)
+        probe = rng.random((8, *spec.image_shape), dtype=np.float32)
+        self.charge(len(probe))
+        raw = self._run_raw(self.encode(probe))
+        kind = "probs" if looks_like_probs(raw) else "logits"
+        return replace(spec, output_kind=kind, detected=spec.detected + ("output_kind",))
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def num_classes(self) -> int:
+        if self._declared_classes is None:
+            self._declared_classes = int(self.probs(np.zeros((1, *self.spec.image_shape), np.float32)).shape[1])
+        return self._declared_classes
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.spec.image_shape
+
+    @property
+    def affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """(scale, offset) per channel, for kernels that encode while they stamp."""
+        return self._scale, self._offset
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.max_queries is None else self.max_queries - self.queries
+
+    def charge(self, n: int) -> None:
+        """Count ``n`` images as sent; refuse before the budget would be exceeded."""
+        if self.max_queries is not None and self.queries + n > self.max_queries:
+            raise QueryBudgetExceeded(
+                f"query budget exhausted: {self.queries} of {self.max_queries} images used, {n} more needed")
+        self.queries += n
+
+    def encode(self, images: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """float NHWC [0,1] images -> the model's layout, range, normalisation and dtype."""
+        x = np.asarray(images, dtype=np.float32)
+        if x.ndim != 4 or x.shape[1:] != self.spec.image_shape:
+            raise ModelError(f"images of shape {x.shape[1:]} do not match the model input {self.spec.image_shape}")
+        y = x * self._scale + self._offset
+        if self.spec.channels_first:
+            y = y.transpose(0, 3, 1, 2)
+        if out is None:
+            return np.ascontiguousarray(y, dtype=self._dtype)
+        out[...] = y
+        return out
+
+    def run_encoded(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities (N, K) float32 for a batch already in the model's input format."""
+        self.charge(len(batch))
+        raw = self._run_raw(batch)
+        return self._to_probs(raw)
+
+    def probs(self, images: np.ndarray) -> np.ndarray:
+        """Probabilities (N, K) for float NHWC [0,1] images, in chunks of ``max_batch``."""
+        images = np.asarray(images)
+        self.charge(len(images))
+        outs = [self._run_raw(self.encode(images[i:i + self.max_batch]))
+                for i in range(0, len(images), self.max_batch)]
+        return self._to_probs(np.concatenate(outs) if outs else np.zeros((0, self.num_classes), np.float32))
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        return self.probs(images).argmax(axis=1)
+
+    def _to_probs(self, raw: np.ndarray) -> np.ndarray:
+        raw = raw.astype(np.float32, copy=False)
+        if self.spec.output_kind == "logits":
+            return softmax(raw.copy())
+        return raw
+
+    def _run_raw(self, batch: np.ndarray) -> np.ndarray:
+        """Raw model outputs; splits into the model's fixed batch size when it has one."""
+        if batch.dtype != self._dtype:
+            batch = batch.astype(self._dtype)
+        fixed = self.spec.batch
+        t0 = time.perf_counter()
+        if fixed is None:
+            outs = [self.session.run([self.output_name], {self.input_name: batch[i:i + self.max_batch]})[0]
+                    for i in range(0, len(batch), self.max_batch)]
+        else:
+            outs = []
+            for i in range(0, len(batch), fixed):
+                chunk = batch[i:i + fixed]
+                n = len(chunk)
+                if n < fixed:  # pad the last chunk up to the fixed batch size
+                    chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - n, axis=0)])
+                outs.append(self.session.run([self.output_name], {self.input_name: chunk})[0][:n])
+        self.ort_seconds += time.perf_counter() - t0
+        raw = np.concatenate(outs) if len(outs) != 1 else outs[0]
+        if raw.ndim != 2:
+            raise ModelError(f"model output must be rank 2 (batch, classes), got shape {raw.shape}")
+        if not np.all(np.isfinite(raw)):
+            raise ModelError("model returned non-finite outputs (NaN or inf)")
+        return raw
+
+    # ------------------------------------------------------------------ CUDA path
+    def run_device(self, ptr: int, n: int, out_host: np.ndarray | None = None) -> np.ndarray:
+        """Run a batch that already lives in GPU memory (model format, float32) through IOBinding.
+
+        The input never visits the host: ``ptr`` is the device pointer of an (n, ...) float32 array laid
+        out as ``spec.model_shape(n)``. Only the (n, K) outputs are copied back.
+        """
+        if not self.on_cuda:
+            raise ModelError("run_device needs a session on the CUDA execution provider")
+        self.charge(n)
+        binding = self.session.io_binding()
+        binding.bind_input(self.input_name, "cuda", 0, np.float32, list(self.spec.model_shape(n)), ptr)
+        binding.bind_output(self.output_name, "cpu")
+        t0 = time.perf_counter()
+        self.session.run_with_iobinding(binding)
+        self.ort_seconds += time.perf_counter() - t0
+        raw = binding.copy_outputs_to_cpu()[0]
+        if not np.all(np.isfinite(raw)):
+            raise ModelError("model returned non-finite outputs (NaN or inf)")
+        return self._to_probs(raw)
+
+    def describe(self) -> dict:
+        return {
+            "path": str(self.path),
+            "sha256": self.sha256,
+            "input_name": self.input_name,
+            "input_shape": [d if isinstance(d, int) else str(d) for d in self.input_shape],
+            "num_classes": self.num_classes,
+            "image_shape": list(self.image_shape),
+        }

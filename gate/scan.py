@@ -1,0 +1,259 @@
+"""Scan every class of a model for a reversed trigger, then find the outliers (B3D).
+
+All classes search at once. Each round, every running class asks for its candidates, the candidates of
+many classes are stamped side by side into one buffer and answered by one model call, and each class is
+told its losses. A bandit over classes stops searching classes whose trigger is clearly not going to be
+an outlier: only classes above the ``bandit_keep`` quantile of current L1 norms are stopped, so the lower
+part of the distribution (median included) always runs to convergence. Budgets (queries, seconds) are
+checked before every model call and never exceeded; when they cut the scan short it says so.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from gate import __version__
+from gate.batch import make_batch
+from gate.data import ImageSet
+from gate.errors import DataError
+from gate.kernels import group_cross_entropy, group_hits
+from gate.oracle import Oracle
+from gate.outliers import OutlierRule, find_outliers
+from gate.progress import Progress
+from gate.result import ClassResult, ScanResult, Triggers
+from gate.search import SearchParams, TriggerSearch
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    search: SearchParams = field(default_factory=SearchParams)
+    outliers: OutlierRule = field(default_factory=OutlierRule)
+    seed: int = 0
+    max_images: int = 1000  # clean images used (search pool + held-out), sampled by seed
+    held_out: int = 100  # images kept aside to measure each reversed trigger's attack success
+    bandit: bool = True
+    bandit_warmup: int = 30  # steps before the bandit may stop a class
+    bandit_every: int = 10
+    bandit_keep: float = 0.6  # classes at or below this quantile of L1 always keep searching
+    max_queries: int | None = None  # for the whole scan (the oracle may hold its own, larger budget)
+    max_seconds: float | None = None
+    batch_images: int = 4096  # images per model call (the stamped-candidate buffer)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("search")
+        d.pop("outliers")
+        return d
+
+
+@dataclass
+class _ClassRun:
+    label: int
+    state: object
+    pool: np.ndarray  # indices of search images not already predicted as this class
+    queries: int = 0
+    seconds: float = 0.0
+    ce: np.ndarray | None = None
+
+
+def split_data(images: ImageSet, cfg: ScanConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (search pool, held-out) over at most ``max_images`` images."""
+    n = len(images)
+    order = rng.permutation(n)[: min(n, cfg.max_images)]
+    held = min(cfg.held_out, len(order) // 5)
+    if len(order) - held < 2:
+        raise DataError(f"{images.source}: {n} images are too few to scan (need at least 10)")
+    return order[held:], order[:held]
+
+
+def scan(oracle: Oracle, images: ImageSet, cfg: ScanConfig = ScanConfig(), *, method: str = "b3d",
+         progress: Progress | None = None, synthesis: dict | None = None) -> tuple[ScanResult, Triggers]:
+    t_start = time.perf_counter()
+    q_start = oracle.queries
+    ort_start = oracle.ort_seconds
+    progress = progress or Progress(enabled=False)
+    k_classes = oracle.num_classes
+    params = cfg.search
+    search = TriggerSearch(oracle.image_shape, params)
+    root = np.random.SeedSequence(cfg.seed)
+    data_seq, *class_seqs = root.spawn(k_classes + 1)
+    data_rng = np.random.default_rng(data_seq)
+
+    search_idx, held_idx = split_data(images, cfg, data_rng)
+    used = np.concatenate([search_idx, held_idx])
+    budget = _Budget(oracle, cfg, q_start, t_start)
+    budget.require(len(used), "predicting the clean images")
+    preds = oracle.predict(images.x[used])
+    pred_search, pred_held = preds[: len(search_idx)], preds[len(search_idx):]
+    accuracy = None
+    if images.y is not None:
+        accuracy = float(np.mean(preds == images.y[used]))
+    pool_x = np.ascontiguousarray(images.x[search_idx])
+    held_x = np.ascontiguousarray(images.x[held_idx])
+
+    runs = []
+    for c in range(k_classes):
+        pool = np.flatnonzero(pred_search != c)
+        if len(pool) == 0:
+            pool = np.arange(len(search_idx))
+        runs.append(_ClassRun(c, search.init(np.random.default_rng(class_seqs[c])), pool,
+                              ce=np.empty(params.candidates, np.float64)))
+
+    n_cand = params.candidates
+    per_class = n_cand * params.batch_size
+    capacity = max(cfg.batch_images, per_class)
+    batch = make_batch(oracle, capacity)
+    minibatch = np.empty((params.batch_size, *oracle.image_shape), np.float32)
+    reserve = k_classes * len(held_x)  # budget kept for measuring every trigger on held-out images
+    hits = np.empty(1, np.float64)
+    stop_reason = None
+    step = 0
+    progress.start(k_classes, params.max_steps)
+
+    while True:
+        active = [r for r in runs if not r.state.done]
+        if not active:
+            break
+        cost = per_class * len(active)
+        reason = budget.blocks(cost + reserve)
+        if reason:
+            stop_reason = reason
+            for r in active:
+                search.stop(r.state, "budget")
+            break
+        # one round: every active class takes one step, many classes per model call
+        for start in range(0, len(active), max(1, capacity // per_class)):
+            group = active[start:start + max(1, capacity // per_class)]
+            t0 = time.perf_counter()
+            slots = []
+            for r in group:
+                masks, patterns = search.ask(r.state)
+                idx = r.state.rng.choice(r.pool, params.batch_size, replace=len(r.pool) < params.batch_size)
+                np.take(pool_x, idx, axis=0, out=minibatch)
+                slots.append(batch.add_stamped(minibatch, masks, patterns))
+            probs = batch.run()
+            for r, rows in zip(group, slots, strict=True):
+                p = probs[rows]
+                group_cross_entropy(p, r.label, params.batch_size, r.ce)
+                group_hits(p[-params.batch_size:], r.label, params.batch_size, hits)
+                search.tell(r.state, r.ce, float(hits[0]))
+                r.queries += n_cand * params.batch_size
+            share = (time.perf_counter() - t0) / len(group)
+            for r in group:
+                r.seconds += share
+                if r.state.done:
+                    progress.class_done(r.label, r.state, r.queries)
+        step += 1
+        if cfg.bandit and step >= cfg.bandit_warmup and step % cfg.bandit_every == 0:
+            _bandit(runs, search, cfg.bandit_keep, progress)
+        progress.step(step, runs, oracle.queries - q_start)
+
+    # measure each class's reversed trigger on the held-out images
+    results, masks, patterns = _finish(runs, held_x, pred_held, batch, budget, oracle.image_shape)
+    l1 = np.array([c.l1 for c in results])
+    out = find_outliers(l1, cfg.outliers)
+    for c, idx, flag in zip(results, out.anomaly_index, out.flagged, strict=True):
+        c.anomaly_index = float(idx) if np.isfinite(idx) else (1e9 if idx > 0 else -1e9)
+        c.flagged = bool(flag)
+    flagged = [c.label for c in results if c.flagged]
+    complete = stop_reason is None
+    verdict = "reject" if flagged and complete else ("review" if not complete else "accept")
+    progress.finish(flagged, verdict)
+
+    total_q = oracle.queries - q_start
+    seconds = time.perf_counter() - t_start
+    synth_q = (synthesis or {}).get("queries", 0)
+    synth_s = (synthesis or {}).get("seconds", 0.0)
+    result = ScanResult(
+        model=oracle.describe(),
+        input_spec=oracle.spec.to_dict(),
+        providers=oracle.providers,
+        method=method,
+        seed=cfg.seed,
+        search={**params.to_dict(), **cfg.to_dict()},
+        outliers={"anomaly_threshold": cfg.outliers.anomaly_threshold, "median_ratio": cfg.outliers.median_ratio,
+                  "median_l1": out.median, "mad": out.mad},
+        data={"source": images.source, "images": int(len(images)), "search_pool": int(len(search_idx)),
+              "held_out": int(len(held_idx)), "clean_accuracy": accuracy},
+        classes=results,
+        flagged=flagged,
+        complete=complete,
+        stop_reason=stop_reason,
+        queries={"total": int(total_q + synth_q), "scan": int(total_q), "synthesis": int(synth_q),
+                 "per_class_mean": float(total_q / k_classes)},
+        seconds={"total": seconds + synth_s, "scan": seconds, "synthesis": synth_s,
+                 "ort": oracle.ort_seconds - ort_start,
+                 "ort_fraction": (oracle.ort_seconds - ort_start) / seconds if seconds > 0 else 0.0},
+        synthesis=synthesis,
+        verdict=verdict,
+        tool={"name": "backdoor-gate", "version": __version__},
+    )
+    triggers = Triggers(np.arange(k_classes), masks, patterns, np.array([c.flagged for c in results]))
+    return result, triggers
+
+
+class _Budget:
+    def __init__(self, oracle: Oracle, cfg: ScanConfig, q_start: int, t_start: float) -> None:
+        self.oracle, self.cfg, self.q_start, self.t_start = oracle, cfg, q_start, t_start
+
+    def left(self) -> float:
+        lefts = [np.inf]
+        if self.cfg.max_queries is not None:
+            lefts.append(self.cfg.max_queries - (self.oracle.queries - self.q_start))
+        if self.oracle.remaining is not None:
+            lefts.append(self.oracle.remaining)
+        return min(lefts)
+
+    def blocks(self, n: int) -> str | None:
+        """Why ``n`` more queries cannot be sent now, or None."""
+        if n > self.left():
+            return f"query budget reached ({self.oracle.queries - self.q_start} queries sent)"
+        if self.cfg.max_seconds is not None and time.perf_counter() - self.t_start > self.cfg.max_seconds:
+            return f"time budget of {self.cfg.max_seconds:g} s reached"
+        return None
+
+    def require(self, n: int, what: str) -> None:
+        from gate.errors import QueryBudgetExceeded
+
+        if n > self.left():
+            raise QueryBudgetExceeded(f"query budget too small: {what} needs {n} queries, {self.left():.0f} left")
+
+
+def _bandit(runs: list[_ClassRun], search: TriggerSearch, keep: float, progress: Progress) -> None:
+    scores = np.array([r.state.result_trigger()[2] for r in runs])
+    cut = np.quantile(scores, keep)
+    for r, s in zip(runs, scores, strict=True):
+        if not r.state.done and s > cut and r.state.best_mask is not None:
+            search.stop(r.state, "bandit_stopped")
+            progress.class_done(r.label, r.state, r.queries)
+
+
+def _finish(runs, held_x, pred_held, batch, budget, image_shape):
+    h, w, _ = image_shape
+    masks = np.stack([r.state.result_trigger()[0] for r in runs]).astype(np.float32)
+    patterns = np.stack([r.state.result_trigger()[1] for r in runs]).astype(np.float32)
+    asr = [None] * len(runs)
+    n = len(held_x)
+    if n and budget.left() >= n * len(runs):
+        per_call = max(1, batch.capacity // n)
+        for start in range(0, len(runs), per_call):
+            group = runs[start:start + per_call]
+            slots = [batch.add_stamped(held_x, masks[r.label:r.label + 1], patterns[r.label:r.label + 1])
+                     for r in group]
+            probs = batch.run()
+            for r, rows in zip(group, slots, strict=True):
+                keep = pred_held != r.label
+                pred = probs[rows].argmax(axis=1)
+                asr[r.label] = float(np.mean(pred[keep] == r.label)) if keep.any() else None
+                r.queries += n
+    results = []
+    for r in runs:
+        _, _, l1 = r.state.result_trigger()
+        results.append(ClassResult(
+            label=r.label, l1=float(l1), binary_l1=int((masks[r.label] >= 0.5).sum()),
+            mask_fraction=float(l1 / (h * w)), trigger_asr=asr[r.label], queries=int(r.queries),
+            steps=int(r.state.step), status=r.state.status, seconds=float(r.seconds)))
+    return results, masks, patterns

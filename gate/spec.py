@@ -1,0 +1,125 @@
+"""How a vendor model wants its input and what it gives back.
+
+The gate itself always works on images as float32 NHWC in [0, 1]. An :class:`InputSpec` says how to turn
+such an image into what the model expects::
+
+    model_input[c] = (x[c] * value_range - mean[c]) / std[c]     laid out as NCHW or NHWC
+
+which is one per-channel affine map ``scale[c] * x[c] + offset[c]`` followed by a layout change; the
+stamping kernels apply it while they write each stamped image, so no extra pass is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from gate.errors import ModelError, UsageError
+
+LAYOUTS = ("NCHW", "NHWC")
+OUTPUT_KINDS = ("probs", "logits")
+
+
+@dataclass(frozen=True)
+class SpecOverrides:
+    """What the user states about the model; ``None`` means "detect it"."""
+
+    layout: str | None = None
+    value_range: float | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    output_kind: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.layout is not None and self.layout not in LAYOUTS:
+            raise UsageError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.output_kind is not None and self.output_kind not in OUTPUT_KINDS:
+            raise UsageError(f"output kind must be one of {', '.join(OUTPUT_KINDS)}, got {self.output_kind!r}")
+        if self.value_range is not None and not (self.value_range > 0):
+            raise UsageError(f"value range must be positive (1 or 255), got {self.value_range!r}")
+        if self.std is not None and any(not (s > 0) for s in self.std):
+            raise UsageError(f"std must be positive, got {list(self.std)}")
+        if (self.mean is None) != (self.std is None):
+            raise UsageError("mean and std normalisation must be given together")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The resolved input/output contract of one model."""
+
+    layout: str
+    height: int
+    width: int
+    channels: int
+    value_range: float = 1.0
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    output_kind: str = "probs"
+    batch: int | None = None  # fixed batch dimension, or None when dynamic
+    dtype: str = "float32"
+    detected: tuple[str, ...] = field(default_factory=tuple)  # which fields were detected, not stated
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.height, self.width, self.channels)
+
+    @property
+    def channels_first(self) -> bool:
+        return self.layout == "NCHW"
+
+    def affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel (scale, offset) so that model_value = scale * x + offset for x in [0, 1]."""
+        c = self.channels
+        mean = np.zeros(c) if self.mean is None else np.asarray(self.mean, dtype=np.float64)
+        std = np.ones(c) if self.std is None else np.asarray(self.std, dtype=np.float64)
+        scale = self.value_range / std
+        offset = -mean / std
+        return scale.astype(np.float32), offset.astype(np.float32)
+
+    def model_shape(self, n: int) -> tuple[int, int, int, int]:
+        if self.channels_first:
+            return (n, self.channels, self.height, self.width)
+        return (n, self.height, self.width, self.channels)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"] = None if self.mean is None else list(self.mean)
+        d["std"] = None if self.std is None else list(self.std)
+        d["detected"] = list(self.detected)
+        return d
+
+
+def resolve_layout(shape: list, stated: str | None) -> tuple[str, int, int, int, bool]:
+    """Pick NCHW/NHWC from a rank-4 input shape; returns (layout, H, W, C, detected)."""
+    dims = shape[1:]
+    if any(not isinstance(d, int) or d <= 0 for d in dims):
+        raise ModelError(f"model input needs static image dimensions, got shape {shape}")
+    d1, d2, d3 = dims
+    if stated is not None:
+        layout, detected = stated, False
+    elif d1 in (1, 3, 4) and d3 not in (1, 3, 4):
+        layout, detected = "NCHW", True
+    elif d3 in (1, 3, 4) and d1 not in (1, 3, 4):
+        layout, detected = "NHWC", True
+    else:
+        layout, detected = "NCHW", True  # ambiguous (e.g. 3x3x3): the common convention
+    if layout == "NCHW":
+        c, h, w = d1, d2, d3
+    else:
+        h, w, c = d1, d2, d3
+    if c not in (1, 3, 4):
+        raise ModelError(f"model input {shape} read as {layout} has {c} channels; expected 1, 3 or 4 "
+                         f"(state the layout if it is the other one)")
+    return layout, h, w, c, detected
+
+
+def check_channels(values: tuple[float, ...] | None, channels: int, what: str) -> None:
+    if values is not None and len(values) not in (1, channels):
+        raise UsageError(f"{what} has {len(values)} values but the model has {channels} channels")
+
+
+def broadcast_channels(values: tuple[float, ...] | None, channels: int) -> tuple[float, ...] | None:
+    if values is None:
+        return None
+    return tuple(float(v) for v in values) * (channels if len(values) == 1 else 1)
