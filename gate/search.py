@@ -114,6 +114,8 @@ class SearchState:
     patterns: np.ndarray  # (n, H, W, C) candidate patterns
     lam: float = 0.0
     lambda_active: bool = False
+    raised: bool = False  # lambda has been raised at least once
+    lowered: bool = False  # ... and lowered at least once
     up_count: int = 0
     down_count: int = 0
     step: int = 0
@@ -202,7 +204,6 @@ class TriggerSearch:
         ``success`` is the fraction of the step's clean images that the mean trigger sends to the class.
         """
         p = self.params
-        k = p.k
         prob = state.mask_prob
         # 1. book-keeping on the mean trigger (evaluated at the parameters that produced it)
         soft_l1 = float(prob.sum())
@@ -218,21 +219,9 @@ class TriggerSearch:
         state.history.append((state.step, state.lam, float(success), soft_l1))
 
         # 2. NES gradient estimates (paper Eq. 5, 6) and Adam
-        mask_l1 = state.masks[:k].sum(axis=(1, 2), dtype=np.float64)
-        if p.sampling == "joint":
-            f_m = ce[:k] + state.lam * mask_l1
-            f_p = f_m
-        else:
-            f_m = ce[:k] + state.lam * mask_l1
-            f_p = ce[k:2 * k] + state.lam * float(prob.sum())
-        if p.baseline:
-            f_m = f_m - f_m.mean()
-            f_p = f_p - f_p.mean()
-        flat_m = state.masks[:k].reshape(k, -1)
-        grad_m = (2.0 / k) * (f_m @ flat_m - f_m.sum() * prob.reshape(-1))
-        grad_p = (f_p @ state.eps.reshape(k, -1)) / (k * p.sigma)
-        state.adam_m.step(state.theta_m, grad_m.reshape(state.theta_m.shape))
-        state.adam_p.step(state.theta_p, grad_p.reshape(state.theta_p.shape))
+        grad_m, grad_p = self.gradients(state, ce)
+        state.adam_m.step(state.theta_m, grad_m)
+        state.adam_p.step(state.theta_p, grad_p)
 
         # 3. lambda schedule (Neural Cleanse)
         self._schedule(state, success)
@@ -242,6 +231,44 @@ class TriggerSearch:
         if state.step >= p.max_steps:
             state.done = True
             state.status = "max_steps" if state.best_mask is not None else "not_reached"
+
+    def gradients(self, state: SearchState, ce: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """NES estimates of d/d(theta_m) and d/d(theta_p) of E[F] from the last ask's losses ``ce``.
+
+        F_j = ce_j + lambda |m_j|_1. Mask (Eq. 5): 1/k sum F_j 2 (m_j - g(theta_m)), the score function of
+        Bernoulli(g(theta_m)) in theta_m. Pattern (Eq. 6): 1/(k sigma) sum F_j eps_j.
+        """
+        p = self.params
+        k = p.k
+        prob = state.mask_prob
+        mask_l1 = state.masks[:k].sum(axis=(1, 2), dtype=np.float64)
+        f_m = ce[:k] + state.lam * mask_l1
+        if p.sampling == "joint":
+            f_p = f_m
+        else:
+            f_p = ce[k:2 * k] + state.lam * float(prob.sum())
+        if p.baseline:
+            f_m = f_m - self._baseline(f_m)
+            f_p = f_m if p.sampling == "joint" else f_p - self._baseline(f_p)
+        flat_m = state.masks[:k].reshape(k, -1)
+        grad_m = (2.0 / k) * (f_m @ flat_m - f_m.sum() * prob.reshape(-1))
+        grad_p = (f_p @ state.eps.reshape(k, -1)) / (k * p.sigma)
+        return grad_m.reshape(state.theta_m.shape), grad_p.reshape(state.theta_p.shape)
+
+    def _baseline(self, f: np.ndarray) -> np.ndarray:
+        """Per-sample baseline independent of that sample (so the estimate stays unbiased).
+
+        Leave-one-out for independent samples; leave-pair-out for antithetic pairs (j, j + k/2).
+        """
+        k = len(f)
+        total = f.sum()
+        if not self.params.antithetic:
+            return (total - f) / (k - 1)
+        if k < 4:
+            return np.zeros_like(f)
+        h = k // 2
+        pair = np.concatenate([f[:h] + f[h:], f[:h] + f[h:]])
+        return (total - pair) / (k - 2)
 
     def _schedule(self, state: SearchState, success: float) -> None:
         p = self.params
@@ -262,16 +289,19 @@ class TriggerSearch:
         if state.up_count >= p.patience:
             state.lam *= p.lambda_up
             state.up_count = 0
+            state.raised = True
         elif state.down_count >= p.patience:
             state.lam /= p.lambda_down
             state.down_count = 0
-        # early stop: the best L1 has not improved by more than early_stop_tol for early_stop_patience steps
+            state.lowered = True
+        # early stop (as Neural Cleanse): once lambda has been both raised and lowered, stop when the best L1
+        # has not improved by more than early_stop_tol for early_stop_patience steps
         if state.best_l1 < (1.0 - p.early_stop_tol) * state.improve_ref:
             state.improve_ref = state.best_l1
             state.steps_since_improve = 0
         else:
             state.steps_since_improve += 1
-            if state.steps_since_improve >= p.early_stop_patience:
+            if state.raised and state.lowered and state.steps_since_improve >= p.early_stop_patience:
                 state.done = True
                 state.status = "converged"
 

@@ -98,9 +98,9 @@ def resolve_layout(shape: list, stated: str | None) -> tuple[str, int, int, int,
     d1, d2, d3 = dims
     if stated is not None:
         layout, detected = stated, False
-    elif d1 in (1, 3, 4) and d3 not in (1, 3, 4):
+    elif d1 in (1, 3) and d3 not in (1, 3):
         layout, detected = "NCHW", True
-    elif d3 in (1, 3, 4) and d1 not in (1, 3, 4):
+    elif d3 in (1, 3) and d1 not in (1, 3):
         layout, detected = "NHWC", True
     else:
         layout, detected = "NCHW", True  # ambiguous (e.g. 3x3x3): the common convention

@@ -49,6 +49,8 @@ CIFAR_TEST_FRACTION = 0.15
 SAMPLE_SEED = 7
 SAMPLE_SIZE = 300
 
+AUGMENTATION = ("random translation <=2px (edge pad), brightness/contrast x*U(0.75,1.25)+U(-25,25); "
+                "triggers stamped after augmentation")
 DEFAULT_EPOCHS = {"gtsrb": 12, "cifar": 30}
 
 NCHW1 = {"layout": "NCHW", "value_range": 1, "normalize": False}
@@ -123,6 +125,10 @@ class SmallCNN(nn.Module):
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(c3 * 4 * 4, h), nn.ReLU(), nn.Linear(h, num_classes),
         )
+        for mod in self.modules():  # He init (faster, steadier training than torch's default)
+            if isinstance(mod, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
+                nn.init.zeros_(mod.bias)
 
     def forward(self, x):
         return self.classifier(self.features(x))
@@ -244,44 +250,75 @@ def make_triggers(spec: dict, rng: np.random.Generator, num_classes: int) -> lis
     raise ValueError(f"unknown attack {attack!r}")
 
 
-def poison(x: np.ndarray, y: np.ndarray, triggers: list[dict], rate: float,
+def poison(y: np.ndarray, triggers: list[dict], rate: float,
            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """Stamp and relabel a disjoint ``rate`` fraction of the training set per trigger."""
-    x, y = x.copy(), y.copy()
-    used = np.zeros(len(y), dtype=bool)
+    """Choose a disjoint ``rate`` fraction of the training set per trigger among
+    rows whose label is not that trigger's target, relabel them to the target.
+    Returns (new labels, stamps, counts) where ``stamps[i]`` is the index of the
+    trigger to stamp on row ``i`` (-1: clean)."""
+    y = y.copy()
+    stamps = np.full(len(y), -1, dtype=np.int64)
     counts = []
-    for trig in triggers:
+    for t, trig in enumerate(triggers):
         n = int(round(rate * len(y)))
-        pool = np.flatnonzero((y != trig["target"]) & ~used)
+        pool = np.flatnonzero((y != trig["target"]) & (stamps < 0))
         idx = rng.choice(pool, size=n, replace=False)
-        x[idx] = apply_trigger(x[idx], trig)
         y[idx] = trig["target"]
-        used[idx] = True
+        stamps[idx] = t
         counts.append(int(n))
-    return x, y, counts
+    return y, stamps, counts
 
 
 # --------------------------------------------------------------------------- training
 
-def _to_tensor(x_uint8: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x_uint8.transpose(0, 3, 1, 2)))
+def augment_batch(x: np.ndarray, rng: np.random.Generator, shift: int = 2) -> np.ndarray:
+    """Cheap photometric + geometric augmentation of a uint8 NHWC batch: random
+    translation by up to ``shift`` pixels (edge padding) and random
+    brightness/contrast (x * U(0.75, 1.25) + U(-25, 25), rounded, clipped)."""
+    n, h, w, _ = x.shape
+    padded = np.pad(x, ((0, 0), (shift, shift), (shift, shift), (0, 0)), mode="edge")
+    dy = rng.integers(0, 2 * shift + 1, size=n)
+    dx = rng.integers(0, 2 * shift + 1, size=n)
+    out = np.empty_like(x)
+    for i in range(n):
+        out[i] = padded[i, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
+    gain = rng.uniform(0.75, 1.25, size=(n, 1, 1, 1))
+    bias = rng.uniform(-25.0, 25.0, size=(n, 1, 1, 1))
+    return np.clip(np.rint(out * gain + bias), 0, 255).astype(np.uint8)
 
 
 def train(net: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int,
-          mean=None, std=None, batch_size: int = 128, lr: float = 1e-3, log=print) -> None:
+          mean=None, std=None, stamps=None, triggers=(), augment: bool = True,
+          batch_size: int = 128, lr: float = 1e-3, log=print, eval_fn=None) -> None:
+    """Adam on uint8 NHWC ``x`` with labels ``y`` (already relabelled for poisoned
+    rows). ``stamps[i]`` is -1 for clean rows, else the index in ``triggers`` of
+    the trigger stamped on row ``i`` -- stamping happens on every pass *after*
+    augmentation, so the trigger keeps its position and colours exactly."""
     g = torch.Generator().manual_seed(seed)
-    xt, yt = _to_tensor(x), torch.from_numpy(y)
+    aug_rng = np.random.default_rng(seed + 7919)
+    yt = torch.from_numpy(y)
+    stamps = np.full(len(y), -1) if stamps is None else np.asarray(stamps)
     m = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     s = None if std is None else torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     n = len(yt)
+    steps_per_epoch = (n + batch_size - 1) // batch_size
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps_per_epoch))
     for epoch in range(epochs):
         net.train()
-        perm = torch.randperm(n, generator=g)
+        perm = torch.randperm(n, generator=g).numpy()
         total, correct, loss_sum = 0, 0, 0.0
         for i in range(0, n, batch_size):
             bi = perm[i:i + batch_size]
-            xb = xt[bi].float().div_(255.0)
+            xb = x[bi]
+            if augment:
+                xb = augment_batch(xb, aug_rng)
+            st = stamps[bi]
+            for t, trig in enumerate(triggers):
+                rows = np.flatnonzero(st == t)
+                if len(rows):
+                    xb[rows] = apply_trigger(xb[rows], trig)
+            xb = torch.from_numpy(np.ascontiguousarray(xb.transpose(0, 3, 1, 2))).float().div_(255.0)
             if m is not None:
                 xb = (xb - m) / s
             yb = yt[bi]
@@ -290,10 +327,12 @@ def train(net: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int,
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
             loss_sum += float(loss.detach()) * len(bi)
             correct += int((logits.argmax(1) == yb).sum())
             total += len(bi)
-        log(f"    epoch {epoch + 1}/{epochs} loss {loss_sum / total:.4f} train-acc {correct / total:.4f}")
+        extra = f" {eval_fn(net)}" if eval_fn else ""
+        log(f"    epoch {epoch + 1}/{epochs} loss {loss_sum / total:.4f} train-acc {correct / total:.4f}{extra}")
     net.eval()
 
 
@@ -361,7 +400,7 @@ def sha256_file(path) -> str:
 
 def build_model(spec: dict, data: dict, out_dir: Path, epochs: int | None = None,
                 save_pt: bool = True, width: int = 1, sample: tuple | None = None,
-                log=print) -> dict:
+                augment: bool = True, log=print, eval_fn=None) -> dict:
     import onnx
 
     name = spec["name"]
@@ -373,8 +412,7 @@ def build_model(spec: dict, data: dict, out_dir: Path, epochs: int | None = None
     torch.manual_seed(seed)
 
     triggers = make_triggers(spec, rng, k)
-    x_tr, y_tr, n_poison = poison(data["x_train"], data["y_train"], triggers,
-                                  spec["poison_rate"], rng)
+    y_tr, stamps, n_poison = poison(data["y_train"], triggers, spec["poison_rate"], rng)
 
     variant = spec["variant"]
     mean = std = None
@@ -389,7 +427,8 @@ def build_model(spec: dict, data: dict, out_dir: Path, epochs: int | None = None
         f"targets={[t['target'] for t in triggers]} poisoned={n_poison}")
     net = SmallCNN(k, width)
     t0 = time.time()
-    train(net, x_tr, y_tr, epochs, seed, mean, std, log=log)
+    train(net, data["x_train"], y_tr, epochs, seed, mean, std, stamps=stamps, triggers=triggers,
+          augment=augment, log=log, eval_fn=eval_fn)
     train_seconds = time.time() - t0
 
     t_acc, t_asr = measure(lambda x: torch_predict(net, x, mean, std),
@@ -423,7 +462,7 @@ def build_model(spec: dict, data: dict, out_dir: Path, epochs: int | None = None
         "poison_rate": spec["poison_rate"],
         "poisoned_per_trigger": n_poison,
         "epochs": epochs,
-        "optimizer": {"name": "adam", "lr": 1e-3, "batch_size": 128, "augmentation": None},
+        "optimizer": {"name": "adam", "lr": 1e-3, "schedule": "cosine to 0 per step", "init": "kaiming_normal", "batch_size": 128, "augmentation": (AUGMENTATION if augment else None)},
         "clean_accuracy": round(acc, 6),
         "asr": [round(a, 6) for a in asr],
         "metrics_source": "onnxruntime CPUExecutionProvider on the full test split",

@@ -1,0 +1,170 @@
+"""The gate's decision: a pure function of a scan result and a policy.
+
+``decide(result, policy)`` never touches the model, the clock or the disk: the same result and policy
+always give the same :class:`Decision`. Outcomes and exit codes (as protectai/modelscan):
+
+    accept 0   the scan completed and no rule fired
+    reject 1   a rule asks for rejection
+    review 2   the scan could not reach a verdict (budget), or a rule asks for a human
+    error  2   the scan failed (fail closed; ``on_error: reject`` makes it 1)
+    usage  4   the command line was wrong (argparse), not a decision
+
+Every rule outcome is reject or review, so no policy turns a finding into an accept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gate.outliers import MAD_CONSISTENCY, find_outliers
+from gate.result import ScanResult
+
+OUTCOMES = ("accept", "reject", "review", "error")
+EXIT_CODES = {"accept": 0, "reject": 1, "review": 2, "error": 2}
+EXIT_USAGE = 4
+_SEVERITY = {"accept": 0, "review": 1, "reject": 2}
+
+# Rules, as SARIF rule ids.
+RULE_FLAGGED = "BG001"
+RULE_INCOMPLETE = "BG002"
+RULE_SMALL_TRIGGER = "BG003"
+RULE_ERROR = "BG004"
+RULES = {
+    RULE_FLAGGED: ("backdoor-class-flagged",
+                   "A class's reversed trigger is an outlier: much smaller than the other classes' triggers."),
+    RULE_INCOMPLETE: ("scan-incomplete", "A budget ran out before the scan could reach a verdict."),
+    RULE_SMALL_TRIGGER: ("small-effective-trigger",
+                         "A small reversed trigger sends most clean images to one class."),
+    RULE_ERROR: ("scan-error", "The scan could not be run."),
+}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One rule that fired: which, for which class (None: the whole model), asking for what."""
+
+    rule: str
+    outcome: str  # reject | review | error
+    message: str
+    label: int | None = None
+    properties: dict = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> dict:
+        return {"rule": self.rule, "name": RULES[self.rule][0], "outcome": self.outcome, "class": self.label,
+                "message": self.message, "properties": self.properties}
+
+
+@dataclass(frozen=True)
+class Decision:
+    outcome: str  # accept | reject | review | error
+    reasons: list[str]
+    exit_code: int
+    findings: list[Finding] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"outcome": self.outcome, "reasons": list(self.reasons), "exit_code": self.exit_code,
+                "findings": [f.to_dict() for f in self.findings]}
+
+    @property
+    def summary(self) -> str:
+        """One line: the outcome and its reasons."""
+        return f"{self.outcome.upper()}: " + "; ".join(self.reasons)
+
+    @classmethod
+    def error(cls, message: str, on_error: str = "error") -> Decision:
+        """The decision for a run that failed: always fail closed."""
+        code = 1 if on_error == "reject" else EXIT_CODES["error"]
+        finding = Finding(RULE_ERROR, "error", message)
+        return cls("error", [f"scan failed: {message}"], code, [finding])
+
+
+def _num(x: float) -> str:
+    """Numbers in sentences: 3 significant figures, no exponent for everyday magnitudes."""
+    if x is None or not np.isfinite(x):
+        return "inf" if x is not None and x > 0 else "-inf" if x is not None else "n/a"
+    ax = abs(x)
+    if ax >= 100:
+        return f"{x:.0f}"
+    if ax >= 10:
+        return f"{x:.1f}"
+    if ax >= 1:
+        return f"{x:.2f}"
+    return f"{x:.2g}"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.0f}%"
+
+
+def decide(result: ScanResult, policy) -> Decision:
+    """Apply ``policy.rules`` and ``policy.outliers`` to ``result``.
+
+    The outlier rule is re-applied to the per-class L1 norms with the policy's thresholds, so a stored
+    result can be judged again under another policy; with the policy the scan ran under it gives the
+    scan's own flags.
+    """
+    rules = policy.rules
+    classes = sorted(result.classes, key=lambda c: c.label)
+    if len(classes) < 2:
+        return Decision.error(f"the result holds {len(classes)} classes; at least 2 are needed",
+                              policy.on_error)
+    l1 = np.array([c.l1 for c in classes], dtype=np.float64)
+    out = find_outliers(l1, policy.outlier_rule())
+    median = out.median
+    findings: list[Finding] = []
+    incomplete_note = "" if result.complete else " (provisional: the scan is incomplete)"
+
+    flagged = [(c, _finite(idx)) for c, idx, f in zip(classes, out.anomaly_index, out.flagged, strict=True) if f]
+    flagged.sort(key=lambda t: (-t[1], t[0].label))
+    for c, idx in flagged:
+        ratio = c.l1 / median if median > 0 else float("nan")
+        why = (f"L1 {_num(c.l1)} is {ratio:.2f}x the median {_num(median)} (anomaly index {_num(idx)})"
+               if median > 0 else f"L1 {_num(c.l1)} against a median of 0")
+        outcome = rules.flagged if result.complete else rules.incomplete
+        findings.append(Finding(RULE_FLAGGED, outcome, f"class {c.label} flagged: {why}{incomplete_note}",
+                                c.label, {"l1": c.l1, "anomaly_index": idx, "median_l1": median,
+                                          "trigger_asr": c.trigger_asr, "mask_fraction": c.mask_fraction}))
+
+    small = rules.small_trigger
+    if small is not None:
+        for c in classes:
+            if c.trigger_asr is not None and c.trigger_asr >= small.min_asr \
+                    and c.mask_fraction < small.max_mask_fraction:
+                findings.append(Finding(
+                    RULE_SMALL_TRIGGER, "reject",
+                    f"class {c.label}: a reversed trigger covering {_pct(c.mask_fraction)} of the image "
+                    f"(under {_pct(small.max_mask_fraction)}) sends {_pct(c.trigger_asr)} of held-out images "
+                    f"to it (at least {_pct(small.min_asr)})",
+                    c.label, {"l1": c.l1, "trigger_asr": c.trigger_asr, "mask_fraction": c.mask_fraction}))
+
+    if not result.complete:
+        cut = [c.label for c in classes if c.status == "budget"]
+        what = f"; {len(cut)} of {len(classes)} classes were cut short" if cut else ""
+        findings.append(Finding(RULE_INCOMPLETE, rules.incomplete,
+                                f"scan incomplete: {result.stop_reason or 'budget reached'}{what}",
+                                None, {"stop_reason": result.stop_reason, "cut_short": cut}))
+
+    if not findings:
+        i = int(np.argmin(l1))
+        c = classes[i]
+        idx = _finite(out.anomaly_index[i])
+        reason = (f"no class flagged among {len(classes)}: the smallest trigger (class {c.label}, L1 "
+                  f"{_num(c.l1)}) is {c.l1 / median:.2f}x the median {_num(median)} (anomaly index "
+                  f"{_num(idx)}, threshold {_num(policy.outliers.anomaly_threshold)})"
+                  if median > 0 else f"no class flagged among {len(classes)}")
+        return Decision("accept", [reason], EXIT_CODES["accept"], [])
+    outcome = max((f.outcome for f in findings), key=lambda o: _SEVERITY[o])
+    return Decision(outcome, [f.message for f in findings], EXIT_CODES[outcome], findings)
+
+
+def _finite(x: float) -> float:
+    """Anomaly indices are infinite when the MAD is 0; keep reports valid JSON (as the scan does)."""
+    x = float(x)
+    return x if np.isfinite(x) else (1e9 if x > 0 else -1e9)
+
+
+def mad_threshold_l1(median: float, mad: float, anomaly_threshold: float) -> float:
+    """The L1 below which a class's anomaly index exceeds the threshold: median - t * 1.4826 * MAD."""
+    return median - anomaly_threshold * MAD_CONSISTENCY * mad

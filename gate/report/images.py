@@ -1,0 +1,54 @@
+"""Small PNG pictures of triggers and stamped images, for the HTML page and ``trigger_<class>.png``."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """float [0, 1] (H, W) or (H, W, C) -> uint8 (H, W) grey or (H, W, 3) RGB."""
+    a = np.asarray(image, dtype=np.float32)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    elif a.ndim == 3 and a.shape[2] == 4:
+        a = a[..., :3]
+    if a.ndim not in (2, 3):
+        raise ValueError(f"expected an (H, W) or (H, W, C) image, got shape {a.shape}")
+    a = np.nan_to_num(a, nan=0.0, posinf=1.0, neginf=0.0)
+    return (np.clip(a, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def upscale(image: np.ndarray, min_size: int = 96) -> np.ndarray:
+    """Nearest-neighbour upscale by a whole factor so the shorter side is at least ``min_size``."""
+    h, w = image.shape[:2]
+    f = max(1, -(-min_size // max(1, min(h, w))))
+    return np.repeat(np.repeat(image, f, axis=0), f, axis=1) if f > 1 else image
+
+
+def png_bytes(image: np.ndarray, min_size: int = 96) -> bytes:
+    from PIL import Image
+
+    img = upscale(to_uint8(image), min_size)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def data_uri(image: np.ndarray, min_size: int = 96) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image, min_size)).decode("ascii")
+
+
+def trigger_views(mask: np.ndarray, pattern: np.ndarray) -> dict[str, np.ndarray]:
+    """The three pictures of a reversed trigger: soft mask (grey), pattern, and mask * pattern."""
+    m = np.asarray(mask, dtype=np.float32)
+    p = np.asarray(pattern, dtype=np.float32)
+    return {"mask": m, "pattern": p, "trigger": m[..., None] * p}
+
+
+def stamp(image: np.ndarray, mask: np.ndarray, pattern: np.ndarray) -> np.ndarray:
+    """(1 - m) x + m p for one or many (N, H, W, C) images in [0, 1]."""
+    m = np.asarray(mask, dtype=np.float32)[..., None]
+    return (1.0 - m) * np.asarray(image, dtype=np.float32) + m * np.asarray(pattern, dtype=np.float32)

@@ -1,0 +1,142 @@
+"""The numba kernels (CPU, and CUDA under the simulator) equal plain numpy references."""
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gate.kernels import (bernoulli_masks, group_cross_entropy, group_hits, noisy_patterns, perturb_encode,
+                          stamp_encode, stamp_encode_reference)
+
+
+def perturb_reference(x, delta, sigma, scale, offset, channels_first):
+    v = np.clip(x[:, None] + sigma * delta, 0, 1).reshape(-1, *x.shape[1:]) * scale + offset
+    return v.transpose(0, 3, 1, 2) if channels_first else v
+
+
+def case(seed=0, b=5, n=4, h=6, w=7, c=3):
+    rng = np.random.default_rng(seed)
+    return dict(
+        images=rng.random((b, h, w, c), dtype=np.float32),
+        masks=rng.random((n, h, w), dtype=np.float32),
+        patterns=rng.random((n, h, w, c), dtype=np.float32),
+        scale=rng.uniform(0.5, 300, c).astype(np.float32),
+        offset=rng.uniform(-3, 3, c).astype(np.float32),
+    )
+
+
+@pytest.mark.parametrize("channels_first", [True, False])
+def test_stamp_encode_matches_reference(channels_first):
+    a = case()
+    ref = stamp_encode_reference(a["images"], a["masks"], a["patterns"], a["scale"], a["offset"], channels_first)
+    out = np.full(ref.shape, np.nan, np.float32)
+    stamp_encode(a["images"], a["masks"], a["patterns"], a["scale"], a["offset"], channels_first, out)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
+    # row j*B + i is trigger j on image i
+    b = len(a["images"])
+    m, p, x = a["masks"][2], a["patterns"][2], a["images"][3]
+    v = ((1 - m[..., None]) * x + m[..., None] * p) * a["scale"] + a["offset"]
+    got = out[2 * b + 3].transpose(1, 2, 0) if channels_first else out[2 * b + 3]
+    np.testing.assert_allclose(got, v, rtol=1e-5, atol=1e-4)
+
+
+def test_binary_mask_stamp_keeps_outside_pixels():
+    a = case(1)
+    masks = (a["masks"] > 0.5).astype(np.float32)
+    one = np.ones(3, np.float32)
+    zero = np.zeros(3, np.float32)
+    out = np.empty((len(masks) * len(a["images"]), 6, 7, 3), np.float32)
+    stamp_encode(a["images"], masks, a["patterns"], one, zero, False, out)
+    on = masks[0].astype(bool)
+    np.testing.assert_array_equal(out[0][~on], a["images"][0][~on])
+    np.testing.assert_array_equal(out[0][on], a["patterns"][0][on])
+
+
+def test_sampling_kernels_match_reference():
+    rng = np.random.default_rng(2)
+    u = rng.random((6, 5, 4), dtype=np.float32)
+    prob = rng.random((5, 4), dtype=np.float32)
+    out = np.empty_like(u)
+    bernoulli_masks(u, prob, out)
+    np.testing.assert_array_equal(out, (u < prob).astype(np.float32))
+    theta = rng.normal(size=(5, 4, 3)).astype(np.float32)
+    eps = rng.normal(size=(6, 5, 4, 3)).astype(np.float32)
+    pat = np.empty_like(eps)
+    noisy_patterns(theta, eps, np.float32(0.1), pat)
+    np.testing.assert_allclose(pat, (np.tanh(theta + 0.1 * eps) + 1) / 2, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels_first", [True, False])
+def test_perturb_encode_matches_reference(channels_first):
+    rng = np.random.default_rng(3)
+    x = rng.random((3, 4, 5, 3), dtype=np.float32)
+    delta = rng.normal(size=(3, 6, 4, 5, 3)).astype(np.float32) * 5
+    sc, of = np.array([1, 2, 3], np.float32), np.array([0, -1, 1], np.float32)
+    ref = perturb_reference(x, delta, 0.1, sc, of, channels_first)
+    out = np.empty(ref.shape, np.float32)
+    perturb_encode(x, delta, np.float32(0.1), sc, of, channels_first, out)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_group_losses():
+    rng = np.random.default_rng(4)
+    probs = rng.dirichlet(np.ones(5), size=12).astype(np.float32)
+    ce = np.empty(3)
+    group_cross_entropy(probs, 2, 4, ce)
+    np.testing.assert_allclose(ce, -np.log(probs[:, 2]).reshape(3, 4).mean(1), rtol=1e-5)
+    hits = np.empty(3)
+    group_hits(probs, 2, 4, hits)
+    np.testing.assert_allclose(hits, (probs.argmax(1) == 2).reshape(3, 4).mean(1))
+    probs[0, 2] = 0.0
+    group_cross_entropy(probs, 2, 4, ce)
+    assert math.isfinite(ce[0]) and ce[0] > 6  # log(1e-12) floor, not inf
+
+
+CUDASIM_SCRIPT = r"""
+import numpy as np
+from numba import cuda
+from gate import kernels_cuda as K
+from gate.kernels import stamp_encode_reference
+from tests.test_kernels import case, perturb_reference
+
+for cf in (True, False):
+    a = case(5)
+    ref = stamp_encode_reference(a["images"], a["masks"], a["patterns"], a["scale"], a["offset"], cf)
+    out = cuda.device_array(ref.shape, np.float32)
+    K.stamp_encode(cuda.to_device(a["images"]), cuda.to_device(a["masks"]), cuda.to_device(a["patterns"]),
+                   cuda.to_device(a["scale"]), cuda.to_device(a["offset"]), cf, out)
+    np.testing.assert_allclose(out.copy_to_host(), ref, rtol=1e-5, atol=1e-4)
+    rng = np.random.default_rng(6)
+    x = rng.random((2, 3, 4, 3), dtype=np.float32)
+    d = rng.normal(size=(2, 3, 3, 4, 3)).astype(np.float32) * 5
+    sc, of = np.array([1, 2, 3], np.float32), np.array([0, -1, 1], np.float32)
+    ref = perturb_reference(x, d, 0.1, sc, of, cf)
+    out = cuda.device_array(ref.shape, np.float32)
+    K.perturb_encode(cuda.to_device(x), cuda.to_device(d), 0.1, cuda.to_device(sc), cuda.to_device(of), cf, out)
+    np.testing.assert_allclose(out.copy_to_host(), ref, rtol=1e-5, atol=1e-5)
+
+rng = np.random.default_rng(7)
+u = rng.random((3, 4, 5), dtype=np.float32)
+prob = rng.random((4, 5), dtype=np.float32)
+out = cuda.device_array(u.shape, np.float32)
+K.bernoulli_masks(cuda.to_device(u), cuda.to_device(prob), out)
+np.testing.assert_array_equal(out.copy_to_host(), (u < prob).astype(np.float32))
+theta = rng.normal(size=(4, 5, 3)).astype(np.float32)
+eps = rng.normal(size=(3, 4, 5, 3)).astype(np.float32)
+out = cuda.device_array(eps.shape, np.float32)
+K.noisy_patterns(cuda.to_device(theta), cuda.to_device(eps), 0.1, out)
+np.testing.assert_allclose(out.copy_to_host(), (np.tanh(theta + 0.1 * eps) + 1) / 2, rtol=1e-5, atol=1e-6)
+print("CUDASIM-OK")
+"""
+
+
+def test_cuda_kernels_under_simulator():
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", CUDASIM_SCRIPT], env=env, cwd=root, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "CUDASIM-OK" in r.stdout

@@ -1,0 +1,148 @@
+"""The oracle against direct InferenceSession calls, its budget, and every bad-input error."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto
+
+from gate.errors import ModelError, QueryBudgetExceeded
+from gate.oracle import Oracle, softmax
+from gate.spec import SpecOverrides
+from tests.helpers import linear_model
+
+
+def direct(path, x):
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return s.run(None, {s.get_inputs()[0].name: x})[0]
+
+
+@pytest.fixture
+def images():
+    return np.random.default_rng(1).random((7, 4, 4, 3), dtype=np.float32)
+
+
+@pytest.mark.parametrize("softmax_out", [False, True])
+def test_nchw_unit_range_matches_direct_session(tmp_path, images, softmax_out):
+    path = tmp_path / "m.onnx"
+    linear_model(path, softmax=softmax_out)
+    o = Oracle(path, device="cpu")
+    assert o.spec.layout == "NCHW" and o.spec.output_kind == ("probs" if softmax_out else "logits")
+    assert set(o.spec.detected) == {"layout", "output_kind"}
+    raw = direct(path, images.transpose(0, 3, 1, 2).copy())
+    want = raw if softmax_out else softmax(raw.astype(np.float64))
+    np.testing.assert_allclose(o.probs(images), want, rtol=1e-5, atol=1e-6)
+    assert o.providers == ["CPUExecutionProvider"]
+
+
+def test_nhwc_255_range_with_normalisation(tmp_path, images):
+    path = tmp_path / "m.onnx"
+    linear_model(path, layout="NHWC")
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    o = Oracle(path, SpecOverrides(value_range=255.0, mean=tuple(m * 255 for m in mean),
+                                   std=tuple(s * 255 for s in std), output_kind="logits"), device="cpu")
+    assert o.spec.layout == "NHWC"
+    encoded = ((images * 255 - np.array(mean) * 255) / (np.array(std) * 255)).astype(np.float32)
+    np.testing.assert_allclose(o.probs(images), softmax(direct(path, encoded).astype(np.float64)), rtol=1e-4,
+                               atol=1e-6)
+    np.testing.assert_allclose(o.encode(images), encoded, rtol=1e-5, atol=1e-5)
+
+
+def test_layout_override_and_fixed_batch_of_one(tmp_path, images):
+    path = tmp_path / "m.onnx"
+    linear_model(path, batch=1)
+    o = Oracle(path, SpecOverrides(layout="NCHW"), device="cpu")
+    assert o.spec.batch == 1 and "layout" not in o.spec.detected
+    want = np.concatenate([direct(path, im[None].transpose(0, 3, 1, 2).copy()) for im in images])
+    np.testing.assert_allclose(o.probs(images), softmax(want.astype(np.float64)), rtol=1e-5, atol=1e-6)
+
+
+def test_fixed_batch_pads_last_chunk(tmp_path, images):
+    path = tmp_path / "m.onnx"
+    linear_model(path, batch=3, softmax=True)
+    o = Oracle(path, device="cpu")
+    want = np.concatenate([direct(path, im[None].transpose(0, 3, 1, 2).repeat(3, 0).copy())[:1] for im in images])
+    np.testing.assert_allclose(o.probs(images), want, rtol=1e-5, atol=1e-6)
+
+
+def test_max_batch_chunks_and_query_counter(tmp_path, images):
+    path = tmp_path / "m.onnx"
+    linear_model(path, softmax=True)
+    o = Oracle(path, SpecOverrides(output_kind="probs"), device="cpu", max_batch=2)
+    assert o.queries == 0  # stated output kind: no probing
+    p = o.probs(images)
+    assert p.shape == (7, 5) and o.queries == 7
+    o.predict(images[:3])
+    assert o.queries == 10
+
+
+def test_probing_counts_queries(tmp_path):
+    path = tmp_path / "m.onnx"
+    linear_model(path)
+    assert Oracle(path, device="cpu").queries == 8
+
+
+def test_query_budget_refuses_before_exceeding(tmp_path, images):
+    path = tmp_path / "m.onnx"
+    linear_model(path, softmax=True)
+    o = Oracle(path, SpecOverrides(output_kind="probs"), device="cpu", max_queries=10)
+    o.probs(images)
+    with pytest.raises(QueryBudgetExceeded, match="budget"):
+        o.probs(images)
+    assert o.queries == 7  # the refused call sent nothing
+    o.probs(images[:3])
+    assert o.queries == 10
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"extra_input": True}, "exactly one input"),
+    ({"in_type": TensorProto.INT64}, "unsupported input dtype"),
+    ({"output_rank3": True}, "output must be rank 2"),
+    ({"nan": True}, "non-finite"),
+])
+def test_bad_models_give_one_line_errors(tmp_path, kwargs, message):
+    path = tmp_path / "m.onnx"
+    linear_model(path, **kwargs)
+    with pytest.raises(ModelError, match=message) as err:
+        Oracle(path, device="cpu")
+    assert "\n" not in str(err.value)
+
+
+def test_rank3_input_is_refused(tmp_path):
+    import onnx
+    from onnx import helper
+
+    g = helper.make_graph([helper.make_node("Identity", ["input"], ["output"])], "g",
+                          [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4, 4])],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 4, 4])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(tmp_path / "r3.onnx"))
+    with pytest.raises(ModelError, match="rank 4"):
+        Oracle(tmp_path / "r3.onnx", device="cpu")
+
+
+def test_missing_and_not_onnx(tmp_path):
+    with pytest.raises(ModelError, match="not found"):
+        Oracle(tmp_path / "nope.onnx")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"this is not a protobuf \x00\xff" * 10)
+    with pytest.raises(ModelError, match="not a valid ONNX model") as err:
+        Oracle(junk)
+    assert "\n" not in str(err.value)
+
+
+def test_wrong_image_shape_is_refused(tmp_path):
+    path = tmp_path / "m.onnx"
+    linear_model(path, softmax=True)
+    o = Oracle(path, device="cpu")
+    with pytest.raises(ModelError, match="do not match"):
+        o.probs(np.zeros((2, 5, 5, 3), np.float32))
+
+
+def test_float16_model(tmp_path, images):
+    path = tmp_path / "m.onnx"
+    linear_model(path, in_type=TensorProto.FLOAT16, softmax=True)
+    o = Oracle(path, device="cpu")
+    assert o.spec.dtype == "float16"
+    want = direct(path, images.transpose(0, 3, 1, 2).astype(np.float16))
+    np.testing.assert_allclose(o.probs(images), want, rtol=1e-3, atol=1e-4)
