@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gate.kernels import perturb_encode, stamp_encode
+from gate.kernels import perturb_encode, stamp_classes, stamp_encode
 from gate.oracle import Oracle
 
 
@@ -31,6 +31,14 @@ class HostBatch:
         n = len(masks) * len(images)
         rows = self._reserve(n)
         stamp_encode(images, masks, patterns, self.scale, self.offset, self.channels_first, self.buffer[rows])
+        return rows
+
+    def add_classes(self, pool, classes, sample_idx, eval_idx, masks, patterns) -> slice:
+        """One scan round for the given classes (see :func:`gate.kernels.stamp_classes`)."""
+        per = (masks.shape[1] - 1) * sample_idx.shape[1] + eval_idx.shape[1]
+        rows = self._reserve(len(classes) * per)
+        stamp_classes(pool, classes, sample_idx, eval_idx, masks, patterns, self.scale, self.offset,
+                      self.channels_first, self.buffer[rows])
         return rows
 
     def add_perturbed(self, x: np.ndarray, delta: np.ndarray, sigma: float) -> slice:

@@ -5,7 +5,8 @@ always give the same :class:`Decision`. Outcomes and exit codes (as protectai/mo
 
     accept 0   the scan completed and no rule fired
     reject 1   a rule asks for rejection
-    review 2   the scan could not reach a verdict (budget), or a rule asks for a human
+    review 2   the scan could not reach a verdict (budget, searches that did not work), or a rule
+               asks for a human
     error  2   the scan failed (fail closed; ``on_error: reject`` makes it 1)
     usage  4   the command line was wrong (argparse), not a decision
 
@@ -31,6 +32,7 @@ RULE_FLAGGED = "BG001"
 RULE_INCOMPLETE = "BG002"
 RULE_SMALL_TRIGGER = "BG003"
 RULE_ERROR = "BG004"
+RULE_WEAK_SEARCH = "BG005"
 RULES = {
     RULE_FLAGGED: ("backdoor-class-flagged",
                    "A class's reversed trigger is an outlier: much smaller than the other classes' triggers."),
@@ -38,7 +40,10 @@ RULES = {
     RULE_SMALL_TRIGGER: ("small-effective-trigger",
                          "A small reversed trigger sends most clean images to one class."),
     RULE_ERROR: ("scan-error", "The scan could not be run."),
+    RULE_WEAK_SEARCH: ("search-inconclusive",
+                       "The trigger searches did not work well enough for the outlier test to clear the model."),
 }
+UNREACHED = "not_reached"  # search status: no trigger reached the success threshold
 
 
 @dataclass(frozen=True)
@@ -94,8 +99,8 @@ def _num(x: float) -> str:
     return f"{x:.2g}"
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.0f}%"
+def _pct(x: float | None, digits: int = 0) -> str:
+    return "n/a" if x is None else f"{100 * x:.{digits}f}%"
 
 
 def decide(result: ScanResult, policy) -> Decision:
@@ -134,10 +139,28 @@ def decide(result: ScanResult, policy) -> Decision:
                     and c.mask_fraction < small.max_mask_fraction:
                 findings.append(Finding(
                     RULE_SMALL_TRIGGER, "reject",
-                    f"class {c.label}: a reversed trigger covering {_pct(c.mask_fraction)} of the image "
-                    f"(under {_pct(small.max_mask_fraction)}) sends {_pct(c.trigger_asr)} of held-out images "
+                    f"class {c.label}: a reversed trigger covering {_pct(c.mask_fraction, 1)} of the image "
+                    f"(under {_pct(small.max_mask_fraction, 1)}) sends {_pct(c.trigger_asr)} of held-out images "
                     f"to it (at least {_pct(small.min_asr)})",
                     c.label, {"l1": c.l1, "trigger_asr": c.trigger_asr, "mask_fraction": c.mask_fraction}))
+
+    weak = rules.weak_search
+    if weak is not None:
+        unreached = [c.label for c in classes if c.status == UNREACHED]
+        frac = len(unreached) / len(classes)
+        if frac > weak.max_unreached_fraction:
+            findings.append(Finding(
+                RULE_WEAK_SEARCH, rules.incomplete,
+                f"search inconclusive: {len(unreached)} of {len(classes)} classes found no working trigger "
+                f"(more than {_pct(weak.max_unreached_fraction)}); give the search more steps",
+                None, {"unreached": unreached, "unreached_fraction": frac}))
+        median_mask = float(np.median([c.mask_fraction for c in classes]))
+        if median_mask > weak.max_median_mask_fraction:
+            findings.append(Finding(
+                RULE_WEAK_SEARCH, rules.incomplete,
+                f"search inconclusive: the median class's reversed trigger covers {_pct(median_mask)} of the "
+                f"image (more than {_pct(weak.max_median_mask_fraction)}); the masks did not shrink",
+                None, {"median_mask_fraction": median_mask}))
 
     if not result.complete:
         cut = [c.label for c in classes if c.status == "budget"]

@@ -13,28 +13,31 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from numba import njit, prange
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(fastmath=True, cache=True)
 def bernoulli_masks(u, prob, out):
     """out[j] = 1[u[j] < prob] — binary masks m_j ~ Bernoulli(prob). u, out: (k, H, W); prob: (H, W)."""
     k, h, w = out.shape
-    for j in prange(k):
+    for j in range(k):
         for r in range(h):
             for c in range(w):
                 out[j, r, c] = 1.0 if u[j, r, c] < prob[r, c] else 0.0
 
 
-@njit(parallel=True, fastmath=True, cache=True)
 def noisy_patterns(theta_p, eps, sigma, out):
-    """out[j] = g(theta_p + sigma * eps[j]) with g(z) = (tanh z + 1) / 2. eps, out: (k, H, W, C)."""
-    k, h, w, ch = out.shape
-    for j in prange(k):
-        for r in range(h):
-            for c in range(w):
-                for q in range(ch):
-                    out[j, r, c, q] = 0.5 * (math.tanh(theta_p[r, c, q] + sigma * eps[j, r, c, q]) + 1.0)
+    """out[j] = g(theta_p + sigma * eps[j]) with g(z) = (tanh z + 1) / 2. eps, out: (k, H, W, C).
+
+    numpy's SIMD tanh with ``out=`` (no allocation) is ~30x faster than a numba loop here: numba has no
+    vectorised tanh without Intel SVML.
+    """
+    np.multiply(eps, sigma, out=out)
+    np.add(out, theta_p, out=out)
+    np.tanh(out, out=out)
+    np.add(out, 1.0, out=out)
+    np.multiply(out, 0.5, out=out)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -59,6 +62,42 @@ def stamp_encode(images, masks, patterns, scale, offset, channels_first, out):
                         out[t, q, r, c] = e
                     else:
                         out[t, r, c, q] = e
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def stamp_classes(pool, classes, sample_idx, eval_idx, masks, patterns, scale, offset, channels_first, out):
+    """One scan round for many classes in one pass: what one model call answers.
+
+    For each class c = classes[g]: its n search samples (masks[c, :n], patterns[c, :n]) each on its B
+    minibatch images pool[sample_idx[c]], then its current trigger (masks[c, n], patterns[c, n]) on its
+    E check images pool[eval_idx[c]]. Rows per class: n*B + E, sample-major, then the trigger rows.
+    pool (N, H, W, C); sample_idx (K, B); eval_idx (K, E); masks (K, n+1, H, W); patterns (K, n+1, H, W, C).
+    """
+    h, w, ch = pool.shape[1], pool.shape[2], pool.shape[3]
+    n = masks.shape[1] - 1
+    b = sample_idx.shape[1]
+    e = eval_idx.shape[1]
+    per = n * b + e
+    for t in prange(classes.shape[0] * per):
+        g = t // per
+        rem = t - g * per
+        cls = classes[g]
+        if rem < n * b:
+            j = rem // b
+            x = sample_idx[cls, rem - j * b]
+        else:
+            j = n
+            x = eval_idx[cls, rem - n * b]
+        for r in range(h):
+            for c in range(w):
+                m = masks[cls, j, r, c]
+                for q in range(ch):
+                    v = (1.0 - m) * pool[x, r, c, q] + m * patterns[cls, j, r, c, q]
+                    e_ = scale[q] * v + offset[q]
+                    if channels_first:
+                        out[t, q, r, c] = e_
+                    else:
+                        out[t, r, c, q] = e_
 
 
 @njit(parallel=True, fastmath=True, cache=True)

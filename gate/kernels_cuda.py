@@ -78,6 +78,41 @@ def stamp_encode_kernel(images, masks, patterns, scale, offset, channels_first, 
 
 
 @cuda.jit
+def stamp_classes_kernel(pool, classes, sample_idx, eval_idx, masks, patterns, scale, offset, channels_first,
+                         out):
+    """Same rows as :func:`gate.kernels.stamp_classes`; one thread per (row, pixel, channel)."""
+    t = cuda.grid(1)
+    h, w, ch = pool.shape[1], pool.shape[2], pool.shape[3]
+    n = masks.shape[1] - 1
+    b = sample_idx.shape[1]
+    e = eval_idx.shape[1]
+    per = n * b + e
+    if t < classes.shape[0] * per * h * w * ch:
+        q = t % ch
+        rest = t // ch
+        c = rest % w
+        rest //= w
+        r = rest % h
+        row = rest // h
+        g = row // per
+        rem = row - g * per
+        cls = classes[g]
+        if rem < n * b:
+            j = rem // b
+            x = sample_idx[cls, rem - j * b]
+        else:
+            j = n
+            x = eval_idx[cls, rem - n * b]
+        m = masks[cls, j, r, c]
+        v = (1.0 - m) * pool[x, r, c, q] + m * patterns[cls, j, r, c, q]
+        e_ = scale[q] * v + offset[q]
+        if channels_first:
+            out[row, q, r, c] = e_
+        else:
+            out[row, r, c, q] = e_
+
+
+@cuda.jit
 def perturb_encode_kernel(x, delta, sigma, scale, offset, channels_first, out):
     t = cuda.grid(1)
     n, k, h, w, ch = delta.shape
@@ -113,6 +148,15 @@ def stamp_encode(images, masks, patterns, scale, offset, channels_first, out) ->
     stamp_encode_kernel[_blocks(n), THREADS](images, masks, patterns, scale, offset, channels_first, out)
 
 
+def stamp_classes(pool, classes, sample_idx, eval_idx, masks, patterns, scale, offset, channels_first,
+                  out) -> None:
+    h, w, ch = pool.shape[1], pool.shape[2], pool.shape[3]
+    per = (masks.shape[1] - 1) * sample_idx.shape[1] + eval_idx.shape[1]
+    n = classes.shape[0] * per * h * w * ch
+    stamp_classes_kernel[_blocks(n), THREADS](pool, classes, sample_idx, eval_idx, masks, patterns, scale, offset,
+                                              channels_first, out)
+
+
 def perturb_encode(x, delta, sigma, scale, offset, channels_first, out) -> None:
     perturb_encode_kernel[_blocks(delta.size), THREADS](x, delta, np.float32(sigma), scale, offset,
                                                        channels_first, out)
@@ -130,9 +174,25 @@ class DeviceBatch:
         self.offset = cuda.to_device(offset)
         self.channels_first = oracle.spec.channels_first
         self.size = 0
+        self._pool_host = None
+        self._pool_device = None
 
     def free(self) -> int:
         return self.capacity - self.size
+
+    def _device_pool(self, pool):
+        """The clean-image pool goes up once per scan, not once per round."""
+        if self._pool_host is not pool:
+            self._pool_host, self._pool_device = pool, cuda.to_device(np.ascontiguousarray(pool))
+        return self._pool_device
+
+    def add_classes(self, pool, classes, sample_idx, eval_idx, masks, patterns) -> slice:
+        per = (masks.shape[1] - 1) * sample_idx.shape[1] + eval_idx.shape[1]
+        rows = self._reserve(len(classes) * per)
+        stamp_classes(self._device_pool(pool), cuda.to_device(classes), cuda.to_device(sample_idx),
+                      cuda.to_device(eval_idx), cuda.to_device(masks), cuda.to_device(patterns), self.scale,
+                      self.offset, self.channels_first, self.buffer[rows])
+        return rows
 
     def _reserve(self, n: int) -> slice:
         if self.size + n > self.capacity:

@@ -98,6 +98,8 @@ class Oracle:
         ort = _ort()
         opts = ort.SessionOptions()
         opts.log_severity_level = 4
+        # No busy-waiting between runs: the stamping kernels run on the same cores right after each call.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             opts.intra_op_num_threads = int(threads)
         wanted = ["CPUExecutionProvider"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,12 +27,11 @@ import yaml
 from gate.errors import GateError, PolicyError
 from gate.outliers import OutlierRule
 from gate.scan import ScanConfig
-from gate.search import SearchParams
+from gate.search import SAMPLINGS, SearchParams
 from gate.spec import LAYOUTS, OUTPUT_KINDS, SpecOverrides
 
 POLICY_VERSION = 1
 DATA_SOURCES = ("auto", "file", "synthetic")
-SAMPLINGS = ("joint", "separate")
 NON_ACCEPT = ("reject", "review")  # what a rule may ask for: never "accept" (fail closed)
 ON_ERROR = ("error", "reject")
 
@@ -151,14 +151,17 @@ def _section(cls: type, doc: str = "", nullable: bool = False) -> Any:
 
 
 # --------------------------------------------------------------------------- the policy tree
+_SP, _SC, _OR = SearchParams(), ScanConfig(), OutlierRule()  # the defaults of the code the policy drives
+
+
 @dataclass(frozen=True)
 class DataPolicy:
     source: str = _f("auto", choice(*DATA_SOURCES),
                      "auto: --data, else `path` if it fits the model, else synthetic | file | synthetic")
     path: str | None = _f(None, optional(text), "clean images (.npz or image folder), relative to the cwd")
     synthetic_per_class: int = _f(100, integer(1), "synthetic images per class (B3D-SS)")
-    max_images: int = _f(1000, integer(10), "clean images used at most (search pool + held-out)")
-    held_out: int = _f(100, integer(0), "images kept aside to measure each trigger's attack success")
+    max_images: int = _f(_SC.max_images, integer(10), "clean images used at most (search pool + held-out)")
+    held_out: int = _f(_SC.held_out, integer(0), "images kept aside to measure each trigger's attack success")
 
 
 @dataclass(frozen=True)
@@ -172,25 +175,30 @@ class InputPolicy:
 
 @dataclass(frozen=True)
 class SearchPolicy:
-    seed: int = _f(0, integer(0), "random seed: same seed, model, data and policy -> same report")
-    k: int = _f(50, even_integer(2), "search samples per NES step")
-    sigma: float = _f(0.1, number(0, lo_open=True), "pattern noise scale")
-    lr: float = _f(0.05, number(0, lo_open=True), "Adam learning rate")
-    batch_size: int = _f(32, integer(1), "clean images each candidate is stamped on per step")
-    max_steps: int = _f(300, integer(1), "NES steps per class at most")
-    patience: int = _f(5, integer(1), "steps between lambda schedule changes")
-    success_threshold: float = _f(0.99, number(0, 1, lo_open=True), "attack success a trigger must reach")
-    early_stop_patience: int = _f(25, integer(1), "stop after this many steps without improvement")
-    early_stop_tol: float = _f(0.01, number(0), "an improvement is a fall of the best L1 by this fraction")
-    sampling: str = _f("joint", choice(*SAMPLINGS), "joint | separate (the paper's Eq. 5/6)")
-    antithetic: bool = _f(True, boolean, "mirrored samples")
-    bandit: bool = _f(True, boolean, "stop classes that clearly will not be outliers")
+    seed: int = _f(_SC.seed, integer(0), "random seed: same seed, model, data and policy -> same report")
+    k: int = _f(_SP.k, even_integer(2), "search samples per NES step")
+    sigma: float = _f(_SP.sigma, number(0, lo_open=True), "pattern noise scale")
+    lr: float = _f(_SP.lr, number(0, lo_open=True), "Adam learning rate")
+    batch_size: int = _f(_SP.batch_size, integer(1), "clean images each candidate is stamped on per step")
+    eval_size: int = _f(_SP.eval_size, integer(1), "clean images the current trigger is checked on per step")
+    max_steps: int = _f(_SP.max_steps, integer(1), "NES steps per class at most")
+    patience: int = _f(_SP.patience, integer(1), "steps between lambda schedule changes")
+    success_threshold: float = _f(_SP.success_threshold, number(0, 1, lo_open=True),
+                                  "attack success a trigger must reach")
+    early_stop_patience: int = _f(_SP.early_stop_patience, integer(1),
+                                  "stop after this many steps without improvement")
+    early_stop_tol: float = _f(_SP.early_stop_tol, number(0),
+                               "an improvement is a fall of the best L1 by this fraction")
+    sampling: str = _f(_SP.sampling, choice(*SAMPLINGS), " | ".join(SAMPLINGS) + " (separate: the paper's Eq. 5/6)")
+    antithetic: bool = _f(_SP.antithetic, boolean, "mirrored samples")
+    bandit: bool = _f(_SC.bandit, boolean, "stop classes that clearly will not be outliers")
 
 
 @dataclass(frozen=True)
 class OutlierPolicy:
-    anomaly_threshold: float = _f(2.0, number(0, lo_open=True), "flag below the median at this MAD index")
-    median_ratio: float = _f(0.25, number(0, 1, hi_open=True), "flag L1 below this fraction of the median")
+    anomaly_threshold: float = _f(_OR.anomaly_threshold, number(0, lo_open=True),
+                                  "flag below the median at this MAD index")
+    median_ratio: float = _f(_OR.median_ratio, number(0, 1, hi_open=True), "flag L1 below this fraction of the median")
 
 
 @dataclass(frozen=True)
@@ -200,9 +208,17 @@ class SmallTriggerRule:
 
 
 @dataclass(frozen=True)
+class WeakSearchRule:
+    max_unreached_fraction: float = _f(0.5, number(0, 1), "classes whose search found no working trigger, at most")
+    max_median_mask_fraction: float = _f(0.25, number(0, 1, lo_open=True),
+                                         "median reversed mask as a fraction of the image, at most")
+
+
+@dataclass(frozen=True)
 class RulesPolicy:
     flagged: str = _f("reject", choice(*NON_ACCEPT), "outcome when a class is flagged")
     small_trigger: SmallTriggerRule | None = _section(SmallTriggerRule, "reject tiny effective triggers", True)
+    weak_search: WeakSearchRule | None = _section(WeakSearchRule, "no accept on searches that did not work", True)
     incomplete: str = _f("review", choice(*NON_ACCEPT), "outcome when a budget cut the scan short")
 
 
@@ -260,9 +276,8 @@ class Policy:
 
         ``flags`` names the command-line option behind each dotted field, for the error message.
         """
-        current = self
+        d = self.to_dict()
         for key, value in changes.items():
-            d = current.to_dict()
             node = d
             *parents, leaf = key.split(".")
             for p in parents:
@@ -270,17 +285,20 @@ class Policy:
                     node[p] = {}
                 node = node[p]
             node[leaf] = list(value) if isinstance(value, tuple) else value
-            where = f"option {flags[key]}" if flags and key in flags else "override"
-            current = Policy.from_dict(d, where=where, error=error, source=self.source)
-        return current
+        try:
+            return Policy.from_dict(d, where="override", error=_Bad, source=self.source)
+        except _Bad as exc:
+            message = str(exc).removeprefix("override: ")
+            culprit = next((k for k in changes if re.search(rf"\b{re.escape(k)}\b", message)), None)
+            where = f"option {flags[culprit]}" if flags and culprit in flags else "override"
+            raise error(f"{where}: {message}") from None
 
     # ------------------------------------------------------------------ what the rest of the gate needs
     def search_params(self) -> SearchParams:
-        s = self.search
-        return SearchParams(k=s.k, sigma=s.sigma, lr=s.lr, batch_size=s.batch_size, max_steps=s.max_steps,
-                            patience=s.patience, success_threshold=s.success_threshold,
-                            early_stop_patience=s.early_stop_patience, early_stop_tol=s.early_stop_tol,
-                            sampling=s.sampling, antithetic=s.antithetic)
+        known = {f.name for f in dataclasses.fields(SearchParams)}
+        values = {f.name: getattr(self.search, f.name) for f in dataclasses.fields(SearchPolicy)
+                  if f.name in known}
+        return SearchParams(**values)
 
     def outlier_rule(self) -> OutlierRule:
         return OutlierRule(self.outliers.anomaly_threshold, self.outliers.median_ratio)

@@ -35,8 +35,8 @@ class ScanConfig:
     max_images: int = 1000  # clean images used (search pool + held-out), sampled by seed
     held_out: int = 100  # images kept aside to measure each reversed trigger's attack success
     bandit: bool = True
-    bandit_warmup: int = 30  # steps before the bandit may stop a class
-    bandit_every: int = 10
+    bandit_warmup: int = 100  # steps before the bandit may stop a class (lambda needs time to ramp)
+    bandit_every: int = 20
     bandit_keep: float = 0.6  # classes at or below this quantile of L1 always keep searching
     max_queries: int | None = None  # for the whole scan (the oracle may hold its own, larger budget)
     max_seconds: float | None = None
@@ -94,19 +94,24 @@ def scan(oracle: Oracle, images: ImageSet, cfg: ScanConfig = ScanConfig(), *, me
     pool_x = np.ascontiguousarray(images.x[search_idx])
     held_x = np.ascontiguousarray(images.x[held_idx])
 
+    # every class's candidates live in one array, so one kernel call stamps a whole round
+    n_cand = params.candidates
+    masks_all = np.empty((k_classes, n_cand, *oracle.image_shape[:2]), np.float32)
+    patterns_all = np.empty((k_classes, n_cand, *oracle.image_shape), np.float32)
+    sample_idx = np.zeros((k_classes, params.batch_size), np.int64)
+    eval_idx = np.zeros((k_classes, params.eval_size), np.int64)
     runs = []
     for c in range(k_classes):
         pool = np.flatnonzero(pred_search != c)
         if len(pool) == 0:
             pool = np.arange(len(search_idx))
-        runs.append(_ClassRun(c, search.init(np.random.default_rng(class_seqs[c])), pool,
-                              ce=np.empty(params.candidates, np.float64)))
+        state = search.init(np.random.default_rng(class_seqs[c]), masks_all[c], patterns_all[c])
+        runs.append(_ClassRun(c, state, pool, ce=np.empty(n_cand - 1, np.float64)))
 
-    n_cand = params.candidates
-    per_class = n_cand * params.batch_size
+    per_class = params.queries_per_step
     capacity = max(cfg.batch_images, per_class)
     batch = make_batch(oracle, capacity)
-    minibatch = np.empty((params.batch_size, *oracle.image_shape), np.float32)
+    sample_rows = (n_cand - 1) * params.batch_size
     reserve = k_classes * len(held_x)  # budget kept for measuring every trigger on held-out images
     hits = np.empty(1, np.float64)
     stop_reason = None
@@ -128,19 +133,20 @@ def scan(oracle: Oracle, images: ImageSet, cfg: ScanConfig = ScanConfig(), *, me
         for start in range(0, len(active), max(1, capacity // per_class)):
             group = active[start:start + max(1, capacity // per_class)]
             t0 = time.perf_counter()
-            slots = []
             for r in group:
-                masks, patterns = search.ask(r.state)
-                idx = r.state.rng.choice(r.pool, params.batch_size, replace=len(r.pool) < params.batch_size)
-                np.take(pool_x, idx, axis=0, out=minibatch)
-                slots.append(batch.add_stamped(minibatch, masks, patterns))
+                search.ask(r.state)  # writes the samples, then the current trigger, into masks_all[c]
+                rng = r.state.rng
+                sample_idx[r.label] = rng.choice(r.pool, params.batch_size, replace=len(r.pool) < params.batch_size)
+                eval_idx[r.label] = rng.choice(r.pool, params.eval_size, replace=len(r.pool) < params.eval_size)
+            classes = np.array([r.label for r in group], np.int64)
+            batch.add_classes(pool_x, classes, sample_idx, eval_idx, masks_all, patterns_all)
             probs = batch.run()
-            for r, rows in zip(group, slots, strict=True):
-                p = probs[rows]
-                group_cross_entropy(p, r.label, params.batch_size, r.ce)
-                group_hits(p[-params.batch_size:], r.label, params.batch_size, hits)
+            for g, r in enumerate(group):
+                rows = probs[g * per_class:(g + 1) * per_class]
+                group_cross_entropy(rows[:sample_rows], r.label, params.batch_size, r.ce)
+                group_hits(rows[sample_rows:], r.label, params.eval_size, hits)
                 search.tell(r.state, r.ce, float(hits[0]))
-                r.queries += n_cand * params.batch_size
+                r.queries += per_class
             share = (time.perf_counter() - t0) / len(group)
             for r in group:
                 r.seconds += share

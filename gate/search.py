@@ -14,12 +14,18 @@ The interface is ask/tell, evaluation is the caller's business::
         ce, hits = evaluate(cand)             # caller stamps and queries the model
         search.tell(state, ce, hits)
 
-``ask`` returns the k search samples followed by one extra candidate, the current *mean* trigger
-(soft mask g(theta_m), pattern g(theta_p)); its attack success drives the lambda schedule and the
-choice of the best trigger, as in Neural Cleanse. With ``sampling="separate"`` (the paper's Eq. 5/6
-exactly) mask samples use the mean pattern and pattern samples use the soft mask, 2k + 1 candidates;
-``"joint"`` (default) draws (m_j, eps_j) together and uses each evaluation for both estimates, which is
-an unbiased estimate of the gradient of the same smoothed objective at half the queries.
+``ask`` returns the k search samples followed by one more candidate, the current trigger: the binary
+mask 1[g(theta_m) >= 0.5] with the mean pattern g(theta_p). Its attack success on ``eval_size`` clean
+images drives the lambda schedule and the choice of the best trigger, exactly as the current trigger's success
+does in Neural Cleanse; the L1 recorded with it is the soft mask's, sum g(theta_m) = E|m|_1 (what the
+outlier rule uses, as in the paper).
+With ``sampling="separate"`` (the paper's Eq. 5/6 exactly) mask samples use the mean pattern g(theta_p)
+and pattern samples use the soft mask g(theta_m): 2k + 1 candidates.
+``"joint"`` draws (m_j, eps_j) together and uses each evaluation for both estimates: an unbiased estimate
+of the gradient of the same smoothed objective at half the queries, but the mask noise swamps the
+pattern estimate. ``"paired"`` (default) draws k/2 masks and stamps each with +eps_j and -eps_j: the
+pattern estimate uses the pair difference (the mask noise cancels exactly), the mask estimate the pair
+mean (the pattern noise cancels to first order). Both stay unbiased; k evaluations per step.
 """
 
 from __future__ import annotations
@@ -30,44 +36,55 @@ import numpy as np
 
 from gate.kernels import bernoulli_masks, noisy_patterns
 
+SAMPLINGS = ("paired", "joint", "separate")
+
 
 @dataclass(frozen=True)
 class SearchParams:
     k: int = 50  # search samples per step
-    sigma: float = 0.1
-    lr: float = 0.05
-    batch_size: int = 32  # clean images each candidate is stamped on, per step
-    max_steps: int = 300
-    sampling: str = "joint"  # "joint" or "separate" (paper Eq. 5/6 literally: 2k evaluations)
+    sigma: float = 0.3
+    lr: float = 0.1
+    batch_size: int = 4  # clean images each search sample is stamped on, per step
+    eval_size: int = 16  # clean images the current trigger is checked on, per step (lambda schedule)
+    max_steps: int = 400
+    sampling: str = "paired"  # "paired", "joint" or "separate" (paper Eq. 5/6 literally: 2k evaluations)
     antithetic: bool = True  # mirrored samples: (u, 1-u) for masks, (eps, -eps) for patterns
-    baseline: bool = True  # subtract the mean fitness (variance reduction; keeps the estimate unbiased)
+    baseline: bool = True  # subtract a leave-one-out mean fitness (variance reduction, still unbiased)
+    mask_pattern_noise: bool = True  # pattern estimate only from pixels the sampled mask shows (still unbiased)
+    exact_penalty: bool = True  # lambda |m|_1 has a closed-form expected gradient: use it, estimate only the CE
     lambda_init: float = 1e-3
     lambda_up: float = 1.5
     lambda_down: float = 1.5 ** 1.5
     patience: int = 5
     success_threshold: float = 0.99
-    early_stop_patience: int = 25
+    early_stop_patience: int = 40
     early_stop_tol: float = 0.01  # "improved" means best L1 fell by more than this fraction
-    mask_init: float = 0.0  # initial theta_m (0 -> every pixel on with probability 0.5)
+    mask_init: float = 1.0  # initial theta_m: g(1) = 0.88, the trigger starts as most of the image
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
 
     def __post_init__(self) -> None:
-        if self.sampling not in ("joint", "separate"):
-            raise ValueError(f"sampling must be 'joint' or 'separate', got {self.sampling!r}")
-        if self.k < 2 or (self.antithetic and self.k % 2):
-            raise ValueError(f"k must be >= 2 (and even with antithetic sampling), got {self.k}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}")
+        if self.k < 2 or ((self.antithetic or self.sampling == "paired") and self.k % 2):
+            raise ValueError(f"k must be >= 2 (and even with antithetic or paired sampling), got {self.k}")
+        if self.sampling == "paired" and self.k < 4:
+            raise ValueError("paired sampling needs k >= 4")
         for name in ("sigma", "lr", "lambda_init", "lambda_up", "lambda_down"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
-        if self.batch_size < 1 or self.max_steps < 1 or self.patience < 1 or self.early_stop_patience < 1:
+        if self.batch_size < 1 or self.eval_size < 1 or self.max_steps < 1 or self.patience < 1 or self.early_stop_patience < 1:
             raise ValueError("batch_size, max_steps, patience and early_stop_patience must be >= 1")
         if not 0 < self.success_threshold <= 1:
             raise ValueError("success_threshold must be in (0, 1]")
 
     @property
+    def queries_per_step(self) -> int:
+        return (self.candidates - 1) * self.batch_size + self.eval_size
+
+    @property
     def candidates(self) -> int:
-        """Candidates per ask: the samples plus the mean trigger."""
+        """Candidates per ask: the samples, then the current trigger (whose hits measure success)."""
         return (2 * self.k if self.sampling == "separate" else self.k) + 1
 
     def to_dict(self) -> dict:
@@ -152,7 +169,10 @@ class TriggerSearch:
         self.shape = tuple(image_shape)
         self.params = params or SearchParams()
 
-    def init(self, rng: np.random.Generator) -> SearchState:
+    def init(self, rng: np.random.Generator, masks: np.ndarray | None = None,
+             patterns: np.ndarray | None = None) -> SearchState:
+        """A fresh state. ``masks`` (n, H, W) / ``patterns`` (n, H, W, C) float32: where ``ask`` writes the
+        candidates (e.g. this class's slice of a scan-wide array); allocated when not given."""
         h, w, c = self.shape
         p = self.params
         n = p.candidates
@@ -166,46 +186,55 @@ class TriggerSearch:
             rng=rng,
             u=np.empty((p.k, h, w), dtype=np.float32),
             eps=np.empty((p.k, h, w, c), dtype=np.float32),
-            masks=np.empty((n, h, w), dtype=np.float32),
-            patterns=np.empty((n, h, w, c), dtype=np.float32),
+            masks=np.empty((n, h, w), dtype=np.float32) if masks is None else masks,
+            patterns=np.empty((n, h, w, c), dtype=np.float32) if patterns is None else patterns,
         )
 
     # ------------------------------------------------------------------ ask
     def ask(self, state: SearchState) -> tuple[np.ndarray, np.ndarray]:
-        """Fill and return (masks, patterns) for this step's candidates; the last one is the mean trigger."""
+        """Fill and return (masks, patterns) for this step's candidates; the last is the current trigger."""
         p = self.params
         k = p.k
-        half = k // 2 if p.antithetic else k
         rng = state.rng
+        prob = state.mask_prob.astype(np.float32)
+        state.masks[-1] = prob >= 0.5
+        state.patterns[-1] = state.mean_pattern
+        theta_p = state.theta_p.astype(np.float32)
+        sigma = np.float32(p.sigma)
+        if p.sampling == "paired":
+            h = k // 2  # h masks, each stamped with pattern noise +eps_j and -eps_j
+            rng.random(out=state.u[:h], dtype=np.float32)
+            rng.standard_normal(out=state.eps[:h], dtype=np.float32)
+            np.negative(state.eps[:h], out=state.eps[h:])
+            bernoulli_masks(state.u[:h], prob, state.masks[:h])
+            state.masks[h:k] = state.masks[:h]
+            noisy_patterns(theta_p, state.eps, sigma, state.patterns[:k])
+            return state.masks, state.patterns
+        half = k // 2 if p.antithetic else k
         rng.random(out=state.u[:half], dtype=np.float32)
         rng.standard_normal(out=state.eps[:half], dtype=np.float32)
         if p.antithetic:
             np.subtract(1.0, state.u[:half], out=state.u[half:])
             np.negative(state.eps[:half], out=state.eps[half:])
-        prob = state.mask_prob.astype(np.float32)
-        mean_pattern = state.mean_pattern.astype(np.float32)
-        theta_p = state.theta_p.astype(np.float32)
+        bernoulli_masks(state.u, prob, state.masks[:k])
         if p.sampling == "joint":
-            bernoulli_masks(state.u, prob, state.masks[:k])
-            noisy_patterns(theta_p, state.eps, np.float32(p.sigma), state.patterns[:k])
+            noisy_patterns(theta_p, state.eps, sigma, state.patterns[:k])
         else:
-            bernoulli_masks(state.u, prob, state.masks[:k])
-            state.patterns[:k] = mean_pattern
+            state.patterns[:k] = state.mean_pattern
             state.masks[k:2 * k] = prob
-            noisy_patterns(theta_p, state.eps, np.float32(p.sigma), state.patterns[k:2 * k])
-        state.masks[-1] = prob
-        state.patterns[-1] = mean_pattern
+            noisy_patterns(theta_p, state.eps, sigma, state.patterns[k:2 * k])
         return state.masks, state.patterns
 
     # ------------------------------------------------------------------ tell
     def tell(self, state: SearchState, ce: np.ndarray, success: float) -> None:
-        """Update from the candidates' mean cross-entropy ``ce`` (n,) and the mean trigger's success rate.
+        """Update from the candidates' mean cross-entropy ``ce`` (n,) and the current trigger's success.
 
-        ``success`` is the fraction of the step's clean images that the mean trigger sends to the class.
+        ``success``: fraction of this step's minibatch images that the last candidate (the current trigger)
+        sends to the class.
         """
         p = self.params
         prob = state.mask_prob
-        # 1. book-keeping on the mean trigger (evaluated at the parameters that produced it)
+        # 1. book-keeping on the trigger distribution (at the parameters that produced the samples)
         soft_l1 = float(prob.sum())
         state.last_success = float(success)
         if success >= p.success_threshold:
@@ -236,39 +265,67 @@ class TriggerSearch:
         """NES estimates of d/d(theta_m) and d/d(theta_p) of E[F] from the last ask's losses ``ce``.
 
         F_j = ce_j + lambda |m_j|_1. Mask (Eq. 5): 1/k sum F_j 2 (m_j - g(theta_m)), the score function of
-        Bernoulli(g(theta_m)) in theta_m. Pattern (Eq. 6): 1/(k sigma) sum F_j eps_j.
+        Bernoulli(g(theta_m)) in theta_m. Pattern (Eq. 6): 1/(k sigma) sum F_j eps_j. With ``exact_penalty``
+        the lambda term's gradient is added in closed form instead of being estimated.
         """
         p = self.params
         k = p.k
         prob = state.mask_prob
-        mask_l1 = state.masks[:k].sum(axis=(1, 2), dtype=np.float64)
-        f_m = ce[:k] + state.lam * mask_l1
-        if p.sampling == "joint":
-            f_p = f_m
+        ce = np.asarray(ce[:p.candidates], dtype=np.float64)
+        if p.sampling == "paired":
+            h = k // 2
+            f_m = 0.5 * (ce[:h] + ce[h:k])  # each mask's loss, pattern noise averaged out
+            masks = state.masks[:h]
+            grad_p = self._pattern_terms(state, ce[:h] - ce[h:k], h) / (2 * h * p.sigma)
         else:
-            f_p = ce[k:2 * k] + state.lam * float(prob.sum())
+            f_m = ce[:k]
+            masks = state.masks[:k]
+        n = len(f_m)
+        if not p.exact_penalty:
+            f_m = f_m + state.lam * masks.sum(axis=(1, 2), dtype=np.float64)
+        if p.sampling != "paired":
+            f_p = f_m if p.sampling == "joint" else ce[k:2 * k]
+            if p.baseline:
+                f_p = f_p - self._baseline(f_p)
+            if p.sampling == "joint":
+                grad_p = self._pattern_terms(state, f_p, k) / (k * p.sigma)
+            else:
+                grad_p = (f_p @ state.eps[:k].reshape(k, -1)) / (k * p.sigma)
         if p.baseline:
-            f_m = f_m - self._baseline(f_m)
-            f_p = f_m if p.sampling == "joint" else f_p - self._baseline(f_p)
-        flat_m = state.masks[:k].reshape(k, -1)
-        grad_m = (2.0 / k) * (f_m @ flat_m - f_m.sum() * prob.reshape(-1))
-        grad_p = (f_p @ state.eps.reshape(k, -1)) / (k * p.sigma)
+            f_m = f_m - self._baseline(f_m, pairs=p.antithetic and p.sampling != "paired")
+        grad_m = (2.0 / n) * (f_m @ masks.reshape(n, -1) - f_m.sum() * prob.reshape(-1))
+        if p.exact_penalty:  # d/d(theta_m) of lambda * E|m|_1 = lambda * sum g(theta_m), known in closed form
+            grad_m += state.lam * 2.0 * (prob * (1.0 - prob)).reshape(-1)
         return grad_m.reshape(state.theta_m.shape), grad_p.reshape(state.theta_p.shape)
 
-    def _baseline(self, f: np.ndarray) -> np.ndarray:
+    def _pattern_terms(self, state: SearchState, f: np.ndarray, n: int) -> np.ndarray:
+        """sum_j f_j eps_j, keeping only the pixels each sample's binary mask shows (m_j = 1).
+
+        Where m_j = 0 the stamped image does not depend on eps_j at that pixel, so that term has zero
+        expectation: dropping it keeps the estimate unbiased and removes most of its noise once the mask
+        is sparse. (Rao-Blackwellisation; ``mask_pattern_noise=False`` keeps every term, as Eq. 6.)
+        """
+        eps = state.eps[:n].reshape(n, -1, self.shape[2])
+        if not self.params.mask_pattern_noise:
+            return (f @ eps.reshape(n, -1)).reshape(-1)
+        shown = state.masks[:n].reshape(n, -1, 1)
+        return np.einsum("j,jpc->pc", f, eps * shown).reshape(-1)
+
+    def _baseline(self, f: np.ndarray, pairs: bool | None = None) -> np.ndarray:
         """Per-sample baseline independent of that sample (so the estimate stays unbiased).
 
-        Leave-one-out for independent samples; leave-pair-out for antithetic pairs (j, j + k/2).
+        Leave-one-out for independent samples; leave-pair-out for antithetic pairs (j, j + n/2).
         """
-        k = len(f)
+        n = len(f)
         total = f.sum()
-        if not self.params.antithetic:
-            return (total - f) / (k - 1)
-        if k < 4:
+        pairs = self.params.antithetic if pairs is None else pairs
+        if not pairs:
+            return (total - f) / (n - 1)
+        if n < 4:
             return np.zeros_like(f)
-        h = k // 2
+        h = n // 2
         pair = np.concatenate([f[:h] + f[h:], f[:h] + f[h:]])
-        return (total - pair) / (k - 2)
+        return (total - pair) / (n - 2)
 
     def _schedule(self, state: SearchState, success: float) -> None:
         p = self.params

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numba
 import numpy as np
 
 from gate.errors import GateError
@@ -35,6 +36,9 @@ from gate.result import Triggers, read_report
 from gate.spec import InputSpec
 
 PROB_FLOOR = 1e-12  # probabilities are clipped here before the logarithms of the KL divergence
+# Batches up to this many stamped rows are stamped on the calling thread alone: waking the kernel's thread
+# pool costs more than the work (milliseconds on a busy machine), and the proxy stamps small batches.
+SERIAL_ROWS = 512
 
 
 @dataclass(frozen=True)
@@ -114,7 +118,14 @@ class Shield:
         if self.active:
             x = batch.transpose(0, 2, 3, 1) if self.spec.channels_first else batch
             x = np.ascontiguousarray(x, dtype=np.float32)
-            stamp_encode(x, self.masks, self.patterns, self._one, self._zero, self.spec.channels_first, out[n:])
+            threads = numba.get_num_threads()
+            if rows <= SERIAL_ROWS:
+                numba.set_num_threads(1)  # thread-local: other threads keep their setting
+            try:
+                stamp_encode(x, self.masks, self.patterns, self._one, self._zero, self.spec.channels_first,
+                             out[n:])
+            finally:
+                numba.set_num_threads(threads)
         return out
 
     def score(self, raw: np.ndarray, n: int) -> Scored:

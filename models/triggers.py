@@ -27,7 +27,8 @@ expects, following its manifest's ``input_spec``.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 

@@ -129,6 +129,15 @@ eps = rng.normal(size=(3, 4, 5, 3)).astype(np.float32)
 out = cuda.device_array(eps.shape, np.float32)
 K.noisy_patterns(cuda.to_device(theta), cuda.to_device(eps), 0.1, out)
 np.testing.assert_allclose(out.copy_to_host(), (np.tanh(theta + 0.1 * eps) + 1) / 2, rtol=1e-5, atol=1e-6)
+from tests.test_kernels import classes_case, stamp_classes_reference
+for cf in (True, False):
+    a = classes_case()
+    ref = stamp_classes_reference(**a, channels_first=cf)
+    out = cuda.device_array(ref.shape, np.float32)
+    K.stamp_classes(cuda.to_device(a["pool"]), cuda.to_device(a["classes"]), cuda.to_device(a["sample_idx"]),
+                    cuda.to_device(a["eval_idx"]), cuda.to_device(a["masks"]), cuda.to_device(a["patterns"]),
+                    cuda.to_device(a["scale"]), cuda.to_device(a["offset"]), cf, out)
+    np.testing.assert_allclose(out.copy_to_host(), ref, rtol=1e-5, atol=1e-5)
 print("CUDASIM-OK")
 """
 
@@ -140,3 +149,40 @@ def test_cuda_kernels_under_simulator():
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "CUDASIM-OK" in r.stdout
+
+
+def stamp_classes_reference(pool, classes, sample_idx, eval_idx, masks, patterns, scale, offset, channels_first):
+    n = masks.shape[1] - 1
+    rows = []
+    for c in classes:
+        rows.append(stamp_encode_reference(pool[sample_idx[c]], masks[c, :n], patterns[c, :n], scale, offset,
+                                           channels_first))
+        rows.append(stamp_encode_reference(pool[eval_idx[c]], masks[c, n:], patterns[c, n:], scale, offset,
+                                           channels_first))
+    return np.concatenate(rows)
+
+
+def classes_case(seed=8):
+    rng = np.random.default_rng(seed)
+    k, n, b, e, h, w, c = 5, 3, 2, 4, 4, 5, 3
+    return dict(
+        pool=rng.random((9, h, w, c), dtype=np.float32),
+        classes=np.array([3, 0, 4], np.int64),
+        sample_idx=rng.integers(0, 9, (k, b)).astype(np.int64),
+        eval_idx=rng.integers(0, 9, (k, e)).astype(np.int64),
+        masks=rng.random((k, n + 1, h, w), dtype=np.float32),
+        patterns=rng.random((k, n + 1, h, w, c), dtype=np.float32),
+        scale=np.array([2, 3, 4], np.float32), offset=np.array([0.1, 0.2, -0.3], np.float32))
+
+
+@pytest.mark.parametrize("channels_first", [True, False])
+def test_stamp_classes_matches_reference(channels_first):
+    from gate.kernels import stamp_classes
+
+    a = classes_case()
+    ref = stamp_classes_reference(**a, channels_first=channels_first)
+    assert len(ref) == 3 * (3 * 2 + 4)
+    out = np.full(ref.shape, np.nan, np.float32)
+    stamp_classes(a["pool"], a["classes"], a["sample_idx"], a["eval_idx"], a["masks"], a["patterns"], a["scale"],
+                  a["offset"], channels_first, out)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)

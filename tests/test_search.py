@@ -10,28 +10,38 @@ LAM = 0.3
 
 
 def analytic_f(masks, patterns, a, w, v):
-    """F(m, p) = a.m + (sum m)^2 + w.p + v.p^2 (lambda |m| is added by the search itself)."""
+    """F(m, p) = a.m + (sum m)^2 + sum_i m_i (w_i.p_i + v_i.p_i^2) (lambda |m|_1 is added by the search).
+
+    Like a stamped image, F sees the pattern only where the mask is on.
+    """
     ms = masks.reshape(len(masks), -1).astype(np.float64)
-    ps = patterns.reshape(len(patterns), -1).astype(np.float64)
-    return ms @ a + ms.sum(1) ** 2 + ps @ w + (ps ** 2) @ v
+    ps = patterns.reshape(len(patterns), ms.shape[1], -1).astype(np.float64)
+    shown = (ps * w.reshape(ms.shape[1], -1) + ps ** 2 * v.reshape(ms.shape[1], -1)).sum(2)
+    return ms @ a + ms.sum(1) ** 2 + (ms * shown).sum(1)
 
 
-def exact_gradients(theta_m, theta_p, sigma, a, w, v):
-    """Gradient of E[F] + lambda E|m| for m ~ Bern(g(theta_m)), p = g(theta_p + sigma eps)."""
+def exact_gradients(theta_m, theta_p, sigma, a, w, v, sampling):
+    """Gradient of the smoothed objective each estimator targets, plus lambda E|m|_1."""
     q = g(theta_m).reshape(-1)
     dq = 2 * q * (1 - q)
-    # E[(sum m)^2] = sum q(1-q) + (sum q)^2
-    grad_m = (a + (1 - 2 * q) + 2 * q.sum() + LAM) * dq
     z, wts = np.polynomial.hermite_e.hermegauss(60)  # E over eps ~ N(0, 1)
     wts = wts / wts.sum()
     t = theta_p.reshape(-1)[:, None] + sigma * z[None]
     gz = g(t)
     dg = 2 * gz * (1 - gz)
-    grad_p = w * (dg @ wts) + v * ((2 * gz * dg) @ wts)
+    c = theta_p.shape[-1]
+    if sampling == "separate":  # Eq. 5 evaluates mask samples with the mean pattern g(theta_p)
+        gp = g(theta_p.reshape(-1))
+        per_pixel = (w * gp + v * gp ** 2).reshape(-1, c).sum(1)
+    else:
+        per_pixel = (w * (gz @ wts) + v * ((gz ** 2) @ wts)).reshape(-1, c).sum(1)
+    # E[(sum m)^2] = sum q(1-q) + (sum q)^2
+    grad_m = (a + (1 - 2 * q) + 2 * q.sum() + LAM + per_pixel) * dq
+    grad_p = np.repeat(q, c) * (w * (dg @ wts) + v * ((2 * gz * dg) @ wts))
     return grad_m.reshape(theta_m.shape), grad_p.reshape(theta_p.shape)
 
 
-@pytest.mark.parametrize("sampling, antithetic", [("joint", True), ("joint", False), ("separate", False)])
+@pytest.mark.parametrize("sampling, antithetic", [("paired", True), ("joint", True), ("joint", False), ("separate", False)])
 def test_estimators_are_unbiased(sampling, antithetic):
     rng = np.random.default_rng(0)
     a = rng.normal(size=H * W)
@@ -51,7 +61,7 @@ def test_estimators_are_unbiased(sampling, antithetic):
         gm.append(m)
         gp.append(p)
     gm, gp = np.array(gm), np.array(gp)
-    want_m, want_p = exact_gradients(state.theta_m, state.theta_p, params.sigma, a, w, v)
+    want_m, want_p = exact_gradients(state.theta_m, state.theta_p, params.sigma, a, w, v, sampling)
     for est, want in ((gm, want_m), (gp, want_p)):
         mean = est.mean(0)
         se = est.std(0) / np.sqrt(len(est))
@@ -72,21 +82,41 @@ def test_estimator_detects_a_wrong_gradient():
     for _ in range(500):
         masks, patterns = search.ask(state)
         est.append(-search.gradients(state, analytic_f(masks, patterns, a, 0 * a.repeat(C), 0 * a.repeat(C)))[0])
-    want_m, _ = exact_gradients(state.theta_m, state.theta_p, 0.1, a, 0 * a.repeat(C), 0 * a.repeat(C))
+    want_m, _ = exact_gradients(state.theta_m, state.theta_p, 0.3, a, 0 * a.repeat(C), 0 * a.repeat(C), "paired")
     est = np.array(est)
     assert np.any(np.abs(est.mean(0) - want_m) > 5 * est.std(0) / np.sqrt(len(est)) + 1e-3)
 
 
-def test_ask_layout_and_antithetic_pairs():
-    search = TriggerSearch((H, W, C), SearchParams(k=6))
+def test_ask_layout_joint_antithetic():
+    search = TriggerSearch((H, W, C), SearchParams(k=6, sampling="joint"))
     state = search.init(np.random.default_rng(0))
     masks, patterns = search.ask(state)
     assert masks.shape == (7, H, W) and patterns.shape == (7, H, W, C)
     np.testing.assert_allclose(state.u[3:], 1 - state.u[:3])
     np.testing.assert_allclose(state.eps[3:], -state.eps[:3])
-    np.testing.assert_allclose(masks[-1], g(state.theta_m))  # the last candidate is the mean trigger
-    np.testing.assert_allclose(patterns[-1], g(state.theta_p), rtol=1e-6)
-    assert set(np.unique(masks[:-1])) <= {0.0, 1.0}
+    np.testing.assert_allclose(patterns[:6], g(state.theta_p + search.params.sigma * state.eps), rtol=1e-5)
+    np.testing.assert_array_equal(masks[-1], g(state.theta_m) >= 0.5)  # the current trigger comes last
+    assert set(np.unique(masks)) <= {0.0, 1.0}
+
+
+def test_ask_layout_paired():
+    search = TriggerSearch((H, W, C), SearchParams(k=8))
+    state = search.init(np.random.default_rng(0))
+    state.theta_p[...] = np.random.default_rng(1).normal(size=(H, W, C))
+    masks, patterns = search.ask(state)
+    assert masks.shape == (9, H, W)
+    np.testing.assert_array_equal(masks[4:8], masks[:4])  # each mask twice ...
+    np.testing.assert_allclose(state.eps[4:], -state.eps[:4])  # ... with mirrored pattern noise
+    np.testing.assert_array_equal(patterns[:4] + patterns[4:8] > 1.0, np.broadcast_to(state.theta_p > 0, (4, H, W, C)))
+
+
+def test_separate_sampling_is_the_papers_layout():
+    search = TriggerSearch((H, W, C), SearchParams(k=4, sampling="separate", antithetic=False))
+    state = search.init(np.random.default_rng(0))
+    masks, patterns = search.ask(state)
+    assert masks.shape == (9, H, W)
+    np.testing.assert_allclose(patterns[:4], np.broadcast_to(g(state.theta_p), (4, H, W, C)))  # Eq. 5
+    np.testing.assert_allclose(masks[4:8], np.broadcast_to(g(state.theta_m), (4, H, W)))  # Eq. 6: soft mask
 
 
 def test_lambda_schedule_and_early_stop():
@@ -126,7 +156,7 @@ def test_max_steps_without_success_is_not_reached():
 def test_search_finds_a_one_pixel_trigger():
     """A toy 'model' that is fooled only by a bright value at pixel (1, 2), channel 0."""
     h, w, c = 4, 4, 1
-    search = TriggerSearch((h, w, c), SearchParams(k=20, max_steps=300))
+    search = TriggerSearch((h, w, c), SearchParams(k=20, max_steps=300, lambda_init=0.05))
     state = search.init(np.random.default_rng(3))
 
     def strength(masks, patterns):
@@ -136,10 +166,10 @@ def test_search_finds_a_one_pixel_trigger():
         masks, patterns = search.ask(state)
         s = strength(masks, patterns)
         ce = 4.0 * (1.0 - s)  # cross-entropy falls as the trigger pixel gets brighter
-        success = float(s[-1] > 0.6)  # the mean trigger (soft mask, mean pattern) fools the model
+        success = float(s[-1] > 0.6)  # the current trigger (binary mask, mean pattern) fools the 'model'
         search.tell(state, ce, success)
     mask, pattern, l1 = state.result_trigger()
     assert state.best_mask is not None
     assert np.unravel_index(mask.argmax(), mask.shape) == (1, 2)
     assert l1 < 2.5  # 16 pixels in all; the trigger needs about one
-    assert mask[1, 2] * pattern[1, 2, 0] > 0.6
+    assert mask[1, 2] > 0.5 and pattern[1, 2, 0] > 0.6

@@ -32,8 +32,9 @@ def example_cost(num_classes: int, per_class: int, n_images: int) -> int:
 
 def stamp_examples(oracle, x: np.ndarray, triggers: Triggers, *, y: np.ndarray | None = None,
                    per_class: int = 3, seed: int = 0) -> dict[int, list[Example]]:
-    """``per_class`` examples for every class in ``triggers``, on clean images the model does not
-    already assign to that class; one model call for the clean images and one for all stamped ones."""
+    """``per_class`` examples for every class in ``triggers`` (pass ``triggers.select(labels)`` for
+    fewer), on clean images the model does not already assign to that class; one model call for the
+    clean images and one for all stamped ones."""
     rng = np.random.default_rng(seed)
     pool = rng.permutation(len(x))[: min(len(x), max(4 * per_class, 16))]
     clean = np.ascontiguousarray(x[pool], dtype=np.float32)

@@ -28,17 +28,22 @@ def upscale(image: np.ndarray, min_size: int = 96) -> np.ndarray:
     return np.repeat(np.repeat(image, f, axis=0), f, axis=1) if f > 1 else image
 
 
-def png_bytes(image: np.ndarray, min_size: int = 96) -> bytes:
+def png_bytes(image: np.ndarray, min_size: int = 96, max_size: int | None = None) -> bytes:
+    """PNG of a [0, 1] image: small images upscaled (nearest) to ``min_size``, large ones shrunk (box
+    filter) so the longer side is at most ``max_size``, which keeps reports of big models small."""
     from PIL import Image
 
-    img = upscale(to_uint8(image), min_size)
+    img = Image.fromarray(upscale(to_uint8(image), min_size))
+    if max_size is not None and max(img.size) > max_size:
+        f = max_size / max(img.size)
+        img = img.resize((max(1, round(img.size[0] * f)), max(1, round(img.size[1] * f))), Image.BOX)
     buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG", optimize=True)
+    img.save(buf, format="PNG", optimize=True)
     return buf.getvalue()
 
 
-def data_uri(image: np.ndarray, min_size: int = 96) -> str:
-    return "data:image/png;base64," + base64.b64encode(png_bytes(image, min_size)).decode("ascii")
+def data_uri(image: np.ndarray, min_size: int = 96, max_size: int | None = None) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image, min_size, max_size)).decode("ascii")
 
 
 def trigger_views(mask: np.ndarray, pattern: np.ndarray) -> dict[str, np.ndarray]:

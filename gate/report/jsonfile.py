@@ -9,7 +9,10 @@ model instead of the scan fields.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+
+import numpy as np
 
 from gate import __version__
 from gate.decision import Decision
@@ -20,20 +23,36 @@ EXTRA_KEYS = ("decision", "policy", "error")
 
 
 def report_dict(result: ScanResult | None, decision: Decision, policy: dict | None, *,
-                model: dict | None = None, error: str | None = None) -> dict:
+                model: dict | None = None, error: str | None = None, provenance: dict | None = None) -> dict:
+    """``provenance`` ({policy_file, overrides}) is recorded in the decision block."""
     if result is not None:
         d = result.to_dict()
     else:
         d = {"schema_version": SCHEMA_VERSION, "tool": {"name": "backdoor-gate", "version": __version__},
              "model": model or {}, "error": error}
-    d["decision"] = decision.to_dict()
+    d["decision"] = {**decision.to_dict(), **(provenance or {})}
     d["policy"] = policy
     return d
 
 
+def strict_json(obj):
+    """Plain JSON types only: numpy scalars become Python ones, NaN and infinities become null."""
+    if isinstance(obj, dict):
+        return {str(k): strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
 def write_report_json(path: str | Path, doc: dict) -> None:
-    # allow_nan=False: the file must be strict JSON (other tools choke on NaN/Infinity)
-    Path(path).write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    # strict: the file must be plain JSON (other tools choke on NaN/Infinity)
+    Path(path).write_text(json.dumps(strict_json(doc), indent=2, allow_nan=False) + "\n")
 
 
 def load_report(path: str | Path) -> tuple[ScanResult | None, dict | None, dict | None]:

