@@ -10,7 +10,11 @@ always give the same :class:`Decision`. Outcomes and exit codes (as protectai/mo
     error  2   the scan failed (fail closed; ``on_error: reject`` makes it 1)
     usage  4   the command line was wrong (argparse), not a decision
 
-Every rule outcome is reject or review, so no policy turns a finding into an accept.
+Rules (SARIF ids): BG001 a class is flagged by the outlier rule; BG003 a small reversed trigger sends
+most held-out images to its class; BG005 the searches did not work (too many classes without a working
+trigger, or masks that never shrank); BG002 a budget cut the scan short. Flags of an incomplete or
+inconclusive scan are provisional (outcome ``rules.incomplete``); BG003 is direct evidence and always
+rejects. Every rule outcome is reject or review, so no policy turns a finding into an accept.
 """
 
 from __future__ import annotations
@@ -118,8 +122,12 @@ def decide(result: ScanResult, policy) -> Decision:
     l1 = np.array([c.l1 for c in classes], dtype=np.float64)
     out = find_outliers(l1, policy.outlier_rule())
     median = out.median
+    weak = _weak_search(classes, rules)
+    # flags of a scan that is incomplete or whose searches did not work are provisional
+    provisional = ("" if result.complete and not weak else
+                   " (provisional: the scan is incomplete)" if not result.complete else
+                   " (provisional: the search was inconclusive)")
     findings: list[Finding] = []
-    incomplete_note = "" if result.complete else " (provisional: the scan is incomplete)"
 
     flagged = [(c, _finite(idx)) for c, idx, f in zip(classes, out.anomaly_index, out.flagged, strict=True) if f]
     flagged.sort(key=lambda t: (-t[1], t[0].label))
@@ -127,13 +135,13 @@ def decide(result: ScanResult, policy) -> Decision:
         ratio = c.l1 / median if median > 0 else float("nan")
         why = (f"L1 {_num(c.l1)} is {ratio:.2f}x the median {_num(median)} (anomaly index {_num(idx)})"
                if median > 0 else f"L1 {_num(c.l1)} against a median of 0")
-        outcome = rules.flagged if result.complete else rules.incomplete
-        findings.append(Finding(RULE_FLAGGED, outcome, f"class {c.label} flagged: {why}{incomplete_note}",
+        outcome = rules.incomplete if provisional else rules.flagged
+        findings.append(Finding(RULE_FLAGGED, outcome, f"class {c.label} flagged: {why}{provisional}",
                                 c.label, {"l1": c.l1, "anomaly_index": idx, "median_l1": median,
                                           "trigger_asr": c.trigger_asr, "mask_fraction": c.mask_fraction}))
 
     small = rules.small_trigger
-    if small is not None:
+    if small is not None:  # direct evidence: rejects even when the scan is incomplete
         for c in classes:
             if c.trigger_asr is not None and c.trigger_asr >= small.min_asr \
                     and c.mask_fraction < small.max_mask_fraction:
@@ -144,24 +152,7 @@ def decide(result: ScanResult, policy) -> Decision:
                     f"to it (at least {_pct(small.min_asr)})",
                     c.label, {"l1": c.l1, "trigger_asr": c.trigger_asr, "mask_fraction": c.mask_fraction}))
 
-    weak = rules.weak_search
-    if weak is not None:
-        unreached = [c.label for c in classes if c.status == UNREACHED]
-        frac = len(unreached) / len(classes)
-        if frac > weak.max_unreached_fraction:
-            findings.append(Finding(
-                RULE_WEAK_SEARCH, rules.incomplete,
-                f"search inconclusive: {len(unreached)} of {len(classes)} classes found no working trigger "
-                f"(more than {_pct(weak.max_unreached_fraction)}); give the search more steps",
-                None, {"unreached": unreached, "unreached_fraction": frac}))
-        median_mask = float(np.median([c.mask_fraction for c in classes]))
-        if median_mask > weak.max_median_mask_fraction:
-            findings.append(Finding(
-                RULE_WEAK_SEARCH, rules.incomplete,
-                f"search inconclusive: the median class's reversed trigger covers {_pct(median_mask)} of the "
-                f"image (more than {_pct(weak.max_median_mask_fraction)}); the masks did not shrink",
-                None, {"median_mask_fraction": median_mask}))
-
+    findings += weak
     if not result.complete:
         cut = [c.label for c in classes if c.status == "budget"]
         what = f"; {len(cut)} of {len(classes)} classes were cut short" if cut else ""
@@ -180,6 +171,30 @@ def decide(result: ScanResult, policy) -> Decision:
         return Decision("accept", [reason], EXIT_CODES["accept"], [])
     outcome = max((f.outcome for f in findings), key=lambda o: _SEVERITY[o])
     return Decision(outcome, [f.message for f in findings], EXIT_CODES[outcome], findings)
+
+
+def _weak_search(classes: list, rules) -> list[Finding]:
+    """Findings when the trigger searches did not work well enough to trust the outlier test."""
+    weak = rules.weak_search
+    if weak is None:
+        return []
+    found = []
+    unreached = [c.label for c in classes if c.status == UNREACHED]
+    frac = len(unreached) / len(classes)
+    if frac > weak.max_unreached_fraction:
+        found.append(Finding(
+            RULE_WEAK_SEARCH, rules.incomplete,
+            f"search inconclusive: {len(unreached)} of {len(classes)} classes found no working trigger "
+            f"(more than {_pct(weak.max_unreached_fraction)}); give the search more steps",
+            None, {"unreached": unreached, "unreached_fraction": frac}))
+    median_mask = float(np.median([c.mask_fraction for c in classes]))
+    if median_mask > weak.max_median_mask_fraction:
+        found.append(Finding(
+            RULE_WEAK_SEARCH, rules.incomplete,
+            f"search inconclusive: the median class's reversed trigger covers {_pct(median_mask)} of the "
+            f"image (more than {_pct(weak.max_median_mask_fraction)}); the masks did not shrink",
+            None, {"median_mask_fraction": median_mask}))
+    return found
 
 
 def _finite(x: float) -> float:

@@ -65,7 +65,8 @@ class ScanResult:
         d = dict(d)
         if d.get("schema_version") != SCHEMA_VERSION:
             raise GateError(f"report schema version {d.get('schema_version')!r} is not {SCHEMA_VERSION!r}")
-        d.pop("decision", None)
+        for key in ("decision", "policy", "error"):  # added by the gate's renderers, not part of the scan
+            d.pop(key, None)
         d["classes"] = [ClassResult(**c) for c in d["classes"]]
         return cls(**d)
 

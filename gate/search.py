@@ -59,6 +59,7 @@ class SearchParams:
     success_threshold: float = 0.99
     early_stop_patience: int = 40
     early_stop_tol: float = 0.01  # "improved" means best L1 fell by more than this fraction
+    early_stop_min_shrink: float = 0.5  # no early stop before the trigger lost this fraction of its first L1
     mask_init: float = 1.0  # initial theta_m: g(1) = 0.88, the trigger starts as most of the image
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -141,6 +142,7 @@ class SearchState:
     best_pattern: np.ndarray | None = None
     steps_since_improve: int = 0
     improve_ref: float = float("inf")
+    activation_l1: float = float("inf")  # L1 of the first successful trigger
     done: bool = False
     status: str = "running"
     last_success: float = 0.0
@@ -335,6 +337,7 @@ class TriggerSearch:
                 state.lambda_active = True
                 state.lam = p.lambda_init
                 state.improve_ref = state.best_l1
+                state.activation_l1 = state.best_l1
                 state.steps_since_improve = 0
             return
         if hit:
@@ -352,13 +355,16 @@ class TriggerSearch:
             state.down_count = 0
             state.lowered = True
         # early stop (as Neural Cleanse): once lambda has been both raised and lowered, stop when the best L1
-        # has not improved by more than early_stop_tol for early_stop_patience steps
+        # has not improved by more than early_stop_tol for early_stop_patience steps. With noisy estimates
+        # lambda can flicker up and down long before the mask starts to shrink, so the trigger must also have
+        # shrunk by early_stop_min_shrink since it first succeeded; otherwise the class runs to max_steps.
         if state.best_l1 < (1.0 - p.early_stop_tol) * state.improve_ref:
             state.improve_ref = state.best_l1
             state.steps_since_improve = 0
         else:
             state.steps_since_improve += 1
-            if state.raised and state.lowered and state.steps_since_improve >= p.early_stop_patience:
+            shrunk = state.best_l1 <= (1.0 - p.early_stop_min_shrink) * state.activation_l1
+            if state.raised and state.lowered and shrunk and state.steps_since_improve >= p.early_stop_patience:
                 state.done = True
                 state.status = "converged"
 

@@ -74,6 +74,7 @@ def synthesize(oracle: Oracle, cfg: SynthConfig = SynthConfig(), *, seed_images:
     batch = make_batch(oracle, group * probes)
     delta = np.zeros((group, probes, *shape), np.float32)
     half = cfg.k // 2
+    noise = np.empty((group, half, *shape), np.float32)  # contiguous, for rng.standard_normal(out=...)
     done = np.zeros(total, bool)
     steps_taken = np.zeros(total, np.int32)
     stop_reason = None
@@ -90,8 +91,9 @@ def synthesize(oracle: Oracle, cfg: SynthConfig = SynthConfig(), *, seed_images:
                 stop_reason = f"query budget reached during synthesis ({oracle.queries - q0} queries)"
                 break
             d = delta[:n]
-            rng.standard_normal(out=d[:, 1:half + 1], dtype=np.float32)
-            np.negative(d[:, 1:half + 1], out=d[:, half + 1:])
+            rng.standard_normal(out=noise[:n], dtype=np.float32)
+            d[:, 1:half + 1] = noise[:n]
+            np.negative(noise[:n], out=d[:, half + 1:])
             batch.add_perturbed(x[idx], d, cfg.sigma)
             p = batch.run().reshape(n, probes, k_classes)
             lab = labels[idx]

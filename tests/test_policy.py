@@ -252,8 +252,16 @@ def test_weak_search_is_not_an_accept():
     assert d.outcome == "review"
     assert d.reasons == ["search inconclusive: the median class's reversed trigger covers 36% of the image "
                          "(more than 25%); the masks did not shrink"]
-    # evidence of a backdoor still rejects
-    assert decide(make_result(statuses=["not_reached"] * 9 + ["converged"]), policy()).outcome == "reject"
+    # flags of a search that did not work are provisional, like those of an incomplete scan ...
+    weak_flagged = make_result(statuses=["not_reached"] * 9 + ["converged"])
+    d = decide(weak_flagged, policy())
+    assert d.outcome == "review"
+    assert d.reasons[0].startswith("class 3 flagged") and d.reasons[0].endswith(
+        "(provisional: the search was inconclusive)")
+    assert decide(weak_flagged, policy(incomplete="reject")).outcome == "reject"
+    # ... but a small effective trigger is direct evidence and rejects
+    p = Policy.from_dict({"rules": {"small_trigger": {"min_asr": 0.9, "max_mask_fraction": 0.1}}})
+    assert decide(weak_flagged, p).outcome == "reject"
 
 
 def test_decide_applies_the_policy_outlier_rule():

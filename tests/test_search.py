@@ -120,7 +120,7 @@ def test_separate_sampling_is_the_papers_layout():
 
 
 def test_lambda_schedule_and_early_stop():
-    p = SearchParams(k=4, patience=5, early_stop_patience=12, max_steps=1000)
+    p = SearchParams(k=4, patience=5, early_stop_patience=12, max_steps=1000, early_stop_min_shrink=0.0)
     search = TriggerSearch((H, W, C), p)
     state = search.init(np.random.default_rng(0))
     ce = np.zeros(p.candidates)
@@ -140,6 +140,20 @@ def test_lambda_schedule_and_early_stop():
             break
         search.tell(state, ce, 0.0)  # never succeeds again: best L1 cannot improve
     assert state.done and state.status == "converged"
+
+
+def test_no_early_stop_before_the_trigger_shrank():
+    """lambda flickering up and down while the mask has not shrunk is not convergence."""
+    p = SearchParams(k=4, patience=5, early_stop_patience=12, max_steps=120)
+    search = TriggerSearch((H, W, C), p)
+    state = search.init(np.random.default_rng(0))
+    ce = np.zeros(p.candidates)
+    for success in [1.0] * 6 + [0.0] * 5:
+        search.tell(state, ce, success)
+    assert state.raised and state.lowered
+    while not state.done:
+        search.tell(state, ce, 0.0)
+    assert state.status == "max_steps" and state.step == 120
 
 
 def test_max_steps_without_success_is_not_reached():

@@ -19,6 +19,7 @@ EXIT = {"accept": 0, "reject": 1, "review": 2}
 
 # The paper's settings (Dong et al. 2021): k=50, minibatch 32, Eq. 5/6 evaluated separately, no bandit.
 PAPER = SearchParams(k=50, batch_size=32, eval_size=32, sigma=0.1, lr=0.05, max_steps=300, early_stop_patience=25,
+                     early_stop_min_shrink=0.0, mask_init=0.0,
                      sampling="separate", antithetic=False, exact_penalty=False,
                      mask_pattern_noise=False)
 
