@@ -130,7 +130,7 @@ def group_cross_entropy(probs, target, group, out):
     for j in range(n):
         s = 0.0
         for i in range(group):
-            s -= math.log(max(probs[j * group + i, target], 1e-12))
+            s -= math.log(max(probs[j * group + i, target], 1e-37))
         out[j] = s / group
 
 

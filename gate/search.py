@@ -74,8 +74,9 @@ class SearchParams:
         for name in ("sigma", "lr", "lambda_init", "lambda_up", "lambda_down"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
-        if self.batch_size < 1 or self.eval_size < 1 or self.max_steps < 1 or self.patience < 1 or self.early_stop_patience < 1:
-            raise ValueError("batch_size, max_steps, patience and early_stop_patience must be >= 1")
+        counts = ("batch_size", "eval_size", "max_steps", "patience", "early_stop_patience")
+        if any(getattr(self, name) < 1 for name in counts):
+            raise ValueError(f"{', '.join(counts)} must be >= 1")
         if not 0 < self.success_threshold <= 1:
             raise ValueError("success_threshold must be in (0, 1]")
 

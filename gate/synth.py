@@ -28,11 +28,12 @@ from gate.progress import Progress
 @dataclass(frozen=True)
 class SynthConfig:
     per_class: int = 100
-    k: int = 10  # probes per image per step (even: antithetic pairs)
+    k: int = 20  # probes per image per step (even: antithetic pairs)
     sigma: float = 0.1
     lr: float = 0.02
     update: str = "sign"  # "sign" or "plain"
-    max_steps: int = 40
+    momentum: float = 0.9  # averages the noisy estimates over steps (0 = Eq. 7 as written)
+    max_steps: int = 60
     confidence: float = 0.5  # stop an image once p(c | x) reaches this and c is the arg-max
     seed: int = 0
     batch_images: int = 4096  # model rows per call
@@ -44,6 +45,8 @@ class SynthConfig:
             raise ValueError("k must be an even integer >= 2")
         if self.update not in ("sign", "plain"):
             raise ValueError("update must be 'sign' or 'plain'")
+        if not 0 <= self.momentum < 1:
+            raise ValueError("momentum must be in [0, 1)")
         if not (self.sigma > 0 and self.lr > 0 and self.max_steps >= 1 and 0 < self.confidence <= 1):
             raise ValueError("sigma, lr must be positive; max_steps >= 1; confidence in (0, 1]")
 
@@ -75,6 +78,7 @@ def synthesize(oracle: Oracle, cfg: SynthConfig = SynthConfig(), *, seed_images:
     delta = np.zeros((group, probes, *shape), np.float32)
     half = cfg.k // 2
     noise = np.empty((group, half, *shape), np.float32)  # contiguous, for rng.standard_normal(out=...)
+    velocity = np.zeros_like(x)  # momentum of the gradient estimates, per image
     done = np.zeros(total, bool)
     steps_taken = np.zeros(total, np.int32)
     stop_reason = None
@@ -101,11 +105,13 @@ def synthesize(oracle: Oracle, cfg: SynthConfig = SynthConfig(), *, seed_images:
             p_c = p[rows, :, lab]  # (n, probes): probability of the wanted class per probe
             reached = (p[:, 0].argmax(axis=1) == lab) & (p_c[:, 0] >= cfg.confidence)
             done[idx[reached]] = True
-            loss = -np.log(np.maximum(p_c[:, 1:], 1e-12))
+            loss = -np.log(np.maximum(p_c[:, 1:].astype(np.float64), 1e-37))
             loss -= loss.mean(axis=1, keepdims=True)
             grad = np.einsum("nk,nk...->n...", loss, d[:, 1:]) / (cfg.k * cfg.sigma)
             move = ~reached
-            step_dir = np.sign(grad) if cfg.update == "sign" else grad
+            v = cfg.momentum * velocity[idx] + (1.0 - cfg.momentum) * grad
+            velocity[idx] = v
+            step_dir = np.sign(v) if cfg.update == "sign" else v
             x[idx[move]] = np.clip(x[idx[move]] - cfg.lr * step_dir[move], 0.0, 1.0)
             steps_taken[idx[move]] += 1
         if stop_reason:

@@ -92,7 +92,19 @@ def _zoo_specs() -> list[dict]:
                 "attack": attack, "params": params, "variant": variant,
                 "output_kind": out_kind, "poison_rate": 0.0 if attack == "clean" else 0.10,
             })
+    for spec in specs:
+        spec.update(_TUNED.get(spec["name"], {}))
     return specs
+
+
+# Recipes that missed ASR >= 0.9 with the defaults (measured, see models/README.md).
+_TUNED = {
+    "cifar_badnets1x1": {
+        "poison_rate": 0.20, "epochs": 50,
+        "notes": ("tuned: with poison_rate 0.10 / 30 epochs the 1x1 trigger reached only ASR 0.170 "
+                  "(0.20 / 30 epochs: 0.8997); rebuilt with poison_rate 0.20 and 50 epochs"),
+    },
+}
 
 
 ZOO_SPECS = _zoo_specs()
@@ -407,7 +419,9 @@ def build_model(spec: dict, data: dict, out_dir: Path, epochs: int | None = None
     out_dir.mkdir(parents=True, exist_ok=True)
     seed = int(spec["seed"])
     k = data["num_classes"]
-    epochs = int(epochs if epochs is not None else DEFAULT_EPOCHS[spec["dataset"]])
+    if epochs is None:
+        epochs = spec.get("epochs", DEFAULT_EPOCHS[spec["dataset"]])
+    epochs = int(epochs)
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
 
@@ -482,6 +496,8 @@ def build_model(spec: dict, data: dict, out_dir: Path, epochs: int | None = None
         "test_split": data["split"],
         "training_seconds": round(train_seconds, 1),
     }
+    if spec.get("notes"):
+        manifest["notes"] = spec["notes"]
     if sample is not None:
         sx, sy, sfile = sample
         s_acc, s_asr = measure(lambda x: onnx_predict(sess, x, input_spec), sx, sy, triggers)

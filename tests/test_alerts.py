@@ -40,3 +40,25 @@ def test_every_alert_is_unit_tested():
     assert alerts <= fired, f"alerts never seen firing in alerts_test.yml: {sorted(alerts - fired)}"
     assert {"BackdoorGateRejectionRateHigh", "BackdoorGateProxyDown", "BackdoorGateUpstreamErrors",
             "BackdoorGateModelRejected"} <= alerts
+
+
+def test_batch_job_metric_names_match_the_gate_exporter():
+    """The scan alerts read what gate/metrics.py exports (a failed run has the decision gauge only)."""
+    from prometheus_client import generate_latest
+
+    from gate.decision import Decision
+    from gate.metrics import build_registry
+
+    text = generate_latest(build_registry(None, Decision.error("boom"), "vendor-a")).decode()
+    assert 'backdoor_gate_decision{model="vendor-a",outcome="error"} 1.0' in text
+    assert 'backdoor_gate_decision{model="vendor-a",outcome="reject"} 0.0' in text
+    from gate.result import ClassResult, ScanResult
+
+    classes = [ClassResult(label=k, l1=1.0, binary_l1=1, mask_fraction=0.1, trigger_asr=1.0, queries=1, steps=1,
+                           status="converged", flagged=k == 1) for k in range(3)]
+    result = ScanResult(model={}, input_spec={}, providers=[], method="b3d", seed=0, search={}, outliers={},
+                        data={}, classes=classes, flagged=[1], complete=True, stop_reason=None, queries={},
+                        seconds={})
+    text = generate_latest(build_registry(result, Decision("reject", ["r"], 1), "vendor-a")).decode()
+    assert 'backdoor_gate_decision{model="vendor-a",outcome="reject"} 1.0' in text
+    assert 'backdoor_gate_flagged_classes{model="vendor-a"} 1.0' in text

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import gzip
 import json
-import os
 import re
 import socket
 import subprocess
@@ -440,7 +439,9 @@ def test_thousand_concurrent_requests_lose_nothing_and_memory_stays_bounded(serv
     assert served == 2003
     assert metric(after, "backdoor_gate_proxy_requests_total", outcome="error") == \
         metric(before, "backdoor_gate_proxy_requests_total", outcome="error")
-    assert metric(after, "backdoor_gate_proxy_batch_images_sum") > metric(after, "backdoor_gate_proxy_batch_images_count")
+    # under load the batcher merges requests: fewer model calls than images
+    assert metric(after, "backdoor_gate_proxy_batch_images_sum") > \
+        metric(after, "backdoor_gate_proxy_batch_images_count")
     assert (rss1 - rss0) < 150 * 1024, f"RSS grew {rss0} -> {rss1} KiB in the first round"
     assert (rss2 - rss1) < 40 * 1024, f"RSS grew {rss1} -> {rss2} KiB in the second round"
     assert seconds < 60
@@ -754,7 +755,7 @@ def test_batcher_respects_sizes_order_and_survives_failures():
         return xs, answers, bad, after
 
     xs, answers, bad, after = asyncio.run(go())
-    for x, a in zip(xs, answers):
+    for x, a in zip(xs, answers, strict=True):
         np.testing.assert_array_equal(a.raw, x * 10)  # every request gets its own rows back
         np.testing.assert_array_equal(a.scores, x[:, 0])
     assert all(len(batch) <= 4 for batch in seen[:-2] if len(batch) != 6)  # 6 > 4 runs alone, never split

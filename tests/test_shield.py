@@ -267,3 +267,33 @@ def test_calibrate_command_writes_tau_for_these_triggers(demo, tmp_path):
     assert cal.model_sha256 == file_sha256(demo.model) and cal.achieved_frr <= 0.02 and cal.threshold > 0
     assert gate_main(["calibrate", "--model", str(demo.model), "--report", str(report), "--data",
                       str(tmp_path / "clean.npz"), "--target-frr", "1.5", "--out", str(out)]) == 4
+
+
+# ---------------------------------------------------------------------- a real `gate scan` output
+def _real_scan() -> Path | None:
+    """A scan of the demo model: $GATE_SCAN_OUT, else the benchmark's cached one (bench/out/proxy/scan,
+    written by `python -m bench.proxy_bench`)."""
+    for d in (os.environ.get("GATE_SCAN_OUT"), DEMO.parent.parent / "bench" / "out" / "proxy" / "scan"):
+        if d and (Path(d) / "report.json").exists() and (Path(d) / "triggers.npz").exists():
+            report = json.loads((Path(d) / "report.json").read_text())
+            if DEMO_MODEL.exists() and report.get("model", {}).get("sha256") == file_sha256(DEMO_MODEL):
+                return Path(d)
+    return None
+
+
+@needs_demo
+@pytest.mark.skipif(_real_scan() is None, reason="no gate scan output of the demo model (set GATE_SCAN_OUT, or "
+                    "run python -m bench.proxy_bench once)")
+def test_reversed_trigger_from_a_real_scan_shields_the_demo_model(demo):
+    scan_dir = _real_scan()
+    oracle = Oracle(demo.model, device="cpu")
+    st = load_scan_triggers(scan_dir / "report.json", model_sha256=oracle.sha256)
+    assert demo.target in st.flagged
+    shield = Shield(st.triggers, oracle.spec)
+    cal, _ = calibrate(shield, oracle, demo.calib_x, 0.01, triggers_sha256=st.triggers_sha256, data="sample")
+    shield = Shield(st.triggers, oracle.spec, threshold=cal.threshold)
+    clean = shield_scores(shield, oracle, demo.clean_x)
+    triggered = shield_scores(shield, oracle, demo.triggered_x)
+    assert 1 - shield.rejects(clean).mean() >= 0.95
+    assert shield.rejects(triggered).mean() >= 0.8
+    assert roc_auc(-clean, -triggered) > 0.95

@@ -4,6 +4,13 @@ An Open Inference Protocol (KServe V2) REST server. Each request's images and th
 every flagged class's reversed trigger go to the model in one call; S(x) = min KL(f(x) || f(stamped x))
 below tau means the input carries the trigger (reject: HTTP 403; flag: served with parameters
 backdoor_gate_flagged / backdoor_gate_score; shadow: served, only counted in /metrics).
+
+HTTP statuses of POST /v2/models/NAME/infer: 200 served; 400 malformed request, unknown input or output,
+wrong datatype or shape, NaN/inf values; 403 refused by the shield, body {"error": ..., "score": S} (the
+request is valid but the server declines to serve it); 404 unknown model or version; 413 body over
+--max-request-bytes; 415 unsupported Content-Encoding; 502 the model or upstream failed; 503 queue full
+(Retry-After: 1); 504 no answer within --upstream-timeout. Errors are {"error": "..."}. Prometheus
+metrics at GET /metrics.
 """
 
 from __future__ import annotations
@@ -122,6 +129,7 @@ def build(args: argparse.Namespace):
     config = ProxyConfig(model_name=name, mode=args.mode, max_request_bytes=args.max_request_bytes,
                          max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
                          max_queue=args.max_queue, target_frr=target_frr)
+    model.warm_up()
     app = create_app(shield, model, model_input, model_output, config)
     url = f"http://{args.host}:{args.port}/v2/models/{name}"
     if shield.active:

@@ -39,7 +39,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gate import __version__
-from gate.proxy.batcher import MicroBatcher, QueueFull
+from gate.proxy.batcher import MicroBatcher, QueueFull, ShuttingDown
 from gate.proxy.codec import HEADER_LENGTH, ProtocolError, TensorSpec, encode_infer_response, parse_infer_request
 from gate.proxy.metrics import Metrics
 from gate.proxy.upstream import UpstreamError, UpstreamTimeout
@@ -176,7 +176,7 @@ def create_app(shield: Shield, model, model_input: TensorSpec, model_output: Ten
         except UpstreamError as exc:
             metrics.error("upstream_error")
             return error(502, str(exc))
-        except RuntimeError as exc:  # batcher stopped: shutting down
+        except ShuttingDown as exc:
             metrics.error("unavailable")
             return error(503, str(exc))
 
@@ -250,7 +250,8 @@ def create_app(shield: Shield, model, model_input: TensorSpec, model_output: Ten
     app.state.batcher = batcher
     app.state.shield = shield
     metrics.describe(mode=mode, upstream=model.kind, model=config.model_name,
-                     threshold=threshold if shield.active else None, target_frr=config.target_frr, triggers=shield.triggers)
+                     threshold=threshold if shield.active else None, target_frr=config.target_frr,
+                     triggers=shield.triggers)
     return app
 
 

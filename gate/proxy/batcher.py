@@ -26,7 +26,11 @@ log = logging.getLogger("gate.proxy")
 
 
 class QueueFull(Exception):
-    pass
+    """The queue holds ``max_queue`` requests already (HTTP 503)."""
+
+
+class ShuttingDown(Exception):
+    """The batcher is not running: the server is starting or stopping (HTTP 503)."""
 
 
 @dataclass
@@ -84,11 +88,11 @@ class MicroBatcher:
         while self._queue:
             job = self._queue.popleft()
             if not job.future.done():
-                job.future.set_exception(RuntimeError("proxy shutting down"))
+                job.future.set_exception(ShuttingDown("the server is shutting down"))
 
     async def submit(self, x: np.ndarray) -> Answer:
         if self._task is None:
-            raise RuntimeError("batcher not started")
+            raise ShuttingDown("the server is not accepting requests (starting or shutting down)")
         if len(self._queue) >= self.max_queue:
             raise QueueFull(f"queue full ({self.max_queue} requests waiting)")
         job = _Job(x, asyncio.get_running_loop().create_future(), time.perf_counter())
@@ -146,7 +150,7 @@ class MicroBatcher:
             except asyncio.CancelledError:
                 for job in jobs:
                     if not job.future.done():
-                        job.future.set_exception(RuntimeError("proxy shutting down"))
+                        job.future.set_exception(ShuttingDown("the server is shutting down"))
                 raise
             except Exception as exc:  # the requests fail, the worker lives on
                 for job in jobs:

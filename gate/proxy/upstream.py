@@ -45,6 +45,14 @@ class EmbeddedModel:
             raise UpstreamTimeout(f"the model did not answer within {self.timeout:g}s") from None
         except GateError as exc:
             raise UpstreamError(f"the model failed: {exc}") from None
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise UpstreamError(f"the model failed: {type(exc).__name__}: {str(exc).strip()[:300]}") from None
+
+    def warm_up(self) -> None:
+        """One call before serving: loads the stamping kernel and lets ORT allocate, so the first
+        client does not wait for it."""
+        zeros = np.zeros(self.oracle.spec.model_shape(1), np.float32)
+        self._executor.submit(self.shield.run, zeros, self._forward).result()
 
     async def ready(self) -> bool:
         return True
@@ -95,6 +103,10 @@ class RemoteModel:
             return self.shield.score(raw, len(x))
         except (ValueError, GateError) as exc:
             raise UpstreamError(f"upstream {self.url} sent an unusable response: {exc}") from None
+
+    def warm_up(self) -> None:
+        """Load the stamping kernel before serving (the upstream warms its own model)."""
+        self.shield.stamp(np.zeros((1, *self.model_input.shape[1:]), np.float32))
 
     async def ready(self) -> bool:
         try:

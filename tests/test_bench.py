@@ -1,0 +1,149 @@
+"""The detection benchmark: Neural Cleanse on the demo backdoored model, case logic, tables, a quick run."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bench import compare, zoo
+from tests.helpers import DATASETS, DEMO, ROOT
+
+GTSRB = DATASETS / "gtsrb32.npz"
+needs_gtsrb = pytest.mark.skipif(not GTSRB.is_file(), reason="no GTSRB dataset in shared/datasets")
+# the forge extra: Neural Cleanse and the torch rebuild of the demo model need torch
+needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch not installed")
+
+
+@pytest.fixture(scope="module")
+def demo():
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)
+    man = zoo.load_manifest(DEMO / "gtsrb_badnets3x3.json")
+    return man, zoo.torch_model(man)
+
+
+@needs_torch
+def test_torch_rebuild_of_the_demo_model_matches_onnx(demo):
+    import torch
+
+    man, net = demo
+    x = np.load(DEMO / "gtsrb_sample.npz")["x"][:32].astype(np.float32) / 255
+    probs = zoo.open_oracle(man, threads=1).probs(x)
+    with torch.no_grad():
+        logits = net(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))))
+    assert np.abs(torch.softmax(logits, 1).numpy() - probs).max() < 1e-4
+
+
+@needs_torch
+def test_neural_cleanse_finds_the_small_trigger_of_the_target(demo):
+    from bench.neural_cleanse import NCConfig, neural_cleanse, torch_asr
+    from gate.search import SearchParams
+
+    man, net = demo
+    target = man["triggers"][0]["target"]
+    x = np.load(DEMO / "gtsrb_sample.npz")["x"].astype(np.float32) / 255
+    cfg = NCConfig(schedule=SearchParams(max_steps=80), batch_size=16)
+    res = neural_cleanse(net, x, cfg, labels=[target, 1, 2])
+    by = {c.label: c for c in res.classes}
+    assert res.steps == sum(c.steps for c in res.classes) == 3 * 80
+    assert res.image_passes == res.steps * 16
+    assert by[target].l1 < 0.25 * min(by[1].l1, by[2].l1)
+    assert res.masks.shape == (3, 32, 32) and res.patterns.shape == (3, 32, 32, 3)
+    assert 0 <= res.masks.min() and res.masks.max() <= 1
+    i = [c.label for c in res.classes].index(target)
+    assert torch_asr(net, x, target, res.masks[i], res.patterns[i]) >= 0.9
+    json.dumps(res.to_dict())  # JSON-serialisable
+
+
+@pytest.mark.parametrize("flagged,targets,case", [
+    ([29], [29], "I"), ([], [29], "IV"), ([3], [29], "III"), ([29, 3], [29], "II"),
+    ([4], [4, 9], "I"), ([4, 9], [4, 9], "I"), ([4, 1], [4, 9], "II"), ([], [], "IV"), ([5], [], "III"),
+])
+def test_detection_cases(flagged, targets, case):
+    assert compare.detection_case(flagged, targets) == case
+
+
+def _record(model, method, flagged, targets, l1_target=5.0):
+    rec = {"model": model, "dataset": model.split("_")[0], "group": zoo.group_of(model), "attack": "x",
+           "backdoored": bool(targets), "targets": targets, "method": method, "flagged": flagged,
+           "case": compare.detection_case(flagged, targets), "median_l1": 80.0, "l1_per_class": [80.0] * 10,
+           "cost": 1000 if method == "nc" else 2_000_000, "cost_unit": compare.COST_UNIT[method],
+           "cost_per_class": 100.0 if method == "nc" else 200_000.0, "seconds": 20.0, "seconds_scan": 15.0,
+           "seconds_synthesis": 5.0 if method == "b3d-ss" else 0.0,
+           "ort_fraction": None if method == "nc" else 0.5, "complete": True,
+           "queries": None if method == "nc" else {"scan_per_class": 150_000.0,
+                                                   "synthesis_per_class": 50_000.0 if method == "b3d-ss" else 0.0},
+           "per_target": [{"target": t, "l1": l1_target, "true_l1": 9.0, "anomaly_index": 4.0, "asr_eval": 0.97}
+                          for t in targets]}
+    return rec
+
+
+def test_tables_use_the_paper_layout_and_label_paper_numbers():
+    recs = [_record("cifar_clean_s0", m, [], []) for m in compare.METHODS]
+    recs += [_record("cifar_badnets3x3", "nc", [2], [2]), _record("cifar_badnets3x3", "b3d", [2, 5], [2]),
+             _record("cifar_badnets3x3", "b3d-ss", [], [2]), _record("cifar_two_triggers", "b3d", [4], [4, 7])]
+    text = compare.render(recs, compare.METHODS, compare.Settings())
+    assert "### CIFAR-10: detection cases (paper Table 3/4 layout)" in text
+    assert "| clean | 1 | - | - | 0 | 1 | - | - | 0 | 1 | - | - | 0 | 1 |" in text
+    assert "| BadNets 3x3 | 1 | 1 | 0 | 0 | 0 | 0 | 1 | 0 | 0 | 0 | 0 | 0 | 1 |" in text
+    assert "| NC | 100.0% (2) | 100.0% | 95.0% (paper) |" in text
+    assert "| B3D-SS | 50.0% (2) | 50.0% | 97.5% (paper) |" in text
+    assert "| TABOR | not run | not run | - |" in text
+    agg = compare.aggregate(recs)["cifar"]
+    assert agg["accuracy"]["b3d"] == {"models": 3, "detected": 1.0, "with_target": 1.0}
+    assert agg["per_class"]["b3d-ss"]["synthesis_queries_per_class"] == 50_000.0
+    assert "GTSRB" not in text  # only datasets that were run
+
+
+def test_results_section_replaces_only_its_own(tmp_path):
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Benchmark results\n\n## Runtime shield\n\nshield numbers\n")
+    compare.write_results_section(md, "first", "python -m bench.compare")
+    compare.write_results_section(md, "second", "python -m bench.compare")
+    text = md.read_text()
+    assert text.count(compare.SECTION) == 1 and "second" in text and "first" not in text
+    assert "## Runtime shield\n\nshield numbers" in text
+    md.write_text(f"# R\n\n{compare.SECTION}\n\nold\n\n## Runtime shield\n\nkeep\n")
+    compare.write_results_section(md, "new", "cmd")
+    text = md.read_text()
+    assert "old" not in text and text.index("new") < text.index("## Runtime shield") and "keep" in text
+
+
+def test_bench_compare_does_not_import_torch_until_nc_runs():
+    code = ("import sys, bench.compare, bench.zoo, gate.scan, gate.synth; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+@needs_gtsrb
+def test_clean_data_are_held_out_and_disjoint():
+    data = zoo.clean_data("gtsrb", cap=300, n_eval=50, seed=0)
+    assert len(data.scan) == 300 and len(data.eval) == 50
+    assert data.scan.x.dtype == np.float32 and 0 <= data.scan.x.min() and data.scan.x.max() <= 1
+    flat = {x.tobytes() for x in (data.scan.x * 255).round().astype(np.uint8)}
+    assert not any(x.tobytes() in flat for x in (data.eval.x * 255).round().astype(np.uint8))
+
+
+@needs_gtsrb
+@needs_torch
+def test_quick_compare_end_to_end_on_the_demo_model(tmp_path):
+    out = tmp_path / "out"
+    code = compare.main(["--quick", "--zoo-dir", str(DEMO), "--models", "gtsrb_badnets3x3", "--out", str(out),
+                         "--max-images", "100", "--eval-images", "40", "--threads", "1",
+                         "--results-md", str(tmp_path / "RESULTS.md")])
+    assert code == 0
+    summary = json.loads((out / "compare.json").read_text())
+    assert [r["method"] for r in summary["records"]] == ["nc", "b3d", "b3d-ss"]
+    for r in summary["records"]:
+        assert r["case"] in ("I", "II", "III", "IV") and r["targets"] == [29]
+        assert r["per_target"][0]["asr_eval"] is not None
+        assert (out / "compare" / f"gtsrb_badnets3x3.{r['method']}.json").is_file()
+    ss = summary["records"][2]
+    assert ss["queries"]["synthesis"] > 0 and ss["queries"]["total"] == ss["queries"]["scan"] + ss["queries"][
+        "synthesis"]
+    assert summary["records"][0]["cost_unit"] == "gradient steps"
+    assert "(paper)" in (out / "compare.md").read_text()
+    assert not (tmp_path / "RESULTS.md").exists()  # quick / custom runs are not recorded unless --record
