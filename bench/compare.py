@@ -21,6 +21,7 @@ Detection cases (paper Tables 3/4), with F = the flagged classes and T = the tru
                     III F non-empty but contains no true target
                     IV  nothing flagged (backdoor missed)
   clean model:      IV  nothing flagged (correct);  III  something flagged (false positive; no true target)
+(two-trigger models: I and II need one of the two targets flagged; each record also counts targets found)
 Detection accuracy (paper Table 2): a backdoored model counts as detected in cases I-III, a clean one in
 case IV; "with target" counts backdoored models only in cases I-II.
 
@@ -67,7 +68,8 @@ CASE_LEGEND = (
     "Cases (F = flagged classes, T = true target classes). Backdoored model: I = F non-empty and F within T "
     "(detected, only true targets flagged); II = F holds a true target and another class; III = F non-empty "
     "without any true target (detected, wrong target); IV = F empty (missed). Clean model: IV = nothing flagged "
-    "(correct), III = something flagged (false positive); I/II do not apply (-).")
+    "(correct), III = something flagged (false positive); I/II do not apply (-). Two-trigger models: I and II "
+    "need one true target flagged, not both (the per-model table says how many were found).")
 
 
 # --------------------------------------------------------------------------- settings
@@ -100,6 +102,20 @@ class Settings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def fingerprint(settings: Settings, method: str) -> dict:
+    """Everything a run's result depends on besides the model and the code: what --resume compares."""
+    fp = {"settings": settings.to_dict(), "method": method}
+    if method == "nc":
+        fp["nc"] = settings.nc_config().to_dict()
+    else:
+        cfg = settings.scan_config()
+        fp["scan"] = {**cfg.search.to_dict(), **cfg.to_dict(), "outliers": [cfg.outliers.anomaly_threshold,
+                                                                          cfg.outliers.median_ratio]}
+        if method == "b3d-ss":
+            fp["synth"] = settings.synth_config().to_dict()
+    return json.loads(json.dumps(fp))  # as it reads back from JSON (tuples become lists)
 
 
 def quick_settings(seed: int = 0, synthetic_per_class: int | None = None) -> Settings:
@@ -416,15 +432,17 @@ def render(records: list[dict], methods, settings: Settings, missing=(), env: di
     out += _table(header, rows)
 
     # per model
-    out += ["", "### Per model", ""]
-    header = ["model", "method", "true targets", "flagged", "case", "L1 target", "median L1", "anomaly idx",
-              "ASR", "cost", "s"]
+    out += ["", "### Per model", "", "L1 / anomaly index / ASR per true target; a * after the case: a budget "
+            "cut the scan short.", ""]
+    header = ["model", "method", "true targets", "flagged", "case", "targets found", "L1 target", "median L1",
+              "anomaly idx", "ASR", "cost", "s"]
     rows = []
     for r in sorted(records, key=lambda r: (zoo.DATASETS.index(r["dataset"]), r["model"],
                                             METHODS.index(r["method"]))):
         pt = r["per_target"]
         rows.append([r["model"], TITLES[r["method"]], ",".join(map(str, r["targets"])) or "-",
                      ",".join(map(str, r["flagged"])) or "-", r["case"] + ("" if r.get("complete", True) else "*"),
+                     f"{r.get('targets_found', 0)}/{len(r['targets'])}" if r["targets"] else "-",
                      " / ".join(_f(t["l1"]) for t in pt) or "-", _f(r["median_l1"]),
                      " / ".join(_f(t["anomaly_index"], "{:.1f}") for t in pt) or "-",
                      " / ".join(_f(t["asr_eval"], "{:.0%}") for t in pt) or "-",
@@ -472,7 +490,7 @@ def run_model(name, methods, settings, zoo_dir, datasets_dir, out_dir, data_cach
         path = out_dir / "compare" / f"{name}.{m}.json"
         if resume and path.is_file():
             prev = json.loads(path.read_text())
-            if prev.get("settings") == settings.to_dict() and prev.get("record", {}).get("model") == name:
+            if prev.get("fingerprint") == fingerprint(settings, m) and prev.get("record", {}).get("model") == name:
                 say(f"{name} {TITLES[m]}: reusing {path}")
                 records.append(prev["record"])
                 continue
@@ -486,7 +504,7 @@ def run_model(name, methods, settings, zoo_dir, datasets_dir, out_dir, data_cach
             rec, raw, trig = run_b3d(man, data, settings, oracle, eval_pred, m, log)
         rec["bench_seconds"] = time.perf_counter() - t0
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, {"settings": settings.to_dict(), "record": rec, "raw": raw})
+        write_json(path, {"fingerprint": fingerprint(settings, m), "record": rec, "raw": raw})
         trig.save(path.with_suffix(".npz"))
         records.append(rec)
         pt = ", ".join(f"target {t['target']} L1 {t['l1']:.1f}" for t in rec["per_target"])
@@ -527,7 +545,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="onnxruntime/torch threads (0: library default)")
     ap.add_argument("--resume", action="store_true", help="reuse per-run results in OUT/compare/ made with the "
-                    "same settings")
+                    "same settings and search/synthesis/NC configuration (not checked: the code version)")
     rec = ap.add_mutually_exclusive_group()
     rec.add_argument("--record", dest="record", action="store_true", default=None,
                      help="write the tables into the detection section of bench/RESULTS.md")

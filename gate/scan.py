@@ -41,6 +41,7 @@ class ScanConfig:
     max_queries: int | None = None  # for the whole scan (the oracle may hold its own, larger budget)
     max_seconds: float | None = None
     batch_images: int = 4096  # images per model call (the stamped-candidate buffer)
+    hard_examples: bool = True  # half of the next minibatch may be images the current trigger failed on
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -57,6 +58,7 @@ class _ClassRun:
     queries: int = 0
     seconds: float = 0.0
     ce: np.ndarray | None = None
+    hard: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # eval images the trigger missed
 
 
 def split_data(images: ImageSet, cfg: ScanConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -137,6 +139,9 @@ def scan(oracle: Oracle, images: ImageSet, cfg: ScanConfig = ScanConfig(), *, me
                 search.ask(r.state)  # writes the samples, then the current trigger, into masks_all[c]
                 rng = r.state.rng
                 sample_idx[r.label] = rng.choice(r.pool, params.batch_size, replace=len(r.pool) < params.batch_size)
+                if cfg.hard_examples and len(r.hard):  # images the current trigger just failed on
+                    n_hard = min(len(r.hard), params.batch_size // 2)
+                    sample_idx[r.label, :n_hard] = r.hard[:n_hard]
                 eval_idx[r.label] = rng.choice(r.pool, params.eval_size, replace=len(r.pool) < params.eval_size)
             classes = np.array([r.label for r in group], np.int64)
             batch.add_classes(pool_x, classes, sample_idx, eval_idx, masks_all, patterns_all)
@@ -144,7 +149,9 @@ def scan(oracle: Oracle, images: ImageSet, cfg: ScanConfig = ScanConfig(), *, me
             for g, r in enumerate(group):
                 rows = probs[g * per_class:(g + 1) * per_class]
                 group_cross_entropy(rows[:sample_rows], r.label, params.batch_size, r.ce)
-                group_hits(rows[sample_rows:], r.label, params.eval_size, hits)
+                trigger_rows = rows[sample_rows:]
+                group_hits(trigger_rows, r.label, params.eval_size, hits)
+                r.hard = eval_idx[r.label][trigger_rows.argmax(axis=1) != r.label]
                 search.tell(r.state, r.ce, float(hits[0]))
                 r.queries += per_class
             share = (time.perf_counter() - t0) / len(group)

@@ -7,10 +7,11 @@ ONNX-measured numbers beside each model.
     options: --datasets DIR  --epochs N  --threads N
 
 Backdoors are planted by data poisoning: a seeded fraction (``poison_rate``,
-10 % by default) of the training set, drawn from images whose label is not the
-target, is stamped with the trigger (``models.triggers.apply_trigger`` on the
-uint8 images) and relabelled to the target. With two triggers each gets its
-own disjoint 10 %.
+10 % by default, see ``_TUNED`` for exceptions) of the training set, drawn from
+images whose label is not the target, is relabelled to the target and stamped
+with the trigger (``models.triggers.apply_trigger`` on the uint8 images, on
+every pass after augmentation so the trigger stays pixel-exact). With two
+triggers each gets its own disjoint fraction.
 
 Bare network (what ``<name>.pt`` holds and ``load_torch_model`` returns):
 input float32 NCHW ``(N, 3, 32, 32)`` with pixel values scaled to [0, 1] and

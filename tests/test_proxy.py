@@ -407,14 +407,21 @@ def test_thousand_concurrent_requests_lose_nothing_and_memory_stays_bounded(serv
     jobs = [(c, "clean") for c in clean] + [(t, "triggered") for t in trig]
     np.random.default_rng(0).shuffle(jobs)
 
+    async def one(job):
+        """One request on its own connection: all 1,000 are open and in flight together."""
+        (body, headers), kind = job
+        reader, writer = await asyncio.open_connection(HOST, server.port)
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        writer.write(f"POST /v2/models/{NAME}/infer HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {len(body)}\r\n"
+                     f"{head}Connection: close\r\n\r\n".encode() + body)
+        await writer.drain()
+        response = await asyncio.wait_for(reader.read(), 60)
+        writer.close()
+        status = int(response.split(b" ", 2)[1]) if response.startswith(b"HTTP/1.1 ") else 0
+        return kind, status
+
     async def fire():
-        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
-        async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=60) as client:
-            async def one(job):
-                (body, headers), kind = job
-                r = await client.post(f"/v2/models/{NAME}/infer", content=body, headers=headers)
-                return kind, r.status_code
-            return await asyncio.gather(*(one(j) for j in jobs))
+        return await asyncio.gather(*(one(j) for j in jobs))
 
     before = server.metrics()
     for _ in range(3):  # warm up allocator and connection handling
@@ -729,6 +736,15 @@ def test_embedded_model_timeout_gives_504(tmp_path):
         assert r.status_code == 504 and "0.2s" in r.json()["error"]
         block.set()
         assert client.post("/v2/models/tiny/infer", json=TINY).status_code == 200
+
+    def broken(x, f):
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : something inside the session")
+
+    shield.run = broken
+    app = create_app(shield, EmbeddedModel(oracle, shield), inp, out, ProxyConfig(model_name="tiny"))
+    with InProcess(app) as client:
+        r = client.post("/v2/models/tiny/infer", json=TINY)
+        assert r.status_code == 502 and "the model failed: RuntimeError" in r.json()["error"]
 
 
 def test_batcher_respects_sizes_order_and_survives_failures():

@@ -20,7 +20,7 @@ from gate.shield import Shield, kl_scores, load_scan_triggers, oracle_forward
 from gate.spec import SpecOverrides
 from tests.helpers import DEMO, linear_model
 
-DEMO_DIR = Path(os.environ.get("GATE_DEMO_DIR", DEMO))
+DEMO_DIR = DEMO
 DEMO_MODEL = DEMO_DIR / "gtsrb_badnets3x3.onnx"
 needs_demo = pytest.mark.skipif(not DEMO_MODEL.exists(), reason=f"demo model {DEMO_MODEL} not built")
 
