@@ -203,6 +203,11 @@ class Oracle:
         raw = self._run_raw(batch)
         return self._to_probs(raw)
 
+    def run_raw(self, batch: np.ndarray) -> np.ndarray:
+        """The model's own outputs (probabilities or logits, as it gives them) for an encoded batch; counted."""
+        self.charge(len(batch))
+        return self._run_raw(batch)
+
     def probs(self, images: np.ndarray) -> np.ndarray:
         """Probabilities (N, K) for float NHWC [0,1] images, in chunks of ``max_batch``."""
         images = np.asarray(images)

@@ -191,7 +191,13 @@ class SearchPolicy:
                                "an improvement is a fall of the best L1 by this fraction")
     sampling: str = _f(_SP.sampling, choice(*SAMPLINGS), " | ".join(SAMPLINGS) + " (separate: the paper's Eq. 5/6)")
     antithetic: bool = _f(_SP.antithetic, boolean, "mirrored samples")
-    bandit: bool = _f(_SC.bandit, boolean, "stop classes that clearly will not be outliers")
+    mask_init: float = _f(_SP.mask_init, number(), "initial mask logit (g(1) = 0.88 of the image)")
+    exact_penalty: bool = _f(_SP.exact_penalty, boolean, "closed-form gradient of the lambda |m| term")
+    mask_pattern_noise: bool = _f(_SP.mask_pattern_noise, boolean,
+                                  "pattern estimate only from pixels the sampled mask shows")
+    early_stop_min_shrink: float = _f(_SP.early_stop_min_shrink, number(0, 1),
+                                      "no early stop before the trigger lost this fraction of its first L1")
+    bandit: bool = _f(_SC.bandit, boolean, "stop classes above the 60% L1 quantile after 100 steps")
 
 
 @dataclass(frozen=True)

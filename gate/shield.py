@@ -154,10 +154,7 @@ def oracle_forward(oracle) -> Callable[[np.ndarray], np.ndarray]:
     """Model batch -> the model's raw output (probabilities or logits, as the model gives them), through
     an in-process :class:`gate.oracle.Oracle`. The proxy answers clients with the raw output, so it
     cannot use ``Oracle.run_encoded`` (always probabilities)."""
-    def forward(batch: np.ndarray) -> np.ndarray:
-        oracle.charge(len(batch))
-        return oracle._run_raw(batch)
-    return forward
+    return oracle.run_raw
 
 
 # ---------------------------------------------------------------------- building a shield from a scan

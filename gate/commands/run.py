@@ -16,6 +16,7 @@ the model's classes), else synthetic samples; ``file`` requires the file.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import traceback
 from dataclasses import replace
@@ -23,11 +24,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from gate.commands.common import add_model_args, open_oracle
+from gate.commands.scan import PAPER as PAPER_SEARCH
 from gate.commands.scan import add_search_args
 from gate.data import ImageSet, fit_to_model, load_images
 from gate.decision import Decision, decide
 from gate.errors import DataError, GateError, UsageError
-from gate.policy import Policy, load_policy
+from gate.policy import Policy, SearchPolicy, load_policy
 
 # dotted policy field -> (argparse dest, flag) for every flag that overrides the policy
 OVERRIDES = {
@@ -50,8 +52,9 @@ OVERRIDES = {
     "input.std": ("std", "--std"),
     "input.output_kind": ("output_kind", "--output"),
 }
-PAPER = {"search.k": 50, "search.batch_size": 32, "search.sampling": "separate", "search.antithetic": False,
-         "search.bandit": False}
+# --paper: the scan's paper preset, field by field as far as the policy's search section has them
+PAPER = {f"search.{f.name}": getattr(PAPER_SEARCH, f.name) for f in dataclasses.fields(SearchPolicy)
+         if hasattr(PAPER_SEARCH, f.name)} | {"search.bandit": False}
 
 
 def register(sub) -> None:
@@ -86,15 +89,15 @@ def effective_policy(policy: Policy, args: argparse.Namespace) -> tuple[Policy, 
         value = getattr(args, dest, None)
         if value is not None:
             changes[key] = value
-    if getattr(args, "no_bandit", False):
-        changes["search.bandit"] = False
+    if getattr(args, "bandit", None) is not None and not getattr(args, "paper", False):
+        changes["search.bandit"] = args.bandit
     if args.data is not None:
         changes["data.source"] = "file"
         changes["data.path"] = args.data
     elif args.synthetic:
         changes["data.source"] = "synthetic"
     flags = {key: flag for key, (_dest, flag) in OVERRIDES.items()}
-    flags.update({"data.path": "--data", "data.source": "--data/--synthetic", "search.bandit": "--no-bandit"})
+    flags.update({"data.path": "--data", "data.source": "--data/--synthetic", "search.bandit": "--bandit/--no-bandit"})
     flags.update({k: "--paper" for k in PAPER if k not in flags})
     return policy.override(changes, flags, error=UsageError), {k: _plain(v) for k, v in changes.items()}
 

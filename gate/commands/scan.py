@@ -33,7 +33,9 @@ def add_search_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-steps", type=int, help="steps per class at most")
     g.add_argument("--sigma", type=float, help="pattern noise scale")
     g.add_argument("--lr", type=float, help="Adam learning rate")
-    g.add_argument("--no-bandit", action="store_true", help="search every class to convergence")
+    g.add_argument("--bandit", action=argparse.BooleanOptionalAction, default=None,
+                   help="stop classes above the 60%% L1 quantile after 100 steps (off by default: it biases "
+                        "the median and MAD)")
     g.add_argument("--anomaly-threshold", type=float, help="MAD anomaly index above which a class is flagged (2)")
     g.add_argument("--median-ratio", type=float, help="flag classes with L1 below this fraction of the median (0.25)")
     g.add_argument("--max-images", type=int, help="clean images used at most (1000)")
@@ -58,7 +60,7 @@ def scan_config_from_args(args: argparse.Namespace, base: ScanConfig | None = No
         raise UsageError("--max-queries must be positive")
     return replace(
         cfg, search=search, outliers=rule, seed=args.seed,
-        bandit=cfg.bandit and not (args.no_bandit or args.paper),
+        bandit=False if args.paper else (cfg.bandit if args.bandit is None else args.bandit),
         max_images=args.max_images if args.max_images is not None else cfg.max_images,
         max_queries=args.max_queries if args.max_queries is not None else cfg.max_queries,
         max_seconds=args.max_seconds if args.max_seconds is not None else cfg.max_seconds,
