@@ -16,6 +16,7 @@ every class converges (or reaches max_steps), at 30-90k queries per class.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -45,7 +46,7 @@ class ScanConfig:
     bandit_keep: float = 0.6  # classes at or below this quantile of L1 always keep searching
     max_queries: int | None = None  # for the whole scan (the oracle may hold its own, larger budget)
     max_seconds: float | None = None
-    batch_images: int = 4096  # images per model call (the stamped-candidate buffer)
+    batch_images: int = 2048  # images per model call (each of the two stamped-candidate buffers)
     hard_examples: bool = True  # half of the next minibatch may be images the current trigger failed on
 
     def to_dict(self) -> dict:
@@ -117,60 +118,75 @@ def scan(oracle: Oracle, images: ImageSet, cfg: ScanConfig = ScanConfig(), *, me
 
     per_class = params.queries_per_step
     capacity = max(cfg.batch_images, per_class)
-    batch = make_batch(oracle, capacity)
+    batches = (make_batch(oracle, capacity), make_batch(oracle, capacity))  # double-buffered
+    runner = ThreadPoolExecutor(max_workers=1)  # one model call at a time, off the main thread
     sample_rows = (n_cand - 1) * params.batch_size
     reserve = k_classes * len(held_x)  # budget kept for measuring every trigger on held-out images
     hits = np.empty(1, np.float64)
+
+    def tell_group(future, group) -> None:
+        probs = future.result()
+        for g, r in enumerate(group):
+            rows = probs[g * per_class:(g + 1) * per_class]
+            group_cross_entropy(rows[:sample_rows], r.label, params.batch_size, r.ce)
+            trigger_rows = rows[sample_rows:]
+            group_hits(trigger_rows, r.label, params.eval_size, hits)
+            r.hard = eval_idx[r.label][trigger_rows.argmax(axis=1) != r.label]
+            search.tell(r.state, r.ce, float(hits[0]))
+            r.queries += per_class
     stop_reason = None
     step = 0
     progress.start(k_classes, params.max_steps)
 
-    while True:
-        active = [r for r in runs if not r.state.done]
-        if not active:
-            break
-        cost = per_class * len(active)
-        reason = budget.blocks(cost + reserve)
-        if reason:
-            stop_reason = reason
-            for r in active:
-                search.stop(r.state, "budget")
-            break
-        # one round: every active class takes one step, many classes per model call
-        for start in range(0, len(active), max(1, capacity // per_class)):
-            group = active[start:start + max(1, capacity // per_class)]
+    try:
+        while True:
+            active = [r for r in runs if not r.state.done]
+            if not active:
+                break
+            cost = per_class * len(active)
+            reason = budget.blocks(cost + reserve)
+            if reason:
+                stop_reason = reason
+                for r in active:
+                    search.stop(r.state, "budget")
+                break
+            # one round: every active class takes one step, many classes per model call. Model calls run in a
+            # worker thread (ORT releases the GIL) while the next group is asked and stamped into the other
+            # buffer, so sampling and stamping hide behind inference.
             t0 = time.perf_counter()
-            for r in group:
-                search.ask(r.state)  # writes the samples, then the current trigger, into masks_all[c]
-                rng = r.state.rng
-                sample_idx[r.label] = rng.choice(r.pool, params.batch_size, replace=len(r.pool) < params.batch_size)
-                if cfg.hard_examples and len(r.hard):  # images the current trigger just failed on
-                    n_hard = min(len(r.hard), params.batch_size // 2)
-                    sample_idx[r.label, :n_hard] = r.hard[:n_hard]
-                eval_idx[r.label] = rng.choice(r.pool, params.eval_size, replace=len(r.pool) < params.eval_size)
-            classes = np.array([r.label for r in group], np.int64)
-            batch.add_classes(pool_x, classes, sample_idx, eval_idx, masks_all, patterns_all)
-            probs = batch.run()
-            for g, r in enumerate(group):
-                rows = probs[g * per_class:(g + 1) * per_class]
-                group_cross_entropy(rows[:sample_rows], r.label, params.batch_size, r.ce)
-                trigger_rows = rows[sample_rows:]
-                group_hits(trigger_rows, r.label, params.eval_size, hits)
-                r.hard = eval_idx[r.label][trigger_rows.argmax(axis=1) != r.label]
-                search.tell(r.state, r.ce, float(hits[0]))
-                r.queries += per_class
-            share = (time.perf_counter() - t0) / len(group)
-            for r in group:
+            per_call = max(1, capacity // per_class)
+            pending = None
+            for gi, start in enumerate(range(0, len(active), per_call)):
+                group = active[start:start + per_call]
+                for r in group:
+                    search.ask(r.state)  # writes the samples, then the current trigger, into masks_all[c]
+                    rng = r.state.rng
+                    sample_idx[r.label] = rng.choice(r.pool, params.batch_size, replace=len(r.pool) < params.batch_size)
+                    if cfg.hard_examples and len(r.hard):  # images the current trigger just failed on
+                        n_hard = min(len(r.hard), params.batch_size // 2)
+                        sample_idx[r.label, :n_hard] = r.hard[:n_hard]
+                    eval_idx[r.label] = rng.choice(r.pool, params.eval_size, replace=len(r.pool) < params.eval_size)
+                batch = batches[gi % 2]
+                batch.add_classes(pool_x, np.array([r.label for r in group], np.int64), sample_idx, eval_idx,
+                                  masks_all, patterns_all)
+                future = runner.submit(batch.run)
+                if pending is not None:
+                    tell_group(*pending)
+                pending = (future, group)
+            tell_group(*pending)
+            share = (time.perf_counter() - t0) / len(active)
+            for r in active:
                 r.seconds += share
                 if r.state.done:
                     progress.class_done(r.label, r.state, r.queries)
-        step += 1
-        if cfg.bandit and step >= cfg.bandit_warmup and step % cfg.bandit_every == 0:
-            _bandit(runs, search, cfg.bandit_keep, progress)
-        progress.step(step, runs, oracle.queries - q_start)
-
+            step += 1
+            if cfg.bandit and step >= cfg.bandit_warmup and step % cfg.bandit_every == 0:
+                _bandit(runs, search, cfg.bandit_keep, progress)
+            progress.step(step, runs, oracle.queries - q_start)
+    finally:
+        runner.shutdown()
     # measure each class's reversed trigger on the held-out images
-    results, masks, patterns = _finish(runs, held_x, pred_held, batch, budget, oracle.image_shape)
+    results, masks, patterns = _finish(runs, held_x, pred_held, batches[0], budget, oracle.image_shape)
     l1 = np.array([c.l1 for c in results])
     out = find_outliers(l1, cfg.outliers)
     for c, idx, flag in zip(results, out.anomaly_index, out.flagged, strict=True):
