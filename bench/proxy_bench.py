@@ -35,10 +35,10 @@ from pathlib import Path
 import numpy as np
 
 from gate.calibrate import Calibration, roc_auc, shield_scores, strip_entropy, threshold_for_frr
-from gate.oracle import Oracle
+from gate.oracle import Oracle, file_sha256
 from gate.proxy.codec import TensorSpec, encode_infer_request
 from gate.result import Triggers
-from gate.shield import Shield, load_scan_triggers, oracle_forward, sha256_of
+from gate.shield import Shield, load_scan_triggers, oracle_forward
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "models" / "demo"
@@ -91,7 +91,7 @@ def scan_output(args, model: Path) -> Path | None:
     out = Path(args.out) / "scan"
     if (out / "report.json").exists():
         report = json.loads((out / "report.json").read_text())
-        if report.get("model", {}).get("sha256") == sha256_of(model):
+        if report.get("model", {}).get("sha256") == file_sha256(model):
             return out / "report.json"
     if args.no_scan:
         return None
@@ -298,7 +298,7 @@ def serving(args, oracle, calibrations, passing, report_path: Path | None, out: 
     else:
         triggers_path = report_path.parent / "triggers.npz"
     cal = Calibration(threshold=tau, target_frr=args.target_frr, achieved_frr=achieved, n=n,
-                      triggers_sha256=sha256_of(triggers_path), model_sha256=oracle.sha256,
+                      triggers_sha256=file_sha256(triggers_path), model_sha256=oracle.sha256,
                       flagged=[int(v) for v in triggers.labels], data="bench calibration split",
                       created=time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()))
     cal.save(sdir / "calibration.json")

@@ -14,17 +14,36 @@ from gate.kernels import perturb_encode, stamp_classes, stamp_encode
 from gate.oracle import Oracle
 
 
-class HostBatch:
-    def __init__(self, oracle: Oracle, capacity: int) -> None:
-        self.oracle = oracle
+class Rows:
+    """Row bookkeeping shared by the host and device batches: rows are handed out until ``run`` empties it."""
+
+    def __init__(self, capacity: int) -> None:
         self.capacity = int(capacity)
-        self.buffer = np.empty(oracle.spec.model_shape(self.capacity), dtype=np.float32)
-        self.scale, self.offset = oracle.affine
-        self.channels_first = oracle.spec.channels_first
         self.size = 0
 
     def free(self) -> int:
         return self.capacity - self.size
+
+    def _reserve(self, n: int) -> slice:
+        if self.size + n > self.capacity:
+            raise ValueError(f"batch overflow: {self.size} + {n} rows > capacity {self.capacity}")
+        rows = slice(self.size, self.size + n)
+        self.size += n
+        return rows
+
+    @staticmethod
+    def rows_per_class(masks: np.ndarray, sample_idx: np.ndarray, eval_idx: np.ndarray) -> int:
+        """Rows one class takes in a scan round: n samples x B images, then the trigger x E images."""
+        return (masks.shape[1] - 1) * sample_idx.shape[1] + eval_idx.shape[1]
+
+
+class HostBatch(Rows):
+    def __init__(self, oracle: Oracle, capacity: int) -> None:
+        super().__init__(capacity)
+        self.oracle = oracle
+        self.buffer = np.empty(oracle.spec.model_shape(self.capacity), dtype=np.float32)
+        self.scale, self.offset = oracle.affine
+        self.channels_first = oracle.spec.channels_first
 
     def add_stamped(self, images: np.ndarray, masks: np.ndarray, patterns: np.ndarray) -> slice:
         """Stamp every (mask, pattern) on every image; returns the rows they occupy (trigger-major)."""
@@ -35,8 +54,7 @@ class HostBatch:
 
     def add_classes(self, pool, classes, sample_idx, eval_idx, masks, patterns) -> slice:
         """One scan round for the given classes (see :func:`gate.kernels.stamp_classes`)."""
-        per = (masks.shape[1] - 1) * sample_idx.shape[1] + eval_idx.shape[1]
-        rows = self._reserve(len(classes) * per)
+        rows = self._reserve(len(classes) * self.rows_per_class(masks, sample_idx, eval_idx))
         stamp_classes(pool, classes, sample_idx, eval_idx, masks, patterns, self.scale, self.offset,
                       self.channels_first, self.buffer[rows])
         return rows
@@ -47,13 +65,6 @@ class HostBatch:
         rows = self._reserve(n)
         perturb_encode(x, delta, np.float32(sigma), self.scale, self.offset, self.channels_first,
                        self.buffer[rows])
-        return rows
-
-    def _reserve(self, n: int) -> slice:
-        if self.size + n > self.capacity:
-            raise ValueError(f"batch overflow: {self.size} + {n} rows > capacity {self.capacity}")
-        rows = slice(self.size, self.size + n)
-        self.size += n
         return rows
 
     def run(self) -> np.ndarray:

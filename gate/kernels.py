@@ -40,6 +40,15 @@ def noisy_patterns(theta_p, eps, sigma, out):
     np.multiply(out, 0.5, out=out)
 
 
+@njit(inline="always", fastmath=True)
+def _put(out, row, r, c, q, v, scale, offset, channels_first):
+    """Write pixel value v (in [0,1]) encoded for the model at (row, r, c, q) of out."""
+    if channels_first:
+        out[row, q, r, c] = scale[q] * v + offset[q]
+    else:
+        out[row, r, c, q] = scale[q] * v + offset[q]
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def stamp_encode(images, masks, patterns, scale, offset, channels_first, out):
     """Stamp every trigger j on every image i and encode for the model.
@@ -56,12 +65,8 @@ def stamp_encode(images, masks, patterns, scale, offset, channels_first, out):
             for c in range(w):
                 m = masks[j, r, c]
                 for q in range(ch):
-                    v = (1.0 - m) * images[i, r, c, q] + m * patterns[j, r, c, q]
-                    e = scale[q] * v + offset[q]
-                    if channels_first:
-                        out[t, q, r, c] = e
-                    else:
-                        out[t, r, c, q] = e
+                    _put(out, t, r, c, q, (1.0 - m) * images[i, r, c, q] + m * patterns[j, r, c, q],
+                         scale, offset, channels_first)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -92,12 +97,8 @@ def stamp_classes(pool, classes, sample_idx, eval_idx, masks, patterns, scale, o
             for c in range(w):
                 m = masks[cls, j, r, c]
                 for q in range(ch):
-                    v = (1.0 - m) * pool[x, r, c, q] + m * patterns[cls, j, r, c, q]
-                    e_ = scale[q] * v + offset[q]
-                    if channels_first:
-                        out[t, q, r, c] = e_
-                    else:
-                        out[t, r, c, q] = e_
+                    _put(out, t, r, c, q, (1.0 - m) * pool[x, r, c, q] + m * patterns[cls, j, r, c, q],
+                         scale, offset, channels_first)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -115,12 +116,7 @@ def perturb_encode(x, delta, sigma, scale, offset, channels_first, out):
             for c in range(w):
                 for q in range(ch):
                     v = x[i, r, c, q] + sigma * delta[i, j, r, c, q]
-                    v = min(max(v, 0.0), 1.0)
-                    e = scale[q] * v + offset[q]
-                    if channels_first:
-                        out[t, q, r, c] = e
-                    else:
-                        out[t, r, c, q] = e
+                    _put(out, t, r, c, q, min(max(v, 0.0), 1.0), scale, offset, channels_first)
 
 
 @njit(fastmath=True, cache=True)

@@ -13,6 +13,8 @@ import math
 import numpy as np
 from numba import cuda
 
+from gate.batch import Rows
+
 THREADS = 256
 
 
@@ -25,6 +27,26 @@ def cuda_usable() -> bool:
 
 def _blocks(n: int) -> int:
     return (n + THREADS - 1) // THREADS
+
+
+@cuda.jit(device=True)
+def _put(out, row, r, c, q, v, scale, offset, channels_first):
+    """Write pixel value v (in [0,1]) encoded for the model at (row, r, c, q) of out."""
+    if channels_first:
+        out[row, q, r, c] = scale[q] * v + offset[q]
+    else:
+        out[row, r, c, q] = scale[q] * v + offset[q]
+
+
+@cuda.jit(device=True)
+def _unravel(t, h, w, ch):
+    """Flat thread index -> (row, r, c, q) of a (rows, H, W, C) grid."""
+    q = t % ch
+    rest = t // ch
+    c = rest % w
+    rest //= w
+    r = rest % h
+    return rest // h, r, c, q
 
 
 @cuda.jit
@@ -44,12 +66,7 @@ def noisy_patterns_kernel(theta_p, eps, sigma, out):
     t = cuda.grid(1)
     k, h, w, ch = out.shape
     if t < k * h * w * ch:
-        q = t % ch
-        rest = t // ch
-        c = rest % w
-        rest //= w
-        r = rest % h
-        j = rest // h
+        j, r, c, q = _unravel(t, h, w, ch)
         out[j, r, c, q] = 0.5 * (math.tanh(theta_p[r, c, q] + sigma * eps[j, r, c, q]) + 1.0)
 
 
@@ -60,21 +77,12 @@ def stamp_encode_kernel(images, masks, patterns, scale, offset, channels_first, 
     b, h, w, ch = images.shape
     n = masks.shape[0]
     if t < n * b * h * w * ch:
-        q = t % ch
-        rest = t // ch
-        c = rest % w
-        rest //= w
-        r = rest % h
-        row = rest // h
+        row, r, c, q = _unravel(t, h, w, ch)
         j = row // b
         i = row - j * b
         m = masks[j, r, c]
-        v = (1.0 - m) * images[i, r, c, q] + m * patterns[j, r, c, q]
-        e = scale[q] * v + offset[q]
-        if channels_first:
-            out[row, q, r, c] = e
-        else:
-            out[row, r, c, q] = e
+        _put(out, row, r, c, q, (1.0 - m) * images[i, r, c, q] + m * patterns[j, r, c, q], scale, offset,
+             channels_first)
 
 
 @cuda.jit
@@ -88,12 +96,7 @@ def stamp_classes_kernel(pool, classes, sample_idx, eval_idx, masks, patterns, s
     e = eval_idx.shape[1]
     per = n * b + e
     if t < classes.shape[0] * per * h * w * ch:
-        q = t % ch
-        rest = t // ch
-        c = rest % w
-        rest //= w
-        r = rest % h
-        row = rest // h
+        row, r, c, q = _unravel(t, h, w, ch)
         g = row // per
         rem = row - g * per
         cls = classes[g]
@@ -104,12 +107,8 @@ def stamp_classes_kernel(pool, classes, sample_idx, eval_idx, masks, patterns, s
             j = n
             x = eval_idx[cls, rem - n * b]
         m = masks[cls, j, r, c]
-        v = (1.0 - m) * pool[x, r, c, q] + m * patterns[cls, j, r, c, q]
-        e_ = scale[q] * v + offset[q]
-        if channels_first:
-            out[row, q, r, c] = e_
-        else:
-            out[row, r, c, q] = e_
+        _put(out, row, r, c, q, (1.0 - m) * pool[x, r, c, q] + m * patterns[cls, j, r, c, q], scale, offset,
+             channels_first)
 
 
 @cuda.jit
@@ -117,21 +116,11 @@ def perturb_encode_kernel(x, delta, sigma, scale, offset, channels_first, out):
     t = cuda.grid(1)
     n, k, h, w, ch = delta.shape
     if t < n * k * h * w * ch:
-        q = t % ch
-        rest = t // ch
-        c = rest % w
-        rest //= w
-        r = rest % h
-        row = rest // h
+        row, r, c, q = _unravel(t, h, w, ch)
         i = row // k
         j = row - i * k
         v = x[i, r, c, q] + sigma * delta[i, j, r, c, q]
-        v = min(max(v, 0.0), 1.0)
-        e = scale[q] * v + offset[q]
-        if channels_first:
-            out[row, q, r, c] = e
-        else:
-            out[row, r, c, q] = e
+        _put(out, row, r, c, q, min(max(v, 0.0), 1.0), scale, offset, channels_first)
 
 
 # ---------------------------------------------------------------------- host-callable wrappers
@@ -162,23 +151,19 @@ def perturb_encode(x, delta, sigma, scale, offset, channels_first, out) -> None:
                                                        channels_first, out)
 
 
-class DeviceBatch:
+class DeviceBatch(Rows):
     """:class:`gate.batch.HostBatch` with the buffer in GPU memory (same interface)."""
 
     def __init__(self, oracle, capacity: int) -> None:
+        super().__init__(capacity)
         self.oracle = oracle
-        self.capacity = int(capacity)
         self.buffer = cuda.device_array(oracle.spec.model_shape(self.capacity), dtype=np.float32)
         scale, offset = oracle.affine
         self.scale = cuda.to_device(scale)
         self.offset = cuda.to_device(offset)
         self.channels_first = oracle.spec.channels_first
-        self.size = 0
         self._pool_host = None
         self._pool_device = None
-
-    def free(self) -> int:
-        return self.capacity - self.size
 
     def _device_pool(self, pool):
         """The clean-image pool goes up once per scan, not once per round."""
@@ -187,18 +172,10 @@ class DeviceBatch:
         return self._pool_device
 
     def add_classes(self, pool, classes, sample_idx, eval_idx, masks, patterns) -> slice:
-        per = (masks.shape[1] - 1) * sample_idx.shape[1] + eval_idx.shape[1]
-        rows = self._reserve(len(classes) * per)
+        rows = self._reserve(len(classes) * self.rows_per_class(masks, sample_idx, eval_idx))
         stamp_classes(self._device_pool(pool), cuda.to_device(classes), cuda.to_device(sample_idx),
                       cuda.to_device(eval_idx), cuda.to_device(masks), cuda.to_device(patterns), self.scale,
                       self.offset, self.channels_first, self.buffer[rows])
-        return rows
-
-    def _reserve(self, n: int) -> slice:
-        if self.size + n > self.capacity:
-            raise ValueError(f"batch overflow: {self.size} + {n} rows > capacity {self.capacity}")
-        rows = slice(self.size, self.size + n)
-        self.size += n
         return rows
 
     def add_stamped(self, images, masks, patterns) -> slice:

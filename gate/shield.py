@@ -20,7 +20,6 @@ encodes each pattern once and never decodes a request.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ import numpy as np
 
 from gate.errors import GateError
 from gate.kernels import stamp_encode
-from gate.oracle import softmax
+from gate.oracle import file_sha256, softmax
 from gate.result import Triggers, read_report
 from gate.spec import InputSpec
 
@@ -172,14 +171,6 @@ class ScanTriggers:
         return [int(v) for v in self.triggers.labels]
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_scan_triggers(report_path: str | os.PathLike, triggers_path: str | os.PathLike | None = None,
                        model_sha256: str | None = None) -> ScanTriggers:
     """Read report.json and the triggers of its flagged classes (triggers.npz beside the report unless
@@ -198,4 +189,4 @@ def load_scan_triggers(report_path: str | os.PathLike, triggers_path: str | os.P
     missing = [lab for lab in flagged if lab not in set(int(v) for v in all_triggers.labels)]
     if missing:
         raise GateError(f"{path} has no trigger for flagged classes {missing}")
-    return ScanTriggers(all_triggers.select(flagged), report, path, sha256_of(path))
+    return ScanTriggers(all_triggers.select(flagged), report, path, file_sha256(path))

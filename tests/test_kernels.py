@@ -138,6 +138,23 @@ for cf in (True, False):
                     cuda.to_device(a["eval_idx"]), cuda.to_device(a["masks"]), cuda.to_device(a["patterns"]),
                     cuda.to_device(a["scale"]), cuda.to_device(a["offset"]), cf, out)
     np.testing.assert_allclose(out.copy_to_host(), ref, rtol=1e-5, atol=1e-5)
+# the device batch stamps exactly what the host batch does (its run() needs a real GPU and ORT's CUDA provider)
+from gate.batch import HostBatch
+from gate.oracle import Oracle
+from tests.helpers import DEMO
+oracle = Oracle(DEMO / "gtsrb_badnets3x3.onnx", device="cpu")
+rng = np.random.default_rng(9)
+pool = rng.random((20, 32, 32, 3), dtype=np.float32)
+masks = rng.random((4, 3, 32, 32), dtype=np.float32)
+patterns = rng.random((4, 3, 32, 32, 3), dtype=np.float32)
+sidx = rng.integers(0, 20, (4, 2)).astype(np.int64)
+eidx = rng.integers(0, 20, (4, 3)).astype(np.int64)
+classes = np.array([2, 0], np.int64)
+host, dev = HostBatch(oracle, 64), K.DeviceBatch(oracle, 64)
+rows_h = host.add_classes(pool, classes, sidx, eidx, masks, patterns)
+rows_d = dev.add_classes(pool, classes, sidx, eidx, masks, patterns)
+assert rows_h == rows_d == slice(0, 14)
+np.testing.assert_allclose(dev.buffer.copy_to_host()[rows_d], host.buffer[rows_h], rtol=1e-5, atol=1e-5)
 print("CUDASIM-OK")
 """
 
