@@ -8,8 +8,15 @@ import sys
 import numpy as np
 import pytest
 
-from gate.kernels import (bernoulli_masks, group_cross_entropy, group_hits, noisy_patterns, perturb_encode,
-                          stamp_encode, stamp_encode_reference)
+from gate.kernels import (
+    bernoulli_masks,
+    group_cross_entropy,
+    group_hits,
+    noisy_patterns,
+    perturb_encode,
+    stamp_encode,
+    stamp_encode_reference,
+)
 
 
 def perturb_reference(x, delta, sigma, scale, offset, channels_first):

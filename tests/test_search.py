@@ -41,7 +41,8 @@ def exact_gradients(theta_m, theta_p, sigma, a, w, v, sampling):
     return grad_m.reshape(theta_m.shape), grad_p.reshape(theta_p.shape)
 
 
-@pytest.mark.parametrize("sampling, antithetic", [("paired", True), ("joint", True), ("joint", False), ("separate", False)])
+@pytest.mark.parametrize("sampling, antithetic",
+                         [("paired", True), ("joint", True), ("joint", False), ("separate", False)])
 def test_estimators_are_unbiased(sampling, antithetic):
     rng = np.random.default_rng(0)
     a = rng.normal(size=H * W)

@@ -4,7 +4,6 @@ and the demo backdoored model (clean images pass, triggered ones are refused).""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -270,22 +269,9 @@ def test_calibrate_command_writes_tau_for_these_triggers(demo, tmp_path):
 
 
 # ---------------------------------------------------------------------- a real `gate scan` output
-def _real_scan() -> Path | None:
-    """A scan of the demo model: $GATE_SCAN_OUT, else the benchmark's cached one (bench/out/proxy/scan,
-    written by `python -m bench.proxy_bench`)."""
-    for d in (os.environ.get("GATE_SCAN_OUT"), DEMO.parent.parent / "bench" / "out" / "proxy" / "scan"):
-        if d and (Path(d) / "report.json").exists() and (Path(d) / "triggers.npz").exists():
-            report = json.loads((Path(d) / "report.json").read_text())
-            if DEMO_MODEL.exists() and report.get("model", {}).get("sha256") == file_sha256(DEMO_MODEL):
-                return Path(d)
-    return None
-
-
 @needs_demo
-@pytest.mark.skipif(_real_scan() is None, reason="no gate scan output of the demo model (set GATE_SCAN_OUT, or "
-                    "run python -m bench.proxy_bench once)")
-def test_reversed_trigger_from_a_real_scan_shields_the_demo_model(demo):
-    scan_dir = _real_scan()
+def test_reversed_trigger_from_a_real_scan_shields_the_demo_model(demo, demo_scan):
+    _, scan_dir = demo_scan  # the session's real default scan of the demo model
     oracle = Oracle(demo.model, device="cpu")
     st = load_scan_triggers(scan_dir / "report.json", model_sha256=oracle.sha256)
     assert demo.target in st.flagged

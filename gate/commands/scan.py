@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
         images = fit_to_model(load_images(args.data), oracle.image_shape)
         result, triggers = scan(oracle, images, cfg, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "report.json", result.to_dict())
+    # "decision" as the scan issue names it; `gate run` replaces it with the policy's decision block
+    write_json(out / "report.json", {**result.to_dict(), "decision": result.verdict})
     triggers.save(out / "triggers.npz")
     print(f"{result.verdict}: flagged classes {result.flagged or 'none'} "
           f"({result.queries['total']:,} queries, {result.seconds['total']:.1f}s) -> {out / 'report.json'}")
