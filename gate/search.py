@@ -46,7 +46,7 @@ class SearchParams:
     lr: float = 0.1
     batch_size: int = 4  # clean images each search sample is stamped on, per step
     eval_size: int = 16  # clean images the current trigger is checked on, per step (lambda schedule)
-    max_steps: int = 400
+    max_steps: int = 800
     sampling: str = "paired"  # "paired", "joint" or "separate" (paper Eq. 5/6 literally: 2k evaluations)
     antithetic: bool = True  # mirrored samples: (u, 1-u) for masks, (eps, -eps) for patterns
     baseline: bool = True  # subtract a leave-one-out mean fitness (variance reduction, still unbiased)
@@ -57,7 +57,7 @@ class SearchParams:
     lambda_down: float = 1.5 ** 1.5
     patience: int = 5
     success_threshold: float = 0.99
-    early_stop_patience: int = 40
+    early_stop_patience: int = 80
     early_stop_tol: float = 0.01  # "improved" means best L1 fell by more than this fraction
     early_stop_min_shrink: float = 0.5  # no early stop before the trigger lost this fraction of its first L1
     mask_init: float = 1.0  # initial theta_m: g(1) = 0.88, the trigger starts as most of the image
