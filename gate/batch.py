@@ -21,9 +21,6 @@ class Rows:
         self.capacity = int(capacity)
         self.size = 0
 
-    def free(self) -> int:
-        return self.capacity - self.size
-
     def _reserve(self, n: int) -> slice:
         if self.size + n > self.capacity:
             raise ValueError(f"batch overflow: {self.size} + {n} rows > capacity {self.capacity}")

@@ -30,7 +30,7 @@ mean (the pattern noise cancels to first order). Both stay unbiased; k evaluatio
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -147,7 +147,6 @@ class SearchState:
     done: bool = False
     status: str = "running"
     last_success: float = 0.0
-    history: list = field(default_factory=list)  # (step, lambda, success, soft L1) per step
 
     @property
     def mask_prob(self) -> np.ndarray:
@@ -248,7 +247,6 @@ class TriggerSearch:
                     state.best_pattern = np.empty(state.theta_p.shape, np.float32)
                 state.best_mask[...] = prob
                 state.best_pattern[...] = state.mean_pattern
-        state.history.append((state.step, state.lam, float(success), soft_l1))
 
         # 2. NES gradient estimates (paper Eq. 5, 6) and Adam
         grad_m, grad_p = self.gradients(state, ce)
