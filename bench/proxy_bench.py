@@ -39,6 +39,7 @@ from gate.oracle import Oracle, file_sha256
 from gate.proxy.codec import TensorSpec, encode_infer_request
 from gate.result import Triggers
 from gate.shield import Shield, load_scan_triggers, oracle_forward
+from models.triggers import apply_trigger, trigger_mask
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "models" / "demo"
@@ -52,17 +53,13 @@ def true_triggers(manifest: dict, shape) -> Triggers:
     t = manifest["triggers"][0]
     if t["kind"] != "patch":
         raise SystemExit("the benchmark's true-trigger row needs a patch trigger")
-    s, r, col = int(t["size"]), int(t["row"]), int(t["col"])
-    mask = np.zeros((1, h, w), np.float32)
-    mask[0, r:r + s, col:col + s] = 1
-    pattern = np.zeros((1, h, w, c), np.float32)
-    pattern[0, r:r + s, col:col + s] = np.asarray(t["color"], np.float32)
+    mask = trigger_mask(t, h, w)[None].astype(np.float32)
+    pattern = apply_trigger(np.zeros((1, h, w, c), np.float32), t)  # the patch colours, zero elsewhere
     return Triggers(np.array([int(t["target"])]), mask, pattern, np.array([True]))
 
 
 def load_split(args, manifest):
     """(calibration clean, evaluation clean, evaluation triggered, STRIP pool, source) as float NHWC."""
-    from models.triggers import apply_trigger
 
     trigger = manifest["triggers"][0]
     data = Path(args.data) if args.data else SHARED / "datasets" / "gtsrb32.npz"

@@ -17,6 +17,7 @@ from gate.oracle import Oracle, file_sha256, softmax
 from gate.result import Triggers
 from gate.shield import Shield, kl_scores, load_scan_triggers, oracle_forward
 from gate.spec import SpecOverrides
+from models.triggers import apply_trigger, trigger_mask
 from tests.helpers import DEMO, linear_model
 
 DEMO_DIR = DEMO
@@ -28,11 +29,8 @@ needs_demo = pytest.mark.skipif(not DEMO_MODEL.exists(), reason=f"demo model {DE
 def patch_triggers(trigger: dict, shape=(32, 32, 3)) -> Triggers:
     """The true trigger of a forge manifest as a one-class Triggers (mask 1 on the patch)."""
     h, w, c = shape
-    s, r, col = int(trigger["size"]), int(trigger["row"]), int(trigger["col"])
-    mask = np.zeros((1, h, w), np.float32)
-    mask[0, r:r + s, col:col + s] = 1.0
-    pattern = np.zeros((1, h, w, c), np.float32)
-    pattern[0, r:r + s, col:col + s] = np.asarray(trigger["color"], np.float32)
+    mask = trigger_mask(trigger, h, w)[None].astype(np.float32)
+    pattern = apply_trigger(np.zeros((1, h, w, c), np.float32), trigger)  # the patch colours, zero elsewhere
     return Triggers(np.array([int(trigger["target"])]), mask, pattern, np.array([True]))
 
 
