@@ -60,7 +60,6 @@ def true_triggers(manifest: dict, shape) -> Triggers:
 
 def load_split(args, manifest):
     """(calibration clean, evaluation clean, evaluation triggered, STRIP pool, source) as float NHWC."""
-
     trigger = manifest["triggers"][0]
     data = Path(args.data) if args.data else SHARED / "datasets" / "gtsrb32.npz"
     rng = np.random.default_rng(args.seed)
