@@ -160,6 +160,9 @@ class DataPolicy:
                      "auto: --data, else `path` if it fits the model, else synthetic | file | synthetic")
     path: str | None = _f(None, optional(text), "clean images (.npz or image folder), relative to the cwd")
     synthetic_per_class: int = _f(100, integer(1), "synthetic images per class (B3D-SS)")
+    synthetic_grid: int | None = _f(4, optional(integer(1)),
+                                    "synthetic images are searched on this grid, upsampled (null: every pixel)")
+    seed_images: str | None = _f(None, optional(text), "unlabelled images synthesis starts from instead of noise")
     max_images: int = _f(_SC.max_images, integer(10), "clean images used at most (search pool + held-out)")
     held_out: int = _f(_SC.held_out, integer(0), "images kept aside to measure each trigger's attack success")
 

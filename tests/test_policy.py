@@ -120,6 +120,7 @@ BAD = [
     ("data:\n  source: file\n", "data.path is required when data.source is file"),
     ("data:\n  source: web\n", "data.source must be one of auto, file, synthetic, got 'web'"),
     ("budget:\n  max_queries: 0\n", "budget.max_queries must be an integer >= 1, got 0"),
+    ("data:\n  synthetic_grid: 0\n", "data.synthetic_grid must be an integer >= 1, got 0"),
     ("metrics:\n  pushgateway: localhost:9091\n", "metrics.pushgateway must be an http:// or https:// URL"),
     ("version: 2\n", "version must be 1, got 2"),
     ("- a\n- b\n", "policy must be a mapping of fields"),

@@ -306,6 +306,23 @@ def test_real_synthesis_path(assets, tmp_path, capsys):
     assert doc.get("error") is None, doc.get("error")
     assert code in (0, 2), stdout
     assert doc["method"] == "b3d-ss" and doc["queries"]["synthesis"] > 0
+    assert doc["synthesis"]["config"]["grid"] == 4 and not doc["synthesis"]["seeded"]
+
+
+def test_synthesis_from_seed_images_on_a_chosen_grid(assets, tmp_path, capsys):
+    pol = write_policy(tmp_path / "p.yaml", {**NO_FLAGS, "data": {"source": "synthetic", "synthetic_per_class": 2}})
+    code, stdout, _ = run_gate(capsys, "run", assets / "tiny.onnx", "--policy", pol, "--out", tmp_path / "o", *FAST,
+                               "--seed-images", assets / "data.npz", "--synthetic-grid", "2")
+    doc = report(tmp_path / "o")
+    assert doc.get("error") is None, doc.get("error")
+    assert doc["synthesis"]["seeded"] and doc["synthesis"]["config"]["grid"] == 2
+    assert doc["policy"]["data"]["seed_images"] == str(assets / "data.npz")
+    code, _, _ = run_gate(capsys, "run", assets / "tiny.onnx", "--policy", pol, "--out", tmp_path / "p", *FAST,
+                          "--synthetic-grid", "0")
+    assert report(tmp_path / "p")["synthesis"]["config"]["grid"] is None  # 0: every pixel
+    code, stdout, _ = run_gate(capsys, "run", assets / "tiny.onnx", "--policy", pol, "--out", tmp_path / "q", *FAST,
+                               "--seed-images", tmp_path / "nowhere.npz")
+    assert code == 2 and "nowhere.npz" in stdout
 
 
 # --------------------------------------------------------------------------- the shipped demo

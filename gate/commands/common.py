@@ -42,3 +42,18 @@ def open_oracle(args: argparse.Namespace, overrides: SpecOverrides | None = None
         raise UsageError("--max-batch must be at least 1")
     return Oracle(args.model, overrides or overrides_from_args(args), device=args.device,
                   max_batch=args.max_batch, max_queries=max_queries)
+
+
+def synth_config(seed: int, per_class: int | None, grid: int | None):
+    """The B3D-SS synthesis settings from command-line values (None: the default; grid 0: every pixel)."""
+    from dataclasses import replace
+
+    from gate.synth import SynthConfig
+
+    changes = {"per_class": per_class} if per_class is not None else {}
+    if grid is not None:
+        changes["grid"] = grid or None
+    try:
+        return replace(SynthConfig(seed=seed), **changes)
+    except ValueError as exc:
+        raise UsageError(f"synthesis: {exc}") from None

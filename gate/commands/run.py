@@ -43,6 +43,7 @@ OVERRIDES = {
     "outliers.median_ratio": ("median_ratio", "--median-ratio"),
     "data.max_images": ("max_images", "--max-images"),
     "data.synthetic_per_class": ("synthetic_per_class", "--synthetic-per-class"),
+    "data.seed_images": ("seed_images", "--seed-images"),
     "budget.max_queries": ("max_queries", "--max-queries"),
     "budget.max_seconds": ("max_seconds", "--max-seconds"),
     "metrics.pushgateway": ("pushgateway", "--pushgateway"),
@@ -71,6 +72,8 @@ def register(sub) -> None:
                                     "(default: the policy's data section)")
     src.add_argument("--synthetic", action="store_true", help="no clean data: synthesise samples (B3D-SS)")
     p.add_argument("--synthetic-per-class", type=int, help="synthetic images per class")
+    p.add_argument("--synthetic-grid", type=int, help="grid synthetic images are searched on (0: every pixel)")
+    p.add_argument("--seed-images", help="unlabelled images synthesis starts from instead of noise")
     p.add_argument("--pushgateway", metavar="URL", help="also push the metrics to this Prometheus Pushgateway")
     p.add_argument("--examples", type=int, default=3, metavar="N",
                    help="clean images per class shown with the trigger stamped in report.html (3; 0: none)")
@@ -89,6 +92,8 @@ def effective_policy(policy: Policy, args: argparse.Namespace) -> tuple[Policy, 
         value = getattr(args, dest, None)
         if value is not None:
             changes[key] = value
+    if getattr(args, "synthetic_grid", None) is not None:
+        changes["data.synthetic_grid"] = args.synthetic_grid or None
     if getattr(args, "bandit", None) is not None and not getattr(args, "paper", False):
         changes["search.bandit"] = args.bandit
     if args.data is not None:
@@ -97,7 +102,8 @@ def effective_policy(policy: Policy, args: argparse.Namespace) -> tuple[Policy, 
     elif args.synthetic:
         changes["data.source"] = "synthetic"
     flags = {key: flag for key, (_dest, flag) in OVERRIDES.items()}
-    flags.update({"data.path": "--data", "data.source": "--data/--synthetic", "search.bandit": "--bandit/--no-bandit"})
+    flags.update({"data.path": "--data", "data.source": "--data/--synthetic", "search.bandit": "--bandit/--no-bandit",
+                  "data.synthetic_grid": "--synthetic-grid"})
     flags.update({k: "--paper" for k in PAPER if k not in flags})
     return policy.override(changes, flags, error=UsageError), {k: _plain(v) for k, v in changes.items()}
 
@@ -131,9 +137,11 @@ def synthesize_data(policy: Policy, oracle, progress) -> tuple[ImageSet, str, di
         from gate.synth import SynthConfig, synthesize
     except ImportError as exc:
         raise GateError(f"synthetic data (B3D-SS) is not available in this installation: {exc}") from None
-    cfg = SynthConfig(seed=policy.search.seed)
-    cfg = replace(cfg, per_class=policy.data.synthetic_per_class)
-    images, stats = synthesize(oracle, cfg, progress=progress, max_queries=policy.budget.max_queries)
+    d = policy.data
+    cfg = SynthConfig(seed=policy.search.seed, per_class=d.synthetic_per_class, grid=d.synthetic_grid)
+    seeds = fit_to_model(load_images(d.seed_images), oracle.image_shape) if d.seed_images else None
+    images, stats = synthesize(oracle, cfg, seed_images=seeds, progress=progress,
+                               max_queries=policy.budget.max_queries)
     return images, "b3d-ss", stats
 
 

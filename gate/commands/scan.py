@@ -6,7 +6,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from gate.commands.common import add_model_args, open_oracle
+from gate.commands.common import add_model_args, open_oracle, synth_config
 from gate.data import fit_to_model, load_images
 from gate.errors import UsageError
 from gate.outliers import OutlierRule
@@ -79,6 +79,9 @@ def register(sub) -> None:
     src.add_argument("--synthetic", action="store_true", help="no clean data: synthesise samples (B3D-SS)")
     p.add_argument("--synthetic-per-class", type=int, default=None, help="synthetic images per class (100)")
     p.add_argument("--seed-images", help="unlabelled images to start synthesis from instead of noise")
+    p.add_argument("--synthetic-grid", type=int, default=None,
+                   help="search synthetic images on a GRID x GRID grid upsampled to the model's size "
+                        "(4); 0 searches every pixel as paper Eq. 7")
     p.add_argument("--out", required=True, help="output folder for report.json and triggers.npz")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     add_model_args(p)
@@ -92,11 +95,9 @@ def run(args: argparse.Namespace) -> int:
     progress = Progress(enabled=not args.quiet)
     out = Path(args.out)
     if args.synthetic:
-        from gate.synth import SynthConfig, synthesize
+        from gate.synth import synthesize
 
-        scfg = SynthConfig(seed=args.seed)
-        if args.synthetic_per_class is not None:
-            scfg = replace(scfg, per_class=args.synthetic_per_class)
+        scfg = synth_config(args.seed, args.synthetic_per_class, args.synthetic_grid)
         seeds = fit_to_model(load_images(args.seed_images), oracle.image_shape) if args.seed_images else None
         images, stats = synthesize(oracle, scfg, seed_images=seeds, progress=progress,
                                    max_queries=cfg.max_queries)

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from gate.commands.common import add_model_args, open_oracle
+from gate.commands.common import add_model_args, open_oracle, synth_config
 from gate.data import fit_to_model, load_images
-from gate.errors import UsageError
 from gate.progress import Progress
-from gate.synth import SynthConfig, synthesize
+from gate.synth import synthesize
 
 
 def register(sub) -> None:
@@ -22,6 +20,8 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output .npz (x float32 NHWC in [0,1], y the intended classes)")
     p.add_argument("--per-class", type=int, help="images per class (100)")
     p.add_argument("--seed-images", help="unlabelled images to start from instead of uniform noise")
+    p.add_argument("--grid", type=int, help="search a GRID x GRID image upsampled to the model's size (4); "
+                   "0 searches every pixel as paper Eq. 7")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-queries", type=int, help="hard budget of images sent to the model")
     p.add_argument("--quiet", action="store_true")
@@ -30,12 +30,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = SynthConfig(seed=args.seed)
-        if args.per_class is not None:
-            cfg = replace(cfg, per_class=args.per_class)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    cfg = synth_config(args.seed, args.per_class, args.grid)
     oracle = open_oracle(args)
     seeds = fit_to_model(load_images(args.seed_images), oracle.image_shape) if args.seed_images else None
     images, stats = synthesize(oracle, cfg, seed_images=seeds, progress=Progress(enabled=not args.quiet),
