@@ -8,7 +8,7 @@ import pytest
 from gate.cli import main
 from gate.data import ImageSet
 from gate.oracle import Oracle
-from gate.synth import SynthConfig, synthesize, upsample_matrix
+from gate.synth import SynthConfig, occlude_pairs, synthesize, upsample_matrix
 from tests.helpers import DEMO, demo_manifest
 
 BACKDOORED = DEMO / "gtsrb_badnets3x3.onnx"
@@ -91,6 +91,54 @@ def test_grid_search_on_seed_images_keeps_their_detail():
     assert np.abs(change).max() <= 3 * SynthConfig().lr + 1e-6  # three grid steps away from a seed at most
     assert np.abs(change).max() > 0  # and they did move
     assert _grid_residual(images.x, 4) > 0.1  # the seeds' fine detail is still there
+
+
+def test_occlusion_puts_the_same_patch_on_both_probes_of_a_pair():
+    rng = np.random.default_rng(0)
+    x = rng.random((6, 12, 12, 3), dtype=np.float32)
+    d = np.zeros((6, 9, 12, 12, 3), np.float32)
+    d[:, 1:5] = rng.standard_normal((6, 4, 12, 12, 3))
+    d[:, 5:] = -d[:, 1:5]
+    before = d.copy()
+    occlude_pairs(d, x, 5, 0.1, rng)
+    probes = x[:, None] + 0.1 * d
+    changed = (d != before).any(axis=-1)
+    assert not changed[:, 0].any()  # the image row is never occluded
+    sides = set()
+    for i in range(6):
+        for j in range(1, 5):
+            patch = changed[i, j]
+            assert (patch == changed[i, j + 4]).all()  # same place in both probes of the pair
+            rows, cols = np.flatnonzero(patch.any(axis=1)), np.flatnonzero(patch.any(axis=0))
+            assert patch.sum() == len(rows) * len(cols) and len(rows) == len(cols) <= 5  # a square
+            sides.add(len(rows))
+            colour = probes[i, j][patch]
+            np.testing.assert_allclose(colour, colour[0:1].repeat(len(colour), 0), atol=1e-5)  # one colour
+            np.testing.assert_allclose(probes[i, j + 4][patch], colour, atol=1e-5)
+    assert len(sides) > 1  # sides vary
+
+
+def test_gate_synthesis_is_harder_to_flip_than_the_paper_recipe():
+    """The point of grid + occlusion + robust stop: synthetic images a random patch rarely flips."""
+    oracle = Oracle(CLEAN, device="cpu")
+    flips = {}
+    for name, cfg in (("gate", SynthConfig(per_class=2)), ("paper", SynthConfig.paper(per_class=2))):
+        images, stats = synthesize(oracle, cfg)
+        assert stats["success_rate"] >= 0.9, name
+        x = images.x.copy()
+        rng = np.random.default_rng(1)
+        for img in x:
+            r, c = rng.integers(0, 25, 2)
+            img[r:r + 8, c:c + 8] = rng.random(3)
+        flips[name] = np.mean(oracle.predict(x) != oracle.predict(images.x))
+    assert flips["gate"] < 0.5 * flips["paper"], flips
+
+
+def test_paper_preset():
+    p = SynthConfig.paper(per_class=3)
+    assert (p.grid, p.occlusion, p.robust_stop, p.confidence, p.per_class) == (None, 0, False, 0.5, 3)
+    with pytest.raises(ValueError, match="occlusion"):
+        SynthConfig(occlusion=-1)
 
 
 def test_grid_larger_than_the_image_is_a_clear_error(tmp_path, capsys):

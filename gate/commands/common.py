@@ -44,8 +44,9 @@ def open_oracle(args: argparse.Namespace, overrides: SpecOverrides | None = None
                   max_batch=args.max_batch, max_queries=max_queries)
 
 
-def synth_config(seed: int, per_class: int | None, grid: int | None):
-    """The B3D-SS synthesis settings from command-line values (None: the default; grid 0: every pixel)."""
+def synth_config(seed: int, per_class: int | None, grid: int | None, paper: bool = False):
+    """The B3D-SS synthesis settings from command-line values (None: the default; grid 0: every pixel;
+    paper: Eq. 7 as written, see gate.synth.SynthConfig.paper)."""
     from dataclasses import replace
 
     from gate.synth import SynthConfig
@@ -54,6 +55,6 @@ def synth_config(seed: int, per_class: int | None, grid: int | None):
     if grid is not None:
         changes["grid"] = grid or None
     try:
-        return replace(SynthConfig(seed=seed), **changes)
+        return replace(SynthConfig.paper(seed=seed) if paper else SynthConfig(seed=seed), **changes)
     except ValueError as exc:
         raise UsageError(f"synthesis: {exc}") from None

@@ -27,7 +27,8 @@ PAPER = SearchParams(k=50, batch_size=32, eval_size=32, sigma=0.1, lr=0.05, max_
 def add_search_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("search (defaults are the gate's query-efficient settings)")
     g.add_argument("--paper", action="store_true", help="the paper's settings: k=50, minibatch 32, separate "
-                   "mask/pattern evaluations, no antithetic samples, no bandit (about 5x the queries)")
+                   "mask/pattern evaluations, no antithetic samples, no bandit (about 5x the queries); "
+                   "gate scan --synthetic: also Eq. 7 synthesis as written (every pixel, no occlusion, p >= 0.5)")
     g.add_argument("--k", type=int, help="search samples per step")
     g.add_argument("--batch-size", type=int, help="clean images per candidate per step")
     g.add_argument("--max-steps", type=int, help="steps per class at most")
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     if args.synthetic:
         from gate.synth import synthesize
 
-        scfg = synth_config(args.seed, args.synthetic_per_class, args.synthetic_grid)
+        scfg = synth_config(args.seed, args.synthetic_per_class, args.synthetic_grid, paper=args.paper)
         seeds = fit_to_model(load_images(args.seed_images), oracle.image_shape) if args.seed_images else None
         images, stats = synthesize(oracle, scfg, seed_images=seeds, progress=progress,
                                    max_queries=cfg.max_queries)

@@ -22,6 +22,8 @@ def register(sub) -> None:
     p.add_argument("--seed-images", help="unlabelled images to start from instead of uniform noise")
     p.add_argument("--grid", type=int, help="search a GRID x GRID image upsampled to the model's size (4); "
                    "0 searches every pixel as paper Eq. 7")
+    p.add_argument("--paper", action="store_true", help="paper Eq. 7 as written: every pixel, no occlusion, "
+                   "stop at p(c | x) >= 0.5")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-queries", type=int, help="hard budget of images sent to the model")
     p.add_argument("--quiet", action="store_true")
@@ -30,7 +32,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = synth_config(args.seed, args.per_class, args.grid)
+    cfg = synth_config(args.seed, args.per_class, args.grid, paper=args.paper)
     oracle = open_oracle(args)
     seeds = fit_to_model(load_images(args.seed_images), oracle.image_shape) if args.seed_images else None
     images, stats = synthesize(oracle, cfg, seed_images=seeds, progress=Progress(enabled=not args.quiet),
