@@ -61,7 +61,7 @@ class SynthConfig:
     robust_stop: bool = True  # p(c) averaged over the (occluded) probes must reach confidence, not only p(c | x)
 
     @classmethod
-    def paper(cls, **changes) -> "SynthConfig":
+    def paper(cls, **changes) -> SynthConfig:
         """Eq. 7 as the paper writes it: every pixel, no occlusion, stop at the first p(c | x) >= 0.5."""
         return cls(**{"grid": None, "occlusion": 0, "robust_stop": False, "confidence": 0.5, "max_steps": 60,
                       **changes})
