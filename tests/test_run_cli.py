@@ -91,6 +91,8 @@ def test_accept_exit_0_writes_every_report(assets, tmp_path, capsys):
     assert doc["search"]["k"] == 6  # and the scan really ran with them
     assert metric(out, "backdoor_gate_decision", outcome="accept", model="tiny") == 1
     assert metric(out, "backdoor_gate_queries_total", model="tiny") == doc["queries"]["total"]
+    q = doc["queries"]  # the HTML report's stamped examples are counted too
+    assert q["report"] > 0 and q["total"] == q["scan"] + q.get("synthesis", 0) + q["report"]
     html = (out / "report.html").read_text()
     assert "Accepted" in html and html.count("data:image/png;base64,") == 5 * (3 + 3)
 

@@ -198,7 +198,11 @@ def run(args: argparse.Namespace) -> int:
 
         result, triggers = scan(oracle, images, cfg, method=method, progress=progress, synthesis=synthesis)
         decision = decide(result, policy)
+        before = oracle.queries
         examples = _examples(oracle, images, triggers, result, decision, policy, args.examples, log)
+        if oracle.queries > before:  # the report's stamped examples are queries too
+            spent = oracle.queries - before
+            result.queries = {**result.queries, "report": spent, "total": result.queries["total"] + spent}
         write_reports(out, result, triggers, decision, policy_doc, examples=examples, policy_source=source,
                       generated=_now(), provenance={"policy_file": str(args.policy), "overrides": changes})
         warning = export(out, result, decision, str(args.model), policy.metrics.pushgateway)

@@ -190,7 +190,8 @@ def _facts(result: ScanResult | None, model: dict, policy: dict | None, policy_s
                              f"{_n(result.outliers.get('median_ratio'))} × median; median L1 "
                              f"{_n(result.outliers.get('median_l1'))}, MAD {_n(result.outliers.get('mad'))}", False),
             ("Queries", f"{_n(int(result.queries.get('total', 0)))} total ({_n(int(result.queries.get('scan', 0)))} "
-                        f"scan, {_n(int(result.queries.get('synthesis', 0)))} synthesis)", False),
+                        f"scan, {_n(int(result.queries.get('synthesis', 0)))} synthesis, "
+                        f"{_n(int(result.queries.get('report', 0)))} for this report's examples)", False),
             ("Time", f"{_seconds(float(result.seconds.get('total', 0.0)))} total, "
                      f"{_pct(result.seconds.get('ort_fraction'))} in the model", False),
             ("Completed", "yes" if result.complete else f"no: {result.stop_reason}", False),
