@@ -302,7 +302,7 @@ def _cost(v, unit):
     if v is None:
         return "-"
     if unit == "queries":
-        return f"{v / 1e6:.2f}M" if v >= 1e6 else f"{v / 1e3:.0f}k" if v >= 1e4 else f"{v:.0f}"
+        return f"{v / 1e6:.2f}M" if v >= 999_500 else f"{v / 1e3:.0f}k" if v >= 1e4 else f"{v:.0f}"
     return f"{v:,.0f}"
 
 
