@@ -25,10 +25,11 @@ import pytest
 
 from gate.cli import build_parser
 from gate.commands.proxy import build
+from gate.errors import GateError
 from gate.oracle import Oracle
 from gate.proxy import ProxyConfig, create_app, model_tensors
 from gate.proxy.batcher import MicroBatcher
-from gate.proxy.upstream import UpstreamError, UpstreamTimeout
+from gate.proxy.upstream import RemoteModel, UpstreamError, UpstreamTimeout
 from gate.shield import Scored, Shield
 from tests.helpers import linear_model
 from tests.test_shield import DEMO_MODEL, Demo
@@ -461,7 +462,7 @@ def test_forward_mode_against_a_real_upstream(demo, scan, oracle, clean_ok, tmp_
     with serve(["--model", str(demo.model), "--no-shield", "--device", "cpu"], tmp_path / "upstream.log") as up, \
             serve(["--model", str(demo.model), "--report", scan["report"], "--calibration", scan["calibration"],
                    "--upstream", up.url, "--device", "cpu"], tmp_path / "proxy.log") as proxy:
-        assert "upstream " + up.url in proxy.output()
+        assert "upstream " + up.url in proxy.output() and "warning" not in proxy.output()  # metadata matched
         assert _HTTP.get(proxy.url + "/v2/health/ready").status_code == 200
         x = model_batch(clean_ok[:6])
         r = post_binary(proxy.url, x)
@@ -480,7 +481,8 @@ def test_forward_mode_against_a_real_upstream(demo, scan, oracle, clean_ok, tmp_
     # upstream gone: the proxy answers 502 and says it is not ready
     args = build_parser().parse_args(["proxy", "--model", str(demo.model), "--report", scan["report"],
                                       "--calibration", scan["calibration"], "--upstream", up.url])
-    app, _ = build(args)
+    app, message = build(args)  # an upstream not up yet is no reason to refuse to start
+    assert "not reachable at start-up" in message and "metadata is unchecked" in message
 
     with InProcess(app) as client:
         r = client.post(f"/v2/models/{NAME}/infer", json=valid_json(model_batch(demo.clean_x[:1])))
@@ -488,7 +490,7 @@ def test_forward_mode_against_a_real_upstream(demo, scan, oracle, clean_ok, tmp_
         assert client.get("/v2/health/ready").status_code == 503
 
 
-def test_upstream_that_never_answers_gives_504_and_upstream_errors_give_502(demo, scan, tmp_path):
+def test_upstream_that_never_answers_gives_504_and_upstream_errors_give_502(demo, scan, tmp_path, monkeypatch):
     silent = socket.socket()
     silent.bind((HOST, 0))
     silent.listen(16)  # accepts connections (kernel backlog) and never answers
@@ -508,16 +510,31 @@ def test_upstream_that_never_answers_gives_504_and_upstream_errors_give_502(demo
             assert metric(text, "backdoor_gate_proxy_errors_total", reason="upstream_timeout") == 1
     finally:
         silent.close()
-    # an upstream that answers with an error (here: it serves no model of that name)
+    # an upstream that answers with an error (here: it serves no model of that name). The start-up
+    # metadata check refuses it; bypassed, the same error at request time is a 502.
     with serve(["--model", str(demo.model), "--no-shield", "--device", "cpu"], tmp_path / "up.log") as up:
         args = build_parser().parse_args(["proxy", "--model", str(demo.model), "--report", scan["report"],
                                           "--calibration", scan["calibration"], "--upstream", up.url,
                                           "--upstream-model", "not-there"])
+        with pytest.raises(GateError, match=r"model 'not-there': metadata request answered 404"):
+            build(args)
+        monkeypatch.setattr(RemoteModel, "check_metadata", lambda self: None)
         app, _ = build(args)
 
         with InProcess(app) as client:
             r = client.post(f"/v2/models/{NAME}/infer", json=valid_json(model_batch(demo.clean_x[:1])))
             assert r.status_code == 502 and "answered 404" in r.json()["error"]
+
+
+def test_upstream_serving_another_model_is_refused_at_start_up(demo, scan, tmp_path):
+    other = tmp_path / "other.onnx"
+    linear_model(other, size=16, classes=43, softmax=True)  # same classes, 16x16 images
+    with serve(["--model", str(other), "--model-name", NAME, "--no-shield", "--device", "cpu"],
+               tmp_path / "up.log") as up:
+        args = build_parser().parse_args(["proxy", "--model", str(demo.model), "--report", scan["report"],
+                                          "--calibration", scan["calibration"], "--upstream", up.url])
+        with pytest.raises(GateError, match=rf"upstream {up.url} model '{NAME}'.* the model file's is FP32"):
+            build(args)
 
 
 # ---------------------------------------------------------------------- modes, in process

@@ -45,7 +45,9 @@ def register(sub) -> None:
     p.add_argument("--mode", choices=["reject", "flag", "shadow"], default="reject",
                    help="reject: HTTP 403; flag: serve and mark the response; shadow: serve, only count "
                         "(default reject)")
-    p.add_argument("--upstream", help="URL of a V2 server that serves the model (default: run it in process)")
+    p.add_argument("--upstream", help="URL of a V2 server that serves the model (default: run it in process); "
+                   "at start-up its model metadata must match the model file (input name, datatype, shape; "
+                   "output name), or the proxy refuses to start")
     p.add_argument("--upstream-model", help="model name on the upstream (default: the served name)")
     p.add_argument("--upstream-timeout", type=float, default=30.0,
                    help="seconds to wait for the model/upstream per batch; then 504 (default 30)")
@@ -123,6 +125,9 @@ def build(args: argparse.Namespace):
         model = RemoteModel(args.upstream, args.upstream_model or name, model_input, model_output.name, shield,
                             timeout=args.upstream_timeout)
         where = f"upstream {args.upstream} (model '{args.upstream_model or name}')"
+        warning = model.check_metadata()
+        if warning:
+            where += f"; warning: {warning}"
     else:
         model = EmbeddedModel(oracle, shield, timeout=args.upstream_timeout)
         where = f"in process ({oracle.providers[0]})"

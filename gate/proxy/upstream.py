@@ -104,6 +104,40 @@ class RemoteModel:
         except (ValueError, GateError) as exc:
             raise UpstreamError(f"upstream {self.url} sent an unusable response: {exc}") from None
 
+    def check_metadata(self) -> str | None:
+        """Compare the upstream's model metadata with the model file the shield was built for, at start-up.
+
+        Raises GateError when the upstream answers but does not serve a matching model (no such model, no
+        input of the same name, datatype and shape, or no such output). Returns a warning instead when the
+        upstream cannot be reached yet (it may start after the proxy; readiness reports it meanwhile)."""
+        where = f"upstream {self.url} model '{self.model_name}'"
+        try:
+            r = httpx.get(f"{self.url}/v2/models/{self.model_name}", timeout=min(self.timeout or 5.0, 5.0))
+        except httpx.HTTPError as exc:
+            return f"{where} not reachable at start-up ({type(exc).__name__}); its metadata is unchecked"
+        if r.status_code != 200:
+            raise GateError(f"{where}: metadata request answered {r.status_code}; is the model served there?")
+        try:
+            meta = r.json()
+            inputs = {t["name"]: t for t in meta.get("inputs", [])}
+            outputs = {t["name"] for t in meta.get("outputs", [])}
+            shapes = {name: [int(v) for v in t.get("shape", [])] for name, t in inputs.items()}
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise GateError(f"{where}: metadata is not Open Inference Protocol model metadata") from None
+        want = self.model_input
+        got = inputs.get(want.name)
+        if got is None:
+            raise GateError(f"{where} has no input '{want.name}' (inputs: {sorted(inputs) or 'none'})")
+        shape = shapes[want.name]
+        fits = len(shape) == len(want.shape) and all(
+            a == b or a == -1 or b == -1 for a, b in zip(shape, want.shape, strict=True))
+        if got.get("datatype") != want.datatype or not fits:
+            raise GateError(f"{where} input '{want.name}' is {got.get('datatype')} {shape}, the model file's is "
+                            f"{want.datatype} {list(want.shape)}")
+        if self.output_name not in outputs:
+            raise GateError(f"{where} has no output '{self.output_name}' (outputs: {sorted(outputs) or 'none'})")
+        return None
+
     def warm_up(self) -> None:
         """Load the stamping kernel before serving (the upstream warms its own model)."""
         self.shield.stamp(np.zeros((1, *self.model_input.shape[1:]), np.float32))
