@@ -5,9 +5,10 @@ optimised with the gradient-free estimate of paper Eq. 7::
 
     x <- clip(x - eta * step(1/(k sigma) sum_j l(c, f(x + sigma delta_j)) delta_j), 0, 1)
 
-with antithetic probes, averaged over steps with momentum. ``update="sign"`` (default) takes a signed step of
-size eta per searched value (as black-box NES attacks do; robust to the estimate's scale), ``"plain"``
-the raw gradient step of Eq. 7. Every image of every class is probed in the same large model calls.
+with antithetic probes (their loss differences), averaged over steps with momentum. ``update="sign"``
+(default) takes a signed step of size eta per searched value (as black-box NES attacks do; robust to the
+estimate's scale), ``"plain"`` the raw gradient step of Eq. 7. Every image of every class is probed in the
+same large model calls.
 
 Three changes from Eq. 7 as written (``SynthConfig.paper()`` turns all three off). Per-pixel synthesis
 stopped at p(c | x) >= 0.5 makes noise-like images just past a decision boundary that any small patch
@@ -112,12 +113,12 @@ def upsample_matrix(size: int, grid: int) -> np.ndarray:
 
 
 def occlude_pairs(d: np.ndarray, x: np.ndarray, max_side: int, sigma: float, rng: np.random.Generator) -> None:
-    """Put one random square patch (side 1..max_side, random place and colour) on both probes of every
-    antithetic pair, in place. ``d`` (n, 1 + 2*half, H, W, C) holds probe offsets in units of sigma after
+    """Put one random square patch (side 1..max_side, at most the image's, random place and colour) on both
+    probes of every antithetic pair, in place. ``d`` (n, 1 + 2*half, H, W, C) holds probe offsets in units of sigma after
     the image row; the patched pixels get the offset that lands exactly on the colour."""
     n, h, w, ch = x.shape
     half = (d.shape[1] - 1) // 2
-    side = rng.integers(1, max_side + 1, (n, half, 1))
+    side = rng.integers(1, min(max_side, h, w) + 1, (n, half, 1))
     top = (rng.random((n, half, 1)) * (h - side + 1)).astype(np.int64)
     left = (rng.random((n, half, 1)) * (w - side + 1)).astype(np.int64)
     colour = rng.random((n, half, 1, 1, ch), dtype=np.float32)
@@ -201,8 +202,7 @@ def synthesize(oracle: Oracle, cfg: SynthConfig = SynthConfig(), *, seed_images:
                 reached &= p_c[:, 1:].mean(axis=1) >= cfg.confidence
             done[idx[reached]] = True
             loss = -np.log(np.maximum(p_c[:, 1:].astype(np.float64), 1e-37))
-            loss -= loss.mean(axis=1, keepdims=True)
-            # antithetic pairs: sum_j l_j d_j = sum_{j<half} (l_j - l_{j+half}) noise_j
+            # antithetic pairs: sum_j l_j d_j = sum_{j<half} (l_j - l_{j+half}) noise_j (any baseline cancels)
             grad = np.einsum("nk,nk...->n...", loss[:, :half] - loss[:, half:], noise[:n]) / (cfg.k * cfg.sigma)
             move = ~reached
             v = cfg.momentum * velocity[idx] + (1.0 - cfg.momentum) * grad

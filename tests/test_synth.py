@@ -116,6 +116,12 @@ def test_occlusion_puts_the_same_patch_on_both_probes_of_a_pair():
             np.testing.assert_allclose(colour, colour[0:1].repeat(len(colour), 0), atol=1e-5)  # one colour
             np.testing.assert_allclose(probes[i, j + 4][patch], colour, atol=1e-5)
     assert len(sides) > 1  # sides vary
+    # a side larger than the image is drawn as at most the image's side: sides 1-4 uniform on 4x4 images,
+    # so about a quarter of the patches cover the whole image (drawing 1-9 would make it two thirds)
+    small = np.zeros((50, 5, 4, 4, 3), np.float32)
+    occlude_pairs(small, rng.random((50, 4, 4, 3), dtype=np.float32), 9, 0.1, rng)
+    area = (small[:, 1:3] != 0).any(axis=-1).sum(axis=(2, 3))
+    assert set(np.unique(area)) == {1, 4, 9, 16} and np.mean(area == 16) < 0.45
 
 
 def test_gate_synthesis_is_harder_to_flip_than_the_paper_recipe():
