@@ -114,8 +114,8 @@ def upsample_matrix(size: int, grid: int) -> np.ndarray:
 
 def occlude_pairs(d: np.ndarray, x: np.ndarray, max_side: int, sigma: float, rng: np.random.Generator) -> None:
     """Put one random square patch (side 1..max_side, at most the image's, random place and colour) on both
-    probes of every antithetic pair, in place. ``d`` (n, 1 + 2*half, H, W, C) holds probe offsets in units of sigma after
-    the image row; the patched pixels get the offset that lands exactly on the colour."""
+    probes of every antithetic pair, in place. ``d`` (n, 1 + 2*half, H, W, C) holds probe offsets in units
+    of sigma after the image row; the patched pixels get the offset that lands exactly on the colour."""
     n, h, w, ch = x.shape
     half = (d.shape[1] - 1) // 2
     side = rng.integers(1, min(max_side, h, w) + 1, (n, half, 1))
