@@ -46,10 +46,12 @@ from pathlib import Path
 import numpy as np
 
 from bench import zoo
+from gate.pipeline import run_gate
+from gate.policy import Policy
 from gate.result import Triggers, write_json
-from gate.scan import ScanConfig, scan
+from gate.scan import ScanConfig
 from gate.search import SearchParams
-from gate.synth import SynthConfig, synthesize
+from gate.synth import SynthConfig
 
 METHODS = ("nc", "b3d", "b3d-ss")
 TITLES = {"nc": "NC", "b3d": "B3D", "b3d-ss": "B3D-SS"}
@@ -91,6 +93,14 @@ class Settings:
         if self.quick:
             return SynthConfig(per_class=self.synthetic_per_class, k=4, max_steps=3, seed=self.seed)
         return SynthConfig(per_class=self.synthetic_per_class, seed=self.seed)
+
+    def policy(self, method: str) -> Policy:
+        """The gate's policy with these settings: what ``run_gate`` scans under (B3D-SS synthesises)."""
+        cfg, synth = self.scan_config(), self.synth_config()
+        changes = {s.place: getattr(obj, s.name) for obj in (cfg, cfg.search, cfg.outliers, synth)
+                   for s in type(obj).settings() if s.place is not None}
+        changes["data.source"] = "synthetic" if method == "b3d-ss" else "auto"
+        return Policy().override(changes)
 
     def nc_config(self):
         from bench.neural_cleanse import NCConfig
@@ -195,16 +205,11 @@ def run_b3d(man, data, settings, oracle, eval_pred, method, log) -> tuple[dict, 
     from gate.progress import Progress
 
     progress = Progress(enabled=log is not None)
-    cfg = settings.scan_config()
-    synth = None
-    synth_ort = 0.0
-    if method == "b3d-ss":
-        ort0 = oracle.ort_seconds
-        images, synth = synthesize(oracle, settings.synth_config(), progress=progress)
-        synth_ort = oracle.ort_seconds - ort0
-    else:
-        images = data.scan
-    res, trig = scan(oracle, images, cfg, method=method, progress=progress, synthesis=synth)
+    ort0 = oracle.ort_seconds
+    run = run_gate(oracle, settings.policy(method), images=None if method == "b3d-ss" else data.scan,
+                   progress=progress)
+    res, trig, synth = run.result, run.triggers, run.result.synthesis
+    synth_ort = oracle.ort_seconds - ort0 - res.seconds["ort"]
     k = len(res.classes)
     q = res.queries
     sec = res.seconds
@@ -214,7 +219,7 @@ def run_b3d(man, data, settings, oracle, eval_pred, method, log) -> tuple[dict, 
                         "scan_per_class": q["scan"] / k, "synthesis_per_class": q["synthesis"] / k},
                seconds=sec["total"], seconds_scan=sec["scan"], seconds_synthesis=sec["synthesis"],
                ort_fraction=(sec["ort"] + synth_ort) / sec["total"] if sec["total"] > 0 else 0.0,
-               ort_fraction_scan=sec["ort_fraction"], complete=res.complete, verdict=res.verdict,
+               ort_fraction_scan=sec["ort_fraction"], complete=res.complete, verdict=run.decision.outcome,
                statuses=_count([c.status for c in res.classes]),
                synthesis_success=None if synth is None else synth["success_rate"])
     finish_record(rec, man, [c.l1 for c in res.classes], [c.anomaly_index for c in res.classes], res.flagged,

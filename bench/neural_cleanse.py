@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gate.outliers import OutlierRule, find_outliers
+from gate.outliers import OutlierRule, find_outliers, finite_index
 from gate.result import ClassResult
 from gate.search import SearchParams
 
@@ -237,7 +237,7 @@ def neural_cleanse(net: torch.nn.Module, images: np.ndarray, cfg: NCConfig = NCC
     l1_all = np.array([r.l1 for r in results])
     out = find_outliers(l1_all, cfg.outliers)
     for r, ai, flag in zip(results, out.anomaly_index, out.flagged, strict=True):
-        r.anomaly_index = float(ai) if np.isfinite(ai) else (1e9 if ai > 0 else -1e9)
+        r.anomaly_index = finite_index(ai)
         r.flagged = bool(flag)
     return NCResult(method="nc", classes=results, flagged=[r.label for r in results if r.flagged],
                     median_l1=out.median, mad=out.mad, steps=int(sum(s.step for s in states)),

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.serve import Server, gate_proxy
 from gate.calibrate import Calibration, roc_auc, shield_scores, strip_entropy, threshold_for_frr
 from gate.oracle import Oracle, file_sha256
 from gate.proxy.codec import TensorSpec, encode_infer_request
@@ -44,7 +45,6 @@ from models.triggers import apply_trigger, trigger_mask
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "models" / "demo"
 SHARED = Path(os.environ.get("GATE_SHARED", ROOT.parent / "shared"))
-HOST = "127.0.0.1"
 
 
 # ---------------------------------------------------------------------- data and triggers
@@ -148,51 +148,6 @@ def detection(args, oracle, manifest, scan_report):
 
 
 # ---------------------------------------------------------------------- serving
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, args: list[str], log: Path) -> None:
-        import httpx
-
-        self.port = free_port()
-        self.url = f"http://{HOST}:{self.port}"
-        self._log = open(log, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "gate", "proxy", *args, "--host", HOST, "--port",
-                                      str(self.port)], stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
-        deadline = time.time() + 120
-        while True:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"gate proxy exited {self.proc.returncode}: see {log}")
-            try:
-                if httpx.get(self.url + "/v2/health/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                self.stop()
-                raise SystemExit(f"gate proxy did not start: see {log}")
-            time.sleep(0.2)
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process so far."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
 
 
@@ -278,6 +233,29 @@ def model_costs(oracle: Oracle, shield: Shield, x: np.ndarray, reps: int = 400) 
             "stamp_score": max(full - fr, 0.0)}
 
 
+def load(args, servers: dict[str, Server], name: str, body_dir: Path, bodies: list, header_length: int,
+         use_wrk: bool) -> dict:
+    """Latency (1 connection) and throughput (--connections) runs, alternating the servers --repeats times."""
+    results = {k: {"latency": [], "throughput": []} for k in servers}
+    for srv in servers.values():  # warm up connections, allocator and batch shapes; not measured
+        url = f"{srv.url}/v2/models/{name}/infer"
+        (wrk_run(url, body_dir, len(bodies), header_length, args.connections, 1.0) if use_wrk
+         else httpx_run(url, bodies, args.connections, 1.0))
+    for kind, conns in (("latency", 1), ("throughput", args.connections)):
+        for _ in range(args.repeats):
+            for label, srv in servers.items():
+                url = f"{srv.url}/v2/models/{name}/infer"
+                cpu0 = srv.cpu_seconds()
+                r = (wrk_run(url, body_dir, len(bodies), header_length, conns, args.duration) if use_wrk
+                     else httpx_run(url, bodies, conns, args.duration))
+                r["cpu_ms_per_request"] = (srv.cpu_seconds() - cpu0) * 1e3 / max(r["requests"], 1)
+                results[label][kind].append(r)
+                print(f"  {label:6s} {kind:10s} c={conns:<3d} p50 {r['p50']:.3f} ms  p99 {r['p99']:.3f} ms  "
+                      f"{r['rps']:8.0f} req/s  server CPU {r['cpu_ms_per_request']:.3f} ms/request  "
+                      f"non-2xx {r['non_2xx']}", flush=True)
+    return results
+
+
 def serving(args, oracle, calibrations, passing, report_path: Path | None, out: Path) -> dict:
     key = "scan" if "scan" in calibrations else "true"
     triggers, tau, achieved, n = calibrations[key]
@@ -313,35 +291,17 @@ def serving(args, oracle, calibrations, passing, report_path: Path | None, out: 
     common = ["--model", str(args.model), "--max-batch-size", str(args.max_batch_size), "--max-queue-delay-us",
               str(args.max_queue_delay_us), "--threads", str(args.ort_threads), "--max-queue", "4096",
               "--device", "cpu"]
-    servers = {
-        "bare": Server([*common, "--no-shield"], out / "bare.log"),
-        "shield": Server([*common, "--report", str(report_path), "--triggers", str(triggers_path),
-                          "--calibration", str(sdir / "calibration.json")], out / "shield.log"),
-    }
     use_wrk = shutil.which("wrk") is not None and not args.httpx
     name = Path(args.model).stem
-    results = {k: {"latency": [], "throughput": []} for k in servers}
-    try:
-        for srv in servers.values():  # warm up connections, allocator and batch shapes; not measured
-            url = f"{srv.url}/v2/models/{name}/infer"
-            (wrk_run(url, body_dir, len(bodies), header_length, args.connections, 1.0) if use_wrk
-             else httpx_run(url, bodies, args.connections, 1.0))
-        for kind, conns in (("latency", 1), ("throughput", args.connections)):
-            for _ in range(args.repeats):
-                for label, srv in servers.items():
-                    url = f"{srv.url}/v2/models/{name}/infer"
-                    cpu0 = srv.cpu_seconds()
-                    r = (wrk_run(url, body_dir, len(bodies), header_length, conns, args.duration) if use_wrk
-                         else httpx_run(url, bodies, conns, args.duration))
-                    r["cpu_ms_per_request"] = (srv.cpu_seconds() - cpu0) * 1e3 / max(r["requests"], 1)
-                    results[label][kind].append(r)
-                    print(f"  {label:6s} {kind:10s} c={conns:<3d} p50 {r['p50']:.3f} ms  p99 {r['p99']:.3f} ms  "
-                          f"{r['rps']:8.0f} req/s  server CPU {r['cpu_ms_per_request']:.3f} ms/request  "
-                          f"non-2xx {r['non_2xx']}", flush=True)
-    finally:
-        for srv in servers.values():
-            srv.stop()
-        shutil.rmtree(body_dir, ignore_errors=True)
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, body_dir, ignore_errors=True)
+        servers = {
+            "bare": stack.enter_context(gate_proxy([*common, "--no-shield"], log=out / "bare.log", timeout=120)),
+            "shield": stack.enter_context(gate_proxy(
+                [*common, "--report", str(report_path), "--triggers", str(triggers_path), "--calibration",
+                 str(sdir / "calibration.json")], log=out / "shield.log", timeout=120)),
+        }
+        results = load(args, servers, name, body_dir, bodies, header_length, use_wrk)
 
     def med(label, kind, field):
         return float(np.median([r[field] for r in results[label][kind]]))

@@ -41,7 +41,7 @@ def ort_throughput(oracle, batch: int, repeats: int, seed: int = 0) -> dict:
 def scan_speed(oracle, images, steps: int, seed: int = 0) -> dict:
     base = ScanConfig(seed=seed)
     cfg = replace(base, search=replace(base.search, max_steps=steps), bandit=False)
-    res, _ = scan(oracle, images, cfg)
+    res = scan(oracle, images, cfg).result
     q, s = res.queries["total"], res.seconds
     non_ort = s["scan"] - s["ort"]
     return {"steps": steps, "classes": len(res.classes), "queries": q, "seconds": s["scan"], "ort_seconds": s["ort"],

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from gate.data import ImageSet, to_unit_float
+from gate.kernels import stamp
 from gate.oracle import Oracle
 from gate.spec import SpecOverrides
 
@@ -194,12 +195,6 @@ def clean_data(dataset: str, cap: int = 1000, n_eval: int = 200, seed: int = 0,
     split = {**desc, "seed": seed, "eval_images": int(len(ev)), "scan_images": int(len(sc)), "cap": cap}
     return CleanData(dataset, ImageSet(to_unit_float(x[sc], src), y[sc], f"{src} (scan)"),
                      ImageSet(to_unit_float(x[ev], src), y[ev], f"{src} (eval)"), split)
-
-
-def stamp(images: np.ndarray, mask: np.ndarray, pattern: np.ndarray) -> np.ndarray:
-    """(1 - m) x + m p for float NHWC images, mask (H, W), pattern (H, W, C)."""
-    m = mask[None, :, :, None].astype(np.float32)
-    return ((1.0 - m) * images + m * pattern[None].astype(np.float32)).astype(np.float32)
 
 
 def trigger_asr(oracle: Oracle, images: np.ndarray, clean_pred: np.ndarray, target: int,

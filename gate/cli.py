@@ -1,7 +1,7 @@
 """``gate`` command line: one sub-command per module in :mod:`gate.commands`.
 
-Exit codes (as protectai/modelscan): 0 accept, 1 reject, 2 error or indeterminate (fail closed),
-4 usage error.
+Exit codes: :data:`gate.decision.EXIT_CODES` (0 accept, 1 reject, 2 review or error, fail closed) and
+:data:`gate.decision.EXIT_USAGE` (4, usage error), the gate's one table.
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import importlib
 import sys
 
 from gate import __version__
+from gate.decision import EXIT_CODES, EXIT_USAGE
 from gate.errors import GateError, UsageError
 
-EXIT_ACCEPT, EXIT_REJECT, EXIT_ERROR, EXIT_USAGE = 0, 1, 2, 4
+EXIT_ERROR = EXIT_CODES["error"]
 
 COMMANDS = ("scan", "synth", "run", "inspect", "proxy", "calibrate")
 

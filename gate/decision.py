@@ -10,6 +10,8 @@ always give the same :class:`Decision`. Outcomes and exit codes (as protectai/mo
     error  2   the scan failed (fail closed; ``on_error: reject`` makes it 1)
     usage  4   the command line was wrong (argparse), not a decision
 
+This table (:data:`EXIT_CODES`, :data:`EXIT_USAGE`) is the only one: every command exits through it.
+
 Rules (SARIF ids): BG001 a class is flagged by the outlier rule; BG003 a small reversed trigger sends
 most held-out images to its class; BG005 the searches did not work (too many classes without a working
 trigger, or masks that never shrank); BG002 a budget cut the scan short. Flags of an incomplete or
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gate.outliers import MAD_CONSISTENCY, find_outliers
+from gate.outliers import MAD_CONSISTENCY, find_outliers, finite_index
 from gate.result import ScanResult
 
 OUTCOMES = ("accept", "reject", "review", "error")
@@ -84,7 +86,7 @@ class Decision:
     @classmethod
     def error(cls, message: str, on_error: str = "error") -> Decision:
         """The decision for a run that failed: always fail closed."""
-        code = 1 if on_error == "reject" else EXIT_CODES["error"]
+        code = EXIT_CODES["reject"] if on_error == "reject" else EXIT_CODES["error"]
         finding = Finding(RULE_ERROR, "error", message)
         return cls("error", [f"scan failed: {message}"], code, [finding])
 
@@ -129,7 +131,7 @@ def decide(result: ScanResult, policy) -> Decision:
                    " (provisional: the search was inconclusive)")
     findings: list[Finding] = []
 
-    flagged = [(c, _finite(idx)) for c, idx, f in zip(classes, out.anomaly_index, out.flagged, strict=True) if f]
+    flagged = [(c, finite_index(idx)) for c, idx, f in zip(classes, out.anomaly_index, out.flagged, strict=True) if f]
     flagged.sort(key=lambda t: (-t[1], t[0].label))
     for c, idx in flagged:
         ratio = c.l1 / median if median > 0 else float("nan")
@@ -163,7 +165,7 @@ def decide(result: ScanResult, policy) -> Decision:
     if not findings:
         i = int(np.argmin(l1))
         c = classes[i]
-        idx = _finite(out.anomaly_index[i])
+        idx = finite_index(out.anomaly_index[i])
         reason = (f"no class flagged among {len(classes)}: the smallest trigger (class {c.label}, L1 "
                   f"{_num(c.l1)}) is {c.l1 / median:.2f}x the median {_num(median)} (anomaly index "
                   f"{_num(idx)}, threshold {_num(policy.outliers.anomaly_threshold)})"
@@ -195,12 +197,6 @@ def _weak_search(classes: list, rules) -> list[Finding]:
             f"image (more than {_pct(weak.max_median_mask_fraction)}); the masks did not shrink",
             None, {"median_mask_fraction": median_mask}))
     return found
-
-
-def _finite(x: float) -> float:
-    """Anomaly indices are infinite when the MAD is 0; keep reports valid JSON (as the scan does)."""
-    x = float(x)
-    return x if np.isfinite(x) else (1e9 if x > 0 else -1e9)
 
 
 def mad_threshold_l1(median: float, mad: float, anomaly_threshold: float) -> float:

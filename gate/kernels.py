@@ -17,6 +17,40 @@ import numpy as np
 from numba import njit, prange
 
 
+def blend(x, m, p):
+    """The stamping formula A(x, m, p) = (1 - m) x + m p, written once.
+
+    Compiled into the numba CPU kernels below and the CUDA kernels (:mod:`gate.kernels_cuda`), and applied
+    as it is to numpy arrays by :func:`stamp`.
+    """
+    return (1.0 - m) * x + m * p
+
+
+def round_rows(n, b, e):
+    """Rows one class takes in a scan round: its n search samples on B images each, then its trigger on E."""
+    return n * b + e
+
+
+def round_source(rem, n, b, cls, sample_idx, eval_idx):
+    """(candidate j, pool image) that row ``rem`` of class ``cls``'s block in a scan round stamps."""
+    if rem < n * b:
+        j = rem // b
+        return j, sample_idx[cls, rem - j * b]
+    return n, eval_idx[cls, rem - n * b]
+
+
+_blend = njit(inline="always", fastmath=True)(blend)
+_round_rows = njit(inline="always")(round_rows)
+_round_source = njit(inline="always")(round_source)
+
+
+def stamp(images: np.ndarray, masks: np.ndarray, patterns: np.ndarray) -> np.ndarray:
+    """:func:`blend` on numpy arrays, float32: images (..., H, W, C), masks (..., H, W), patterns (..., H, W, C)
+    broadcast against each other (one trigger on many images, or one trigger per image)."""
+    m = np.asarray(masks, dtype=np.float32)[..., None]
+    return blend(np.asarray(images, dtype=np.float32), m, np.asarray(patterns, dtype=np.float32))
+
+
 @njit(fastmath=True, cache=True)
 def bernoulli_masks(u, prob, out):
     """out[j] = 1[u[j] < prob] — binary masks m_j ~ Bernoulli(prob). u, out: (k, H, W); prob: (H, W)."""
@@ -65,7 +99,7 @@ def stamp_encode(images, masks, patterns, scale, offset, channels_first, out):
             for c in range(w):
                 m = masks[j, r, c]
                 for q in range(ch):
-                    _put(out, t, r, c, q, (1.0 - m) * images[i, r, c, q] + m * patterns[j, r, c, q],
+                    _put(out, t, r, c, q, _blend(images[i, r, c, q], m, patterns[j, r, c, q]),
                          scale, offset, channels_first)
 
 
@@ -82,22 +116,16 @@ def stamp_classes(pool, classes, sample_idx, eval_idx, masks, patterns, scale, o
     n = masks.shape[1] - 1
     b = sample_idx.shape[1]
     e = eval_idx.shape[1]
-    per = n * b + e
+    per = _round_rows(n, b, e)
     for t in prange(classes.shape[0] * per):
         g = t // per
-        rem = t - g * per
         cls = classes[g]
-        if rem < n * b:
-            j = rem // b
-            x = sample_idx[cls, rem - j * b]
-        else:
-            j = n
-            x = eval_idx[cls, rem - n * b]
+        j, x = _round_source(t - g * per, n, b, cls, sample_idx, eval_idx)
         for r in range(h):
             for c in range(w):
                 m = masks[cls, j, r, c]
                 for q in range(ch):
-                    _put(out, t, r, c, q, (1.0 - m) * pool[x, r, c, q] + m * patterns[cls, j, r, c, q],
+                    _put(out, t, r, c, q, _blend(pool[x, r, c, q], m, patterns[cls, j, r, c, q]),
                          scale, offset, channels_first)
 
 
@@ -150,8 +178,7 @@ def group_hits(probs, target, group, out):
 
 def stamp_encode_reference(images, masks, patterns, scale, offset, channels_first):
     """Plain numpy version of :func:`stamp_encode`, for tests."""
-    m = masks[:, None, :, :, None]
-    v = (1.0 - m) * images[None] + m * patterns[:, None]
+    v = stamp(images[None], masks[:, None], patterns[:, None])
     e = v * scale + offset
     e = e.reshape(-1, *images.shape[1:])
     return e.transpose(0, 3, 1, 2) if channels_first else e

@@ -1,9 +1,7 @@
-"""numba.cuda versions of the hot-path kernels, and a batch that lives in GPU memory.
+"""numba.cuda versions of the hot-path kernels (the documented twins of :mod:`gate.kernels`).
 
-Same contracts as :mod:`gate.kernels` (one thread per output element). :class:`DeviceBatch` stamps the
-candidates on the GPU and hands the device pointer to ORT's CUDA provider through IOBinding, so the
-stamped batch never crosses to the host; only masks/patterns/images go up and (N, K) probabilities
-come back. Kernel logic is tested on the CPU with ``NUMBA_ENABLE_CUDASIM=1``.
+Same contracts as :mod:`gate.kernels` (one thread per output element); :class:`gate.batches.device.DeviceBatch`
+uses them to stamp in GPU memory. Kernel logic is tested on the CPU with ``NUMBA_ENABLE_CUDASIM=1``.
 """
 
 from __future__ import annotations
@@ -13,7 +11,7 @@ import math
 import numpy as np
 from numba import cuda
 
-from gate.batch import Rows
+from gate.kernels import blend, round_rows, round_source
 
 THREADS = 256
 
@@ -27,6 +25,11 @@ def cuda_usable() -> bool:
 
 def _blocks(n: int) -> int:
     return (n + THREADS - 1) // THREADS
+
+
+_blend = cuda.jit(device=True)(blend)
+_round_rows = cuda.jit(device=True)(round_rows)
+_round_source = cuda.jit(device=True)(round_source)
 
 
 @cuda.jit(device=True)
@@ -81,8 +84,7 @@ def stamp_encode_kernel(images, masks, patterns, scale, offset, channels_first, 
         j = row // b
         i = row - j * b
         m = masks[j, r, c]
-        _put(out, row, r, c, q, (1.0 - m) * images[i, r, c, q] + m * patterns[j, r, c, q], scale, offset,
-             channels_first)
+        _put(out, row, r, c, q, _blend(images[i, r, c, q], m, patterns[j, r, c, q]), scale, offset, channels_first)
 
 
 @cuda.jit
@@ -94,20 +96,14 @@ def stamp_classes_kernel(pool, classes, sample_idx, eval_idx, masks, patterns, s
     n = masks.shape[1] - 1
     b = sample_idx.shape[1]
     e = eval_idx.shape[1]
-    per = n * b + e
+    per = _round_rows(n, b, e)
     if t < classes.shape[0] * per * h * w * ch:
         row, r, c, q = _unravel(t, h, w, ch)
         g = row // per
-        rem = row - g * per
         cls = classes[g]
-        if rem < n * b:
-            j = rem // b
-            x = sample_idx[cls, rem - j * b]
-        else:
-            j = n
-            x = eval_idx[cls, rem - n * b]
+        j, x = _round_source(row - g * per, n, b, cls, sample_idx, eval_idx)
         m = masks[cls, j, r, c]
-        _put(out, row, r, c, q, (1.0 - m) * pool[x, r, c, q] + m * patterns[cls, j, r, c, q], scale, offset,
+        _put(out, row, r, c, q, _blend(pool[x, r, c, q], m, patterns[cls, j, r, c, q]), scale, offset,
              channels_first)
 
 
@@ -140,7 +136,7 @@ def stamp_encode(images, masks, patterns, scale, offset, channels_first, out) ->
 def stamp_classes(pool, classes, sample_idx, eval_idx, masks, patterns, scale, offset, channels_first,
                   out) -> None:
     h, w, ch = pool.shape[1], pool.shape[2], pool.shape[3]
-    per = (masks.shape[1] - 1) * sample_idx.shape[1] + eval_idx.shape[1]
+    per = round_rows(masks.shape[1] - 1, sample_idx.shape[1], eval_idx.shape[1])
     n = classes.shape[0] * per * h * w * ch
     stamp_classes_kernel[_blocks(n), THREADS](pool, classes, sample_idx, eval_idx, masks, patterns, scale, offset,
                                               channels_first, out)
@@ -149,50 +145,3 @@ def stamp_classes(pool, classes, sample_idx, eval_idx, masks, patterns, scale, o
 def perturb_encode(x, delta, sigma, scale, offset, channels_first, out) -> None:
     perturb_encode_kernel[_blocks(delta.size), THREADS](x, delta, np.float32(sigma), scale, offset,
                                                        channels_first, out)
-
-
-class DeviceBatch(Rows):
-    """:class:`gate.batch.HostBatch` with the buffer in GPU memory (same interface)."""
-
-    def __init__(self, oracle, capacity: int) -> None:
-        super().__init__(capacity)
-        self.oracle = oracle
-        self.buffer = cuda.device_array(oracle.spec.model_shape(self.capacity), dtype=np.float32)
-        scale, offset = oracle.affine
-        self.scale = cuda.to_device(scale)
-        self.offset = cuda.to_device(offset)
-        self.channels_first = oracle.spec.channels_first
-        self._pool_host = None
-        self._pool_device = None
-
-    def _device_pool(self, pool):
-        """The clean-image pool goes up once per scan, not once per round."""
-        if self._pool_host is not pool:
-            self._pool_host, self._pool_device = pool, cuda.to_device(np.ascontiguousarray(pool))
-        return self._pool_device
-
-    def add_classes(self, pool, classes, sample_idx, eval_idx, masks, patterns) -> slice:
-        rows = self._reserve(len(classes) * self.rows_per_class(masks, sample_idx, eval_idx))
-        stamp_classes(self._device_pool(pool), cuda.to_device(classes), cuda.to_device(sample_idx),
-                      cuda.to_device(eval_idx), cuda.to_device(masks), cuda.to_device(patterns), self.scale,
-                      self.offset, self.channels_first, self.buffer[rows])
-        return rows
-
-    def add_stamped(self, images, masks, patterns) -> slice:
-        rows = self._reserve(len(masks) * len(images))
-        stamp_encode(cuda.to_device(np.ascontiguousarray(images)), cuda.to_device(np.ascontiguousarray(masks)),
-                     cuda.to_device(np.ascontiguousarray(patterns)), self.scale, self.offset,
-                     self.channels_first, self.buffer[rows])
-        return rows
-
-    def add_perturbed(self, x, delta, sigma) -> slice:
-        rows = self._reserve(delta.shape[0] * delta.shape[1])
-        perturb_encode(cuda.to_device(np.ascontiguousarray(x)), cuda.to_device(np.ascontiguousarray(delta)),
-                       sigma, self.scale, self.offset, self.channels_first, self.buffer[rows])
-        return rows
-
-    def run(self) -> np.ndarray:
-        n, self.size = self.size, 0
-        cuda.synchronize()
-        ptr = self.buffer.device_ctypes_pointer.value
-        return self.oracle.run_device(ptr, n)

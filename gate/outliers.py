@@ -6,23 +6,25 @@ A class is flagged when its mask L1 norm lies below the median and its MAD anoma
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from gate.settings import Settings, number, setting
 
 MAD_CONSISTENCY = 1.4826  # makes the MAD a consistent estimator of the standard deviation for normal data
 
 
 @dataclass(frozen=True)
-class OutlierRule:
-    anomaly_threshold: float = 2.0
-    median_ratio: float = 0.25
+class OutlierRule(Settings):
+    """Which classes are outliers (policy section ``outliers``)."""
 
-    def __post_init__(self) -> None:
-        if not self.anomaly_threshold > 0:
-            raise ValueError("anomaly_threshold must be positive")
-        if not 0 <= self.median_ratio < 1:
-            raise ValueError("median_ratio must be in [0, 1)")
+    SECTION = "outliers"
+
+    anomaly_threshold: float = setting(2.0, number(0, lo_open=True),
+                                       "flag below the median at this MAD anomaly index")
+    median_ratio: float = setting(0.25, number(0, 1, hi_open=True), "flag L1 below this fraction of the median")
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,12 @@ def anomaly_index(l1: np.ndarray) -> tuple[float, float, np.ndarray]:
     else:  # all (or most) norms equal: any norm below the median is infinitely anomalous
         index = np.where(below > 0, np.inf, np.where(below < 0, -np.inf, 0.0))
     return median, mad, index
+
+
+def finite_index(x: float) -> float:
+    """An anomaly index as a JSON-safe number: +-1e9 stands for +-inf (a MAD of 0)."""
+    x = float(x)
+    return x if math.isfinite(x) else (1e9 if x > 0 else -1e9)
 
 
 def find_outliers(l1, rule: OutlierRule = OutlierRule()) -> Outliers:

@@ -51,7 +51,6 @@ class ScanResult:
     queries: dict  # total, scan, synthesis, per step
     seconds: dict  # total, ort, synthesis
     synthesis: dict | None = None
-    verdict: str = "accept"  # the scan's own verdict: accept | reject | review
     schema_version: str = SCHEMA_VERSION
     tool: dict = field(default_factory=dict)
 
@@ -65,13 +64,37 @@ class ScanResult:
         d = dict(d)
         if d.get("schema_version") != SCHEMA_VERSION:
             raise GateError(f"report schema version {d.get('schema_version')!r} is not {SCHEMA_VERSION!r}")
-        for key in ("decision", "policy", "error"):  # added by the gate's renderers, not part of the scan
+        # added by the gate's renderers, not part of the scan; "verdict": reports before the decision was one
+        for key in ("decision", "policy", "error", "verdict"):
             d.pop(key, None)
         d["classes"] = [ClassResult(**c) for c in d["classes"]]
         return cls(**d)
 
     def class_result(self, label: int) -> ClassResult:
         return next(c for c in self.classes if c.label == label)
+
+
+@dataclass(frozen=True)
+class ExampleRow:
+    """A held-out image that a class's reversed trigger was stamped on during the scan's held-out pass."""
+
+    held_out: int  # position among the held-out images
+    image: int  # index into the scanned image set
+    clean_pred: int
+    stamped_pred: int
+    label: int | None  # ground truth, when known
+
+
+@dataclass
+class Example:
+    """A clean image with a class's reversed trigger stamped on, and what the model said of both."""
+
+    target: int  # the class whose trigger was stamped
+    clean: np.ndarray  # (H, W, C) float [0, 1]
+    stamped: np.ndarray  # (H, W, C) float [0, 1]
+    clean_pred: int
+    stamped_pred: int
+    label: int | None = None  # ground truth of the clean image, when known
 
 
 @dataclass

@@ -5,6 +5,14 @@ many classes are stamped side by side into one buffer and answered by one model 
 told its losses. Budgets (queries, seconds) are checked before every model call and never exceeded; when
 they cut the scan short it says so.
 
+The engine is an object with the life of one scan: set-up (``ScanEngine(...)``: data split, clean
+predictions, buffers, one search per class), ``round()`` (every running class asks, the candidates are
+stamped and answered, each class is told its losses), ``finish()`` (each reversed trigger measured on the
+held-out images, the report's stamped examples read off that same pass, outliers) and ``result()``. The
+query budget (:class:`gate.budget.QueryBudget`) and the bandit (:class:`gate.bandit.Bandit`) are its
+collaborators; progress goes out as typed events (:mod:`gate.progress`). The scan has no verdict:
+:func:`gate.decision.decide` is the only one.
+
 An optional bandit over classes (``bandit=True``) stops classes above the ``bandit_keep`` quantile of the
 current L1 norms after ``bandit_warmup`` steps. It is off by default: measured on the forge's GTSRB
 models, classes shrink late and in no fixed order, so a class stopped early keeps an L1 several times
@@ -17,277 +25,309 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from gate import __version__
-from gate.batch import make_batch
+from gate.bandit import Bandit
+from gate.batches import make_batch
+from gate.budget import QueryBudget
 from gate.data import ImageSet
 from gate.errors import DataError
 from gate.kernels import group_cross_entropy, group_hits
 from gate.oracle import Oracle
-from gate.outliers import OutlierRule, find_outliers
-from gate.progress import Progress
-from gate.result import ClassResult, ScanResult, Triggers
-from gate.search import SearchParams, TriggerSearch
+from gate.outliers import OutlierRule, find_outliers, finite_index
+from gate.progress import ClassFinished, Progress, RoundFinished, ScanStarted
+from gate.result import ClassResult, ExampleRow, ScanResult, Triggers
+from gate.search import SearchParams, SearchState, TriggerSearch
+from gate.settings import Settings, boolean, integer, number, optional, setting
+
+MIN_IMAGES = 10  # clean images a scan needs at least (search pool + held-out)
 
 
 @dataclass(frozen=True)
-class ScanConfig:
+class ScanConfig(Settings):
+    """How the scan over all classes runs; ``search`` and ``outliers`` hold the per-class and outlier settings."""
+
+    SECTION = "search"
+
     search: SearchParams = field(default_factory=SearchParams)
     outliers: OutlierRule = field(default_factory=OutlierRule)
-    seed: int = 0
-    max_images: int = 1000  # clean images used (search pool + held-out), sampled by seed
-    held_out: int = 100  # images kept aside to measure each reversed trigger's attack success
-    bandit: bool = False  # off by default: see the module docstring
-    bandit_warmup: int = 100  # steps before the bandit may stop a class (lambda needs time to ramp)
-    bandit_every: int = 20
-    bandit_keep: float = 0.6  # classes at or below this quantile of L1 always keep searching
-    max_queries: int | None = None  # for the whole scan (the oracle may hold its own, larger budget)
-    max_seconds: float | None = None
-    batch_images: int = 2048  # images per model call (each of the two stamped-candidate buffers)
-    hard_examples: bool = True  # half of the next minibatch may be images the current trigger failed on
+    seed: int = setting(0, integer(0), "random seed: same seed, model, data and policy -> same report")
+    max_images: int = setting(1000, integer(MIN_IMAGES), "clean images used at most (search pool + held-out)",
+                              place="data.max_images")
+    held_out: int = setting(100, integer(0), "images kept aside to measure each trigger's attack success",
+                            place="data.held_out")
+    bandit: bool = setting(False, boolean, "stop classes above the bandit_keep L1 quantile after bandit_warmup "
+                           "steps (off: early-stopped L1s are upper bounds that bias the median and MAD)")
+    bandit_warmup: int = setting(100, integer(1), "steps before the bandit may stop a class")
+    bandit_every: int = setting(20, integer(1), "steps between bandit decisions")
+    bandit_keep: float = setting(0.6, number(0, 1), "classes at or below this L1 quantile always keep searching")
+    max_queries: int | None = setting(None, optional(integer(1)), "images sent to the model at most, or null",
+                                      place="budget.max_queries")
+    max_seconds: float | None = setting(None, optional(number(0, lo_open=True)), "seconds of search, or null",
+                                        place="budget.max_seconds")
+    batch_images: int = setting(2048, integer(1), "images per model call (each of the two stamped buffers)",
+                                flag=False)
+    hard_examples: bool = setting(True, boolean, "half of the next minibatch may be images the trigger failed on")
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = super().to_dict()
         d.pop("search")
         d.pop("outliers")
         return d
 
 
 @dataclass
-class _ClassRun:
+class ClassSearch:
+    """One class's search inside a scan."""
+
     label: int
-    state: object
+    state: SearchState
     pool: np.ndarray  # indices of search images not already predicted as this class
+    ce: np.ndarray  # this step's candidate losses
     queries: int = 0
     seconds: float = 0.0
-    ce: np.ndarray | None = None
     hard: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # eval images the trigger missed
+
+    def finished(self) -> ClassFinished:
+        _, _, l1 = self.state.result_trigger()
+        return ClassFinished(self.label, self.state.step, self.state.last_success, float(l1), self.queries,
+                             self.state.status)
+
+
+@dataclass
+class ScanOutput:
+    result: ScanResult
+    triggers: Triggers
+    examples: dict[int, list[ExampleRow]]  # per class: held-out images with its trigger stamped (no extra query)
 
 
 def split_data(images: ImageSet, cfg: ScanConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Indices (search pool, held-out) over at most ``max_images`` images."""
     n = len(images)
+    if n < MIN_IMAGES:
+        raise DataError(f"{images.source}: {n} images are too few to scan (need at least {MIN_IMAGES})")
     order = rng.permutation(n)[: min(n, cfg.max_images)]
     held = min(cfg.held_out, len(order) // 5)
-    if len(order) - held < 2:
-        raise DataError(f"{images.source}: {n} images are too few to scan (need at least 10)")
     return order[held:], order[:held]
 
 
-def scan(oracle: Oracle, images: ImageSet, cfg: ScanConfig = ScanConfig(), *, method: str = "b3d",
-         progress: Progress | None = None, synthesis: dict | None = None) -> tuple[ScanResult, Triggers]:
-    t_start = time.perf_counter()
-    q_start = oracle.queries
-    ort_start = oracle.ort_seconds
-    progress = progress or Progress(enabled=False)
-    k_classes = oracle.num_classes
-    params = cfg.search
-    search = TriggerSearch(oracle.image_shape, params)
-    root = np.random.SeedSequence(cfg.seed)
-    data_seq, *class_seqs = root.spawn(k_classes + 1)
-    data_rng = np.random.default_rng(data_seq)
+class ScanEngine:
+    """All classes' trigger searches against one model (see the module docstring)."""
 
-    search_idx, held_idx = split_data(images, cfg, data_rng)
-    used = np.concatenate([search_idx, held_idx])
-    budget = _Budget(oracle, cfg, q_start, t_start)
-    budget.require(len(used), "predicting the clean images")
-    preds = oracle.predict(images.x[used])
-    pred_search, pred_held = preds[: len(search_idx)], preds[len(search_idx):]
-    accuracy = None
-    if images.y is not None:
-        accuracy = float(np.mean(preds == images.y[used]))
-    pool_x = np.ascontiguousarray(images.x[search_idx])
-    held_x = np.ascontiguousarray(images.x[held_idx])
+    def __init__(self, oracle: Oracle, images: ImageSet, cfg: ScanConfig = ScanConfig(), *, method: str = "b3d",
+                 progress: Progress | None = None, examples: int = 0) -> None:
+        self.t_start = time.perf_counter()
+        self.ort_start = oracle.ort_seconds
+        self.oracle, self.images, self.cfg, self.method = oracle, images, cfg, method
+        self.progress = progress or Progress(enabled=False)
+        self.examples_per_class = examples
+        self.params = params = cfg.search
+        self.search = TriggerSearch(oracle.image_shape, params)
+        self.budget = QueryBudget(oracle, cfg.max_queries, cfg.max_seconds)
+        self.bandit = Bandit(cfg.bandit_warmup, cfg.bandit_every, cfg.bandit_keep) if cfg.bandit else None
+        k_classes = oracle.num_classes
+        data_seq, *class_seqs = np.random.SeedSequence(cfg.seed).spawn(k_classes + 1)
 
-    # every class's candidates live in one array, so one kernel call stamps a whole round
-    n_cand = params.candidates
-    masks_all = np.empty((k_classes, n_cand, *oracle.image_shape[:2]), np.float32)
-    patterns_all = np.empty((k_classes, n_cand, *oracle.image_shape), np.float32)
-    sample_idx = np.zeros((k_classes, params.batch_size), np.int64)
-    eval_idx = np.zeros((k_classes, params.eval_size), np.int64)
-    runs = []
-    for c in range(k_classes):
-        pool = np.flatnonzero(pred_search != c)
-        if len(pool) == 0:
-            pool = np.arange(len(search_idx))
-        state = search.init(np.random.default_rng(class_seqs[c]), masks_all[c], patterns_all[c])
-        runs.append(_ClassRun(c, state, pool, ce=np.empty(n_cand - 1, np.float64)))
+        self.search_idx, self.held_idx = split_data(images, cfg, np.random.default_rng(data_seq))
+        used = np.concatenate([self.search_idx, self.held_idx])
+        self.budget.require(len(used), "predicting the clean images")
+        preds = oracle.predict(images.x[used])
+        pred_search, self.pred_held = preds[: len(self.search_idx)], preds[len(self.search_idx):]
+        self.accuracy = None if images.y is None else float(np.mean(preds == images.y[used]))
+        self.pool_x = np.ascontiguousarray(images.x[self.search_idx])
+        self.held_x = np.ascontiguousarray(images.x[self.held_idx])
 
-    per_class = params.queries_per_step
-    capacity = max(cfg.batch_images, per_class)
-    batches = (make_batch(oracle, capacity), make_batch(oracle, capacity))  # double-buffered
-    runner = ThreadPoolExecutor(max_workers=1)  # one model call at a time, off the main thread
-    sample_rows = (n_cand - 1) * params.batch_size
-    reserve = k_classes * len(held_x)  # budget kept for measuring every trigger on held-out images
-    hits = np.empty(1, np.float64)
+        # every class's candidates live in one array, so one kernel call stamps a whole round
+        n_cand = params.candidates
+        self.masks = np.empty((k_classes, n_cand, *oracle.image_shape[:2]), np.float32)
+        self.patterns = np.empty((k_classes, n_cand, *oracle.image_shape), np.float32)
+        self.sample_idx = np.zeros((k_classes, params.batch_size), np.int64)
+        self.eval_idx = np.zeros((k_classes, params.eval_size), np.int64)
+        self.classes: list[ClassSearch] = []
+        for c in range(k_classes):
+            pool = np.flatnonzero(pred_search != c)
+            if len(pool) == 0:
+                pool = np.arange(len(self.search_idx))
+            state = self.search.init(np.random.default_rng(class_seqs[c]), self.masks[c], self.patterns[c])
+            self.classes.append(ClassSearch(c, state, pool, ce=np.empty(n_cand - 1, np.float64)))
 
-    def tell_group(future, group) -> None:
-        probs = future.result()
-        for g, r in enumerate(group):
-            rows = probs[g * per_class:(g + 1) * per_class]
-            group_cross_entropy(rows[:sample_rows], r.label, params.batch_size, r.ce)
-            trigger_rows = rows[sample_rows:]
-            group_hits(trigger_rows, r.label, params.eval_size, hits)
-            r.hard = eval_idx[r.label][trigger_rows.argmax(axis=1) != r.label]
-            search.tell(r.state, r.ce, float(hits[0]))
-            r.queries += per_class
-    stop_reason = None
-    step = 0
-    progress.start(k_classes, params.max_steps)
+        self.rows_per_class = params.queries_per_step
+        self.capacity = max(cfg.batch_images, self.rows_per_class)
+        self.batches = (make_batch(oracle, self.capacity), make_batch(oracle, self.capacity))  # double-buffered
+        self.sample_rows = (n_cand - 1) * params.batch_size
+        self.reserve = k_classes * len(self.held_x)  # kept for measuring every trigger on held-out images
+        self._hits = np.empty(1, np.float64)
+        self.step = 0
+        self.stop_reason: str | None = None
+        self._finished: tuple | None = None
+        self.progress.emit(ScanStarted(k_classes, params.max_steps))
 
-    try:
-        while True:
-            active = [r for r in runs if not r.state.done]
-            if not active:
-                break
-            cost = per_class * len(active)
-            reason = budget.blocks(cost + reserve)
-            if reason:
-                stop_reason = reason
-                for r in active:
-                    search.stop(r.state, "budget")
-                break
-            # one round: every active class takes one step, many classes per model call. Model calls run in a
-            # worker thread (ORT releases the GIL) while the next group is asked and stamped into the other
-            # buffer, so sampling and stamping hide behind inference.
-            t0 = time.perf_counter()
-            per_call = max(1, capacity // per_class)
-            pending = None
-            for gi, start in enumerate(range(0, len(active), per_call)):
-                group = active[start:start + per_call]
-                for r in group:
-                    search.ask(r.state)  # writes the samples, then the current trigger, into masks_all[c]
-                    rng = r.state.rng
-                    sample_idx[r.label] = rng.choice(r.pool, params.batch_size, replace=len(r.pool) < params.batch_size)
-                    if cfg.hard_examples and len(r.hard):  # images the current trigger just failed on
-                        n_hard = min(len(r.hard), params.batch_size // 2)
-                        sample_idx[r.label, :n_hard] = r.hard[:n_hard]
-                    eval_idx[r.label] = rng.choice(r.pool, params.eval_size, replace=len(r.pool) < params.eval_size)
-                batch = batches[gi % 2]
-                batch.add_classes(pool_x, np.array([r.label for r in group], np.int64), sample_idx, eval_idx,
-                                  masks_all, patterns_all)
-                future = runner.submit(batch.run)
-                if pending is not None:
-                    tell_group(*pending)
-                pending = (future, group)
-            tell_group(*pending)
-            share = (time.perf_counter() - t0) / len(active)
+    # ------------------------------------------------------------------ rounds
+    def run(self) -> ScanOutput:
+        runner = ThreadPoolExecutor(max_workers=1)  # one model call at a time, off the main thread
+        try:
+            while self.round(runner):
+                pass
+        finally:
+            runner.shutdown()
+        self.finish()
+        return self.result()
+
+    def round(self, runner: ThreadPoolExecutor) -> bool:
+        """One step of every running class; False when none is left or a budget stopped the scan.
+
+        Many classes share a model call. Calls run in ``runner`` (ORT releases the GIL) while the next group
+        is asked and stamped into the other buffer, so sampling and stamping hide behind inference.
+        """
+        active = [r for r in self.classes if not r.state.done]
+        if not active:
+            return False
+        reason = self.budget.blocks(self.rows_per_class * len(active) + self.reserve)
+        if reason:
+            self.stop_reason = reason
             for r in active:
-                r.seconds += share
-                if r.state.done:
-                    progress.class_done(r.label, r.state, r.queries)
-            step += 1
-            if cfg.bandit and step >= cfg.bandit_warmup and step % cfg.bandit_every == 0:
-                _bandit(runs, search, cfg.bandit_keep, progress)
-            progress.step(step, runs, oracle.queries - q_start)
-    finally:
-        runner.shutdown()
-    # measure each class's reversed trigger on the held-out images
-    results, masks, patterns = _finish(runs, held_x, pred_held, batches[0], budget, oracle.image_shape)
-    l1 = np.array([c.l1 for c in results])
-    out = find_outliers(l1, cfg.outliers)
-    for c, idx, flag in zip(results, out.anomaly_index, out.flagged, strict=True):
-        c.anomaly_index = float(idx) if np.isfinite(idx) else (1e9 if idx > 0 else -1e9)
-        c.flagged = bool(flag)
-    flagged = [c.label for c in results if c.flagged]
-    complete = stop_reason is None
-    verdict = "reject" if flagged and complete else ("review" if not complete else "accept")
-    progress.finish(flagged, verdict)
+                self.search.stop(r.state, "budget")
+            return False
+        t0 = time.perf_counter()
+        per_call = max(1, self.capacity // self.rows_per_class)
+        pending = None
+        for gi, start in enumerate(range(0, len(active), per_call)):
+            group = active[start:start + per_call]
+            for r in group:
+                self._ask(r)
+            batch = self.batches[gi % 2]
+            batch.add_classes(self.pool_x, np.array([r.label for r in group], np.int64), self.sample_idx,
+                              self.eval_idx, self.masks, self.patterns)
+            future = runner.submit(batch.run)
+            if pending is not None:
+                self.tell(pending[0].result(), pending[1])
+            pending = (future, group)
+        self.tell(pending[0].result(), pending[1])
+        share = (time.perf_counter() - t0) / len(active)
+        for r in active:
+            r.seconds += share
+            if r.state.done:
+                self.progress.emit(r.finished())
+        self.step += 1
+        if self.bandit is not None:
+            for i in self.bandit.losers(self.step, [r.state for r in self.classes]):
+                self.search.stop(self.classes[i].state, "bandit_stopped")
+                self.progress.emit(self.classes[i].finished())
+        running = [r for r in self.classes if not r.state.done]
+        smallest = min(running, key=lambda r: r.state.result_trigger()[2]) if running else None
+        self.progress.emit(RoundFinished(self.step, self.budget.spent, smallest and smallest.finished()))
+        return True
 
-    total_q = oracle.queries - q_start
-    seconds = time.perf_counter() - t_start
-    synth_q = (synthesis or {}).get("queries", 0)
-    synth_s = (synthesis or {}).get("seconds", 0.0)
-    result = ScanResult(
-        model=oracle.describe(),
-        input_spec=oracle.spec.to_dict(),
-        providers=oracle.providers,
-        method=method,
-        seed=cfg.seed,
-        search={**params.to_dict(), **cfg.to_dict()},
-        outliers={"anomaly_threshold": cfg.outliers.anomaly_threshold, "median_ratio": cfg.outliers.median_ratio,
-                  "median_l1": out.median, "mad": out.mad},
-        data={"source": images.source, "images": int(len(images)), "search_pool": int(len(search_idx)),
-              "held_out": int(len(held_idx)), "clean_accuracy": accuracy},
-        classes=results,
-        flagged=flagged,
-        complete=complete,
-        stop_reason=stop_reason,
-        queries={"total": int(total_q + synth_q), "scan": int(total_q), "synthesis": int(synth_q),
-                 "per_class_mean": float(total_q / k_classes)},
-        seconds={"total": seconds + synth_s, "scan": seconds, "synthesis": synth_s,
-                 "ort": oracle.ort_seconds - ort_start,
-                 "ort_fraction": (oracle.ort_seconds - ort_start) / seconds if seconds > 0 else 0.0},
-        synthesis=synthesis,
-        verdict=verdict,
-        tool={"name": "backdoor-gate", "version": __version__},
-    )
-    triggers = Triggers(np.arange(k_classes), masks, patterns, np.array([c.flagged for c in results]))
-    return result, triggers
+    def _ask(self, r: ClassSearch) -> None:
+        """The class's candidates (written into ``self.masks[c]``) and this step's images."""
+        p = self.params
+        self.search.ask(r.state)
+        rng = r.state.rng
+        self.sample_idx[r.label] = rng.choice(r.pool, p.batch_size, replace=len(r.pool) < p.batch_size)
+        if self.cfg.hard_examples and len(r.hard):  # images the current trigger just failed on
+            n_hard = min(len(r.hard), p.batch_size // 2)
+            self.sample_idx[r.label, :n_hard] = r.hard[:n_hard]
+        self.eval_idx[r.label] = rng.choice(r.pool, p.eval_size, replace=len(r.pool) < p.eval_size)
+
+    def tell(self, probs: np.ndarray, group: list[ClassSearch]) -> None:
+        """Each class of ``group`` its candidates' losses and its trigger's success, from one call's rows."""
+        p = self.params
+        per = self.rows_per_class
+        for g, r in enumerate(group):
+            rows = probs[g * per:(g + 1) * per]
+            group_cross_entropy(rows[:self.sample_rows], r.label, p.batch_size, r.ce)
+            trigger_rows = rows[self.sample_rows:]
+            group_hits(trigger_rows, r.label, p.eval_size, self._hits)
+            r.hard = self.eval_idx[r.label][trigger_rows.argmax(axis=1) != r.label]
+            self.search.tell(r.state, r.ce, float(self._hits[0]))
+            r.queries += per
+
+    # ------------------------------------------------------------------ the end
+    def finish(self) -> None:
+        """Measure each class's reversed trigger on the held-out images (and keep the report's examples)."""
+        triggers = [r.state.result_trigger() for r in self.classes]
+        masks = np.stack([t[0] for t in triggers]).astype(np.float32)
+        patterns = np.stack([t[1] for t in triggers]).astype(np.float32)
+        asr: list[float | None] = [None] * len(self.classes)
+        examples: dict[int, list[ExampleRow]] = {}
+        n = len(self.held_x)
+        batch = self.batches[0]
+        if n and self.budget.left() >= n * len(self.classes):
+            per_call = max(1, batch.capacity // n)
+            for start in range(0, len(self.classes), per_call):
+                group = self.classes[start:start + per_call]
+                slots = [batch.add_stamped(self.held_x, masks[r.label:r.label + 1], patterns[r.label:r.label + 1])
+                         for r in group]
+                probs = batch.run()
+                for r, rows in zip(group, slots, strict=True):
+                    keep = self.pred_held != r.label
+                    pred = probs[rows].argmax(axis=1)
+                    asr[r.label] = float(np.mean(pred[keep] == r.label)) if keep.any() else None
+                    r.queries += n
+                    if self.examples_per_class:
+                        examples[r.label] = self._examples(r.label, keep, pred)
+        self._finished = (masks, patterns, asr, examples)
+
+    def _examples(self, label: int, keep: np.ndarray, stamped_pred: np.ndarray) -> list[ExampleRow]:
+        """Held-out images not already of ``label`` (any, when all are), with what the model said."""
+        idx = np.flatnonzero(keep)
+        if len(idx) == 0:
+            idx = np.arange(len(keep))
+        y = self.images.y
+        return [ExampleRow(int(i), int(self.held_idx[i]), int(self.pred_held[i]), int(stamped_pred[i]),
+                           None if y is None else int(y[self.held_idx[i]]))
+                for i in idx[:self.examples_per_class]]
+
+    def result(self) -> ScanOutput:
+        if self._finished is None:
+            raise RuntimeError("ScanEngine.result() before finish()")
+        masks, patterns, asr, examples = self._finished
+        h, w, _ = self.oracle.image_shape
+        classes = []
+        for r in self.classes:
+            l1 = float(r.state.result_trigger()[2])
+            classes.append(ClassResult(
+                label=r.label, l1=l1, binary_l1=int((masks[r.label] >= 0.5).sum()), mask_fraction=float(l1 / (h * w)),
+                trigger_asr=asr[r.label], queries=int(r.queries), steps=int(r.state.step), status=r.state.status,
+                seconds=float(r.seconds)))
+        out = find_outliers(np.array([c.l1 for c in classes]), self.cfg.outliers)
+        for c, idx, flag in zip(classes, out.anomaly_index, out.flagged, strict=True):
+            c.anomaly_index = finite_index(idx)
+            c.flagged = bool(flag)
+        k = len(classes)
+        queries = self.budget.spent
+        seconds = time.perf_counter() - self.t_start
+        ort = self.oracle.ort_seconds - self.ort_start
+        cfg = self.cfg
+        result = ScanResult(
+            model=self.oracle.describe(),
+            input_spec=self.oracle.spec.to_dict(),
+            providers=self.oracle.providers,
+            method=self.method,
+            seed=cfg.seed,
+            search={**cfg.search.to_dict(), **cfg.to_dict()},
+            outliers={"anomaly_threshold": cfg.outliers.anomaly_threshold, "median_ratio": cfg.outliers.median_ratio,
+                      "median_l1": out.median, "mad": out.mad},
+            data={"source": self.images.source, "images": int(len(self.images)),
+                  "search_pool": int(len(self.search_idx)), "held_out": int(len(self.held_idx)),
+                  "clean_accuracy": self.accuracy},
+            classes=classes,
+            flagged=[c.label for c in classes if c.flagged],
+            complete=self.stop_reason is None,
+            stop_reason=self.stop_reason,
+            queries={"total": int(queries), "scan": int(queries), "synthesis": 0, "per_class_mean": float(queries / k)},
+            seconds={"total": seconds, "scan": seconds, "synthesis": 0.0, "ort": ort,
+                     "ort_fraction": ort / seconds if seconds > 0 else 0.0},
+            tool={"name": "backdoor-gate", "version": __version__},
+        )
+        triggers = Triggers(np.arange(k), masks, patterns, np.array([c.flagged for c in classes]))
+        return ScanOutput(result, triggers, examples)
 
 
-class _Budget:
-    def __init__(self, oracle: Oracle, cfg: ScanConfig, q_start: int, t_start: float) -> None:
-        self.oracle, self.cfg, self.q_start, self.t_start = oracle, cfg, q_start, t_start
-
-    def left(self) -> float:
-        lefts = [np.inf]
-        if self.cfg.max_queries is not None:
-            lefts.append(self.cfg.max_queries - (self.oracle.queries - self.q_start))
-        if self.oracle.remaining is not None:
-            lefts.append(self.oracle.remaining)
-        return min(lefts)
-
-    def blocks(self, n: int) -> str | None:
-        """Why ``n`` more queries cannot be sent now, or None."""
-        if n > self.left():
-            return f"query budget reached ({self.oracle.queries - self.q_start} queries sent)"
-        if self.cfg.max_seconds is not None and time.perf_counter() - self.t_start > self.cfg.max_seconds:
-            return f"time budget of {self.cfg.max_seconds:g} s reached"
-        return None
-
-    def require(self, n: int, what: str) -> None:
-        from gate.errors import QueryBudgetExceeded
-
-        if n > self.left():
-            raise QueryBudgetExceeded(f"query budget too small: {what} needs {n} queries, {self.left():.0f} left")
-
-
-def _bandit(runs: list[_ClassRun], search: TriggerSearch, keep: float, progress: Progress) -> None:
-    scores = np.array([r.state.result_trigger()[2] for r in runs])
-    cut = np.quantile(scores, keep)
-    for r, s in zip(runs, scores, strict=True):
-        if not r.state.done and s > cut and r.state.best_mask is not None:
-            search.stop(r.state, "bandit_stopped")
-            progress.class_done(r.label, r.state, r.queries)
-
-
-def _finish(runs, held_x, pred_held, batch, budget, image_shape):
-    h, w, _ = image_shape
-    masks = np.stack([r.state.result_trigger()[0] for r in runs]).astype(np.float32)
-    patterns = np.stack([r.state.result_trigger()[1] for r in runs]).astype(np.float32)
-    asr = [None] * len(runs)
-    n = len(held_x)
-    if n and budget.left() >= n * len(runs):
-        per_call = max(1, batch.capacity // n)
-        for start in range(0, len(runs), per_call):
-            group = runs[start:start + per_call]
-            slots = [batch.add_stamped(held_x, masks[r.label:r.label + 1], patterns[r.label:r.label + 1])
-                     for r in group]
-            probs = batch.run()
-            for r, rows in zip(group, slots, strict=True):
-                keep = pred_held != r.label
-                pred = probs[rows].argmax(axis=1)
-                asr[r.label] = float(np.mean(pred[keep] == r.label)) if keep.any() else None
-                r.queries += n
-    results = []
-    for r in runs:
-        _, _, l1 = r.state.result_trigger()
-        results.append(ClassResult(
-            label=r.label, l1=float(l1), binary_l1=int((masks[r.label] >= 0.5).sum()),
-            mask_fraction=float(l1 / (h * w)), trigger_asr=asr[r.label], queries=int(r.queries),
-            steps=int(r.state.step), status=r.state.status, seconds=float(r.seconds)))
-    return results, masks, patterns
+def scan(oracle: Oracle, images: ImageSet, cfg: ScanConfig = ScanConfig(), *, method: str = "b3d",
+         progress: Progress | None = None, examples: int = 0) -> ScanOutput:
+    """Run a whole scan: :class:`ScanEngine` from set-up to result."""
+    return ScanEngine(oracle, images, cfg, method=method, progress=progress, examples=examples).run()

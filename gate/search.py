@@ -30,55 +30,58 @@ mean (the pattern noise cancels to first order). Both stay unbiased; k evaluatio
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
 from gate.kernels import bernoulli_masks, noisy_patterns
+from gate.settings import Bad, Settings, boolean, choice, even_integer, integer, number, setting
 
 SAMPLINGS = ("paired", "joint", "separate")
 
 
 @dataclass(frozen=True)
-class SearchParams:
-    k: int = 50  # search samples per step
-    sigma: float = 0.3
-    lr: float = 0.1
-    batch_size: int = 4  # clean images each search sample is stamped on, per step
-    eval_size: int = 16  # clean images the current trigger is checked on, per step (lambda schedule)
-    max_steps: int = 800
-    sampling: str = "paired"  # "paired", "joint" or "separate" (paper Eq. 5/6 literally: 2k evaluations)
-    antithetic: bool = True  # mirrored samples: (u, 1-u) for masks, (eps, -eps) for patterns
-    baseline: bool = True  # subtract a leave-one-out mean fitness (variance reduction, still unbiased)
-    mask_pattern_noise: bool = True  # pattern estimate only from pixels the sampled mask shows (still unbiased)
-    exact_penalty: bool = True  # lambda |m|_1 has a closed-form expected gradient: use it, estimate only the CE
-    lambda_init: float = 1e-3
-    lambda_up: float = 1.5
-    lambda_down: float = 1.5 ** 1.5
-    patience: int = 5
-    success_threshold: float = 0.99
-    early_stop_patience: int = 80
-    early_stop_tol: float = 0.01  # "improved" means best L1 fell by more than this fraction
-    early_stop_min_shrink: float = 0.5  # no early stop before the trigger lost this fraction of its first L1
-    mask_init: float = 1.0  # initial theta_m: g(1) = 0.88, the trigger starts as most of the image
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
+class SearchParams(Settings):
+    """The NES trigger search's settings (policy section ``search``)."""
 
-    def __post_init__(self) -> None:
-        if self.sampling not in SAMPLINGS:
-            raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}")
-        if self.k < 2 or ((self.antithetic or self.sampling == "paired") and self.k % 2):
-            raise ValueError(f"k must be >= 2 (and even with antithetic or paired sampling), got {self.k}")
+    SECTION = "search"
+
+    k: int = setting(50, even_integer(2), "search samples per NES step")
+    sigma: float = setting(0.3, number(0, lo_open=True), "pattern noise scale")
+    lr: float = setting(0.1, number(0, lo_open=True), "Adam learning rate")
+    batch_size: int = setting(4, integer(1), "clean images each candidate is stamped on per step")
+    eval_size: int = setting(16, integer(1), "clean images the current trigger is checked on per step (lambda "
+                             "schedule)")
+    max_steps: int = setting(800, integer(1), "NES steps per class at most")
+    sampling: str = setting("paired", choice(*SAMPLINGS),
+                            " | ".join(SAMPLINGS) + " (separate: the paper's Eq. 5/6, 2k evaluations)")
+    antithetic: bool = setting(True, boolean, "mirrored samples: (u, 1-u) for masks, (eps, -eps) for patterns")
+    baseline: bool = setting(True, boolean, "subtract a leave-one-out mean fitness (variance reduction, unbiased)")
+    mask_pattern_noise: bool = setting(True, boolean, "pattern estimate only from pixels the sampled mask shows")
+    exact_penalty: bool = setting(True, boolean, "closed-form gradient of the lambda |m| term")
+    lambda_init: float = setting(1e-3, number(0, lo_open=True), "first lambda once a trigger works")
+    lambda_up: float = setting(1.5, number(0, lo_open=True), "lambda multiplier while triggers work")
+    lambda_down: float = setting(1.5 ** 1.5, number(0, lo_open=True), "lambda divisor while they do not")
+    patience: int = setting(5, integer(1), "steps between lambda schedule changes")
+    success_threshold: float = setting(0.99, number(0, 1, lo_open=True), "attack success a trigger must reach")
+    early_stop_patience: int = setting(80, integer(1), "stop after this many steps without improvement")
+    early_stop_tol: float = setting(0.01, number(0), "an improvement is a fall of the best L1 by this fraction")
+    early_stop_min_shrink: float = setting(0.5, number(0, 1),
+                                           "no early stop before the trigger lost this fraction of its first L1")
+    mask_init: float = setting(1.0, number(), "initial mask logit (g(1) = 0.88 of the image)")
+    adam_beta1: float = setting(0.9, number(0, 1, hi_open=True), "Adam first-moment decay")
+    adam_beta2: float = setting(0.999, number(0, 1, hi_open=True), "Adam second-moment decay")
+
+    def validate(self) -> None:
         if self.sampling == "paired" and self.k < 4:
-            raise ValueError("paired sampling needs k >= 4")
-        for name in ("sigma", "lr", "lambda_init", "lambda_up", "lambda_down"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive")
-        counts = ("batch_size", "eval_size", "max_steps", "patience", "early_stop_patience")
-        if any(getattr(self, name) < 1 for name in counts):
-            raise ValueError(f"{', '.join(counts)} must be >= 1")
-        if not 0 < self.success_threshold <= 1:
-            raise ValueError("success_threshold must be in (0, 1]")
+            raise Bad("paired sampling needs k >= 4")
+
+    @classmethod
+    def paper(cls) -> SearchParams:
+        """The paper's settings (Dong et al. 2021): k=50, minibatch 32, Eq. 5/6 evaluated separately."""
+        return cls(k=50, batch_size=32, eval_size=32, sigma=0.1, lr=0.05, max_steps=300, early_stop_patience=25,
+                   early_stop_min_shrink=0.0, mask_init=0.0, sampling="separate", antithetic=False,
+                   exact_penalty=False, mask_pattern_noise=False)
 
     @property
     def queries_per_step(self) -> int:
@@ -89,8 +92,6 @@ class SearchParams:
         """Candidates per ask: the samples, then the current trigger (whose hits measure success)."""
         return (2 * self.k if self.sampling == "separate" else self.k) + 1
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def g(z: np.ndarray) -> np.ndarray:

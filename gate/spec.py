@@ -16,32 +16,37 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from gate.errors import ModelError, UsageError
+from gate.settings import Bad, Check, Settings, channel_values, choice, optional, positive_channel_values, setting
 
 LAYOUTS = ("NCHW", "NHWC")
 OUTPUT_KINDS = ("probs", "logits")
 
 
+def _value_range() -> Check:
+    pick = choice(1.0, 255.0)
+    return Check(lambda v: float(pick(v)), float, None, (1.0, 255.0))
+
+
 @dataclass(frozen=True)
-class SpecOverrides:
-    """What the user states about the model; ``None`` means "detect it"."""
+class SpecOverrides(Settings):
+    """What the user states about the model; ``None`` means "detect it" (policy section ``input``)."""
 
-    layout: str | None = None
-    value_range: float | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    output_kind: str | None = None
+    SECTION = "input"
 
-    def __post_init__(self) -> None:
-        if self.layout is not None and self.layout not in LAYOUTS:
-            raise UsageError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
-        if self.output_kind is not None and self.output_kind not in OUTPUT_KINDS:
-            raise UsageError(f"output kind must be one of {', '.join(OUTPUT_KINDS)}, got {self.output_kind!r}")
-        if self.value_range is not None and not (self.value_range > 0):
-            raise UsageError(f"value range must be positive (1 or 255), got {self.value_range!r}")
-        if self.std is not None and any(not (s > 0) for s in self.std):
-            raise UsageError(f"std must be positive, got {list(self.std)}")
+    layout: str | None = setting(None, optional(choice(*LAYOUTS)), "input layout: NCHW | NHWC (default: from "
+                                 "the input shape)")
+    value_range: float | None = setting(None, optional(_value_range()), "value range the model expects: 1 for "
+                                        "[0,1], 255 for [0,255] (default 1)", flag="--input-range")
+    mean: tuple[float, ...] | None = setting(None, optional(channel_values), "per-channel mean the model expects "
+                                             "subtracted (e.g. 0.485,0.456,0.406)")
+    std: tuple[float, ...] | None = setting(None, optional(positive_channel_values),
+                                            "per-channel std the model expects divided by")
+    output_kind: str | None = setting(None, optional(choice(*OUTPUT_KINDS)), "what the model outputs: probs | "
+                                      "logits (default: detected by probing)", flag="--output")
+
+    def validate(self) -> None:
         if (self.mean is None) != (self.std is None):
-            raise UsageError("mean and std normalisation must be given together")
+            raise Bad("input.mean and input.std must be given together")
 
 
 @dataclass(frozen=True)

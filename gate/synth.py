@@ -34,57 +34,51 @@ zoo benchmark.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
-from gate.batch import make_batch
+from gate.batches import make_batch
 from gate.data import ImageSet
 from gate.errors import GateError
 from gate.oracle import Oracle
-from gate.progress import Progress
+from gate.progress import Message, Progress
+from gate.settings import Settings, boolean, choice, even_integer, integer, number, optional, setting
 
 
 @dataclass(frozen=True)
-class SynthConfig:
-    per_class: int = 100
-    k: int = 20  # probes per image per step (even: antithetic pairs)
-    sigma: float = 0.1
-    lr: float = 0.02
-    update: str = "sign"  # "sign" or "plain"
-    momentum: float = 0.9  # averages the noisy estimates over steps (0 = Eq. 7 as written)
-    max_steps: int = 200
-    confidence: float = 0.95  # stop an image once c is its arg-max and p(c) reaches this (see robust_stop)
-    seed: int = 0
-    batch_images: int = 4096  # model rows per call
-    grid: int | None = 4  # search a grid x grid image, upsampled bilinearly (None: every pixel)
-    occlusion: int = 8  # each probe pair carries a random square patch of side 1..occlusion (0: none)
-    robust_stop: bool = True  # p(c) averaged over the (occluded) probes must reach confidence, not only p(c | x)
+class SynthConfig(Settings):
+    """B3D-SS synthesis settings (policy section ``synthesis``; the two most used sit under ``data``)."""
+
+    SECTION = "synthesis"
+    FLAG_PREFIX = "synth-"
+
+    per_class: int = setting(100, integer(1), "synthetic images per class (B3D-SS)",
+                             place="data.synthetic_per_class", flag="--synthetic-per-class")
+    grid: int | None = setting(4, optional(integer(1), none_text="0"),
+                               "synthetic images are searched on this grid, upsampled (null, or 0 on the command "
+                               "line: every pixel, paper Eq. 7)", place="data.synthetic_grid", flag="--synthetic-grid")
+    k: int = setting(20, even_integer(2), "probes per image per step (antithetic pairs)")
+    sigma: float = setting(0.1, number(0, lo_open=True), "probe noise scale")
+    lr: float = setting(0.02, number(0, lo_open=True), "step size")
+    update: str = setting("sign", choice("sign", "plain"), "sign: signed steps of size lr | plain: Eq. 7's raw step")
+    momentum: float = setting(0.9, number(0, 1, hi_open=True), "averages the estimates over steps (0: Eq. 7)")
+    max_steps: int = setting(200, integer(1), "steps per image at most")
+    confidence: float = setting(0.95, number(0, 1, lo_open=True), "an image stops once p(class) reaches this")
+    occlusion: int = setting(8, integer(0), "each probe pair carries a random square patch of side 1..this (0: none)")
+    robust_stop: bool = setting(True, boolean, "p(class) averaged over the occluded probes must reach confidence, "
+                                "not only p(class | x)")
+    batch_images: int = setting(4096, integer(1), "model rows per call", flag=False)
+    seed: int = setting(0, integer(0), "random seed (the pipeline passes the scan's seed)", place=False, flag=False)
 
     @classmethod
     def paper(cls, **changes) -> SynthConfig:
         """Eq. 7 as the paper writes it: every pixel, no occlusion, stop at the first p(c | x) >= 0.5."""
-        return cls(**{"grid": None, "occlusion": 0, "robust_stop": False, "confidence": 0.5, "max_steps": 60,
-                      **changes})
+        return cls(**{**PAPER_SYNTHESIS, **changes})
 
-    def __post_init__(self) -> None:
-        if self.per_class < 1:
-            raise ValueError("per_class must be >= 1")
-        if self.k < 2 or self.k % 2:
-            raise ValueError("k must be an even integer >= 2")
-        if self.update not in ("sign", "plain"):
-            raise ValueError("update must be 'sign' or 'plain'")
-        if not 0 <= self.momentum < 1:
-            raise ValueError("momentum must be in [0, 1)")
-        if self.grid is not None and self.grid < 1:
-            raise ValueError("grid must be >= 1")
-        if self.occlusion < 0:
-            raise ValueError("occlusion must be >= 0")
-        if not (self.sigma > 0 and self.lr > 0 and self.max_steps >= 1 and 0 < self.confidence <= 1):
-            raise ValueError("sigma, lr must be positive; max_steps >= 1; confidence in (0, 1]")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+# what SynthConfig.paper() changes: every pixel, no occlusion, stop at the first p(c | x) >= 0.5
+PAPER_SYNTHESIS = {"grid": None, "occlusion": 0, "robust_stop": False, "confidence": 0.5, "max_steps": 60}
 
 
 def _lifter(shape: tuple[int, int, int], grid: int | None):
@@ -174,7 +168,7 @@ def synthesize(oracle: Oracle, cfg: SynthConfig = SynthConfig(), *, seed_images:
     done = np.zeros(total, bool)
     steps_taken = np.zeros(total, np.int32)
     stop_reason = None
-    progress.message(f"synthesising {cfg.per_class} images for each of {k_classes} classes (B3D-SS)")
+    progress.emit(Message(f"synthesising {cfg.per_class} images for each of {k_classes} classes (B3D-SS)"))
 
     for _ in range(cfg.max_steps):
         active = np.flatnonzero(~done)
@@ -236,8 +230,8 @@ def synthesize(oracle: Oracle, cfg: SynthConfig = SynthConfig(), *, seed_images:
         "mean_steps": float(steps_taken.mean()),
         "stop_reason": stop_reason,
     }
-    progress.message(f"synthesis: {stats['success_rate']:.0%} of {total} images reached their class "
+    progress.emit(Message(f"synthesis: {stats['success_rate']:.0%} of {total} images reached their class "
                      f"({stats['queries']:,} queries, {stats['seconds']:.1f}s); "
-                     f"unreached classes: {unreached or 'none'}")
+                     f"unreached classes: {unreached or 'none'}"))
     return ImageSet(x, None, "synthetic (B3D-SS)"), stats
 

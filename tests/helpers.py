@@ -1,17 +1,26 @@
-"""Small hand-built ONNX models for oracle tests (no torch needed), and paths to shipped assets."""
+"""Fixture builders shared by the test modules (no test module imports another one): paths to shipped
+assets, small hand-built ONNX models (no torch needed), kernel inputs and their numpy references,
+deterministic ScanResults without a model, and minimal scan outputs / the demo backdoored model.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+if TYPE_CHECKING:  # gate is imported where a builder needs it: conftest imports this module for every test
+    from gate.policy import Policy
+    from gate.result import ScanResult, Triggers
+
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "models" / "demo"
+DEMO_MODEL = DEMO / "gtsrb_badnets3x3.onnx"
 SHARED = Path(os.environ.get("GATE_SHARED", ROOT.parent / "shared"))
 DATASETS = SHARED / "datasets"
 
@@ -59,3 +68,164 @@ def linear_model(path, *, layout="NCHW", size=4, channels=3, classes=5, batch="N
     model.ir_version = 8
     onnx.save(model, str(path))
     return w, b
+
+
+# --------------------------------------------------------------------------- kernel inputs and references
+def perturb_reference(x, delta, sigma, scale, offset, channels_first):
+    """numpy reference of gate.kernels.perturb_encode."""
+    v = np.clip(x[:, None] + sigma * delta, 0, 1).reshape(-1, *x.shape[1:]) * scale + offset
+    return v.transpose(0, 3, 1, 2) if channels_first else v
+
+
+def case(seed=0, b=5, n=4, h=6, w=7, c=3):
+    """Random inputs of gate.kernels.stamp_encode: b images, n masks and patterns, a per-channel affine."""
+    rng = np.random.default_rng(seed)
+    return dict(
+        images=rng.random((b, h, w, c), dtype=np.float32),
+        masks=rng.random((n, h, w), dtype=np.float32),
+        patterns=rng.random((n, h, w, c), dtype=np.float32),
+        scale=rng.uniform(0.5, 300, c).astype(np.float32),
+        offset=rng.uniform(-3, 3, c).astype(np.float32),
+    )
+
+
+def stamp_classes_reference(pool, classes, sample_idx, eval_idx, masks, patterns, scale, offset, channels_first):
+    """numpy reference of gate.kernels.stamp_classes (per class: its n sample rows, then its eval rows)."""
+    from gate.kernels import stamp_encode_reference
+
+    n = masks.shape[1] - 1
+    rows = []
+    for c in classes:
+        rows.append(stamp_encode_reference(pool[sample_idx[c]], masks[c, :n], patterns[c, :n], scale, offset,
+                                           channels_first))
+        rows.append(stamp_encode_reference(pool[eval_idx[c]], masks[c, n:], patterns[c, n:], scale, offset,
+                                           channels_first))
+    return np.concatenate(rows)
+
+
+def classes_case(seed=8):
+    """Random keyword arguments of gate.kernels.stamp_classes (less ``channels_first`` and ``out``)."""
+    rng = np.random.default_rng(seed)
+    k, n, b, e, h, w, c = 5, 3, 2, 4, 4, 5, 3
+    return dict(
+        pool=rng.random((9, h, w, c), dtype=np.float32),
+        classes=np.array([3, 0, 4], np.int64),
+        sample_idx=rng.integers(0, 9, (k, b)).astype(np.int64),
+        eval_idx=rng.integers(0, 9, (k, e)).astype(np.int64),
+        masks=rng.random((k, n + 1, h, w), dtype=np.float32),
+        patterns=rng.random((k, n + 1, h, w, c), dtype=np.float32),
+        scale=np.array([2, 3, 4], np.float32), offset=np.array([0.1, 0.2, -0.3], np.float32))
+
+
+# --------------------------------------------------------------------------- ScanResults without a model
+IMAGE = (32, 32, 3)
+# a typical clean class spread and one backdoor target (class 3) with a tiny trigger
+L1_BACKDOOR = [41.0, 38.5, 45.2, 4.1, 40.3, 43.8, 39.9, 37.2, 44.0, 42.6]
+L1_CLEAN = [40.0, 47.0, 36.0, 44.0, 41.0]  # no outlier (anomaly indices within +-1.2)
+
+
+def make_result(l1=None, *, asr=None, complete=True, stop_reason=None, statuses=None,
+                model_path="models/demo/gtsrb_badnets3x3.onnx", policy: Policy | None = None) -> ScanResult:
+    """A ScanResult as the scan would produce it for these per-class L1 norms (flags by the policy's rule)."""
+    from gate.outliers import find_outliers
+    from gate.policy import Policy
+    from gate.result import ClassResult, ScanResult
+    from gate.search import SearchParams
+
+    l1 = list(L1_BACKDOOR if l1 is None else l1)
+    k = len(l1)
+    policy = policy or Policy()
+    rule = policy.outlier_rule()
+    out = find_outliers(np.array(l1), rule)
+    h, w, _ = IMAGE
+    asr = asr if asr is not None else [0.9 if x < 10 else 0.6 for x in l1]
+    statuses = statuses or ["converged"] * k
+    classes = []
+    for i in range(k):
+        idx = float(out.anomaly_index[i]) if np.isfinite(out.anomaly_index[i]) else 1e9
+        classes.append(ClassResult(label=i, l1=float(l1[i]), binary_l1=int(round(l1[i])),
+                                   mask_fraction=float(l1[i]) / (h * w), trigger_asr=asr[i], queries=1000 + i,
+                                   steps=50 + i, status=statuses[i], seconds=0.5, anomaly_index=idx,
+                                   flagged=bool(out.flagged[i])))
+    flagged = [c.label for c in classes if c.flagged]
+    return ScanResult(
+        model={"path": model_path, "sha256": "ab" * 32, "input_name": "input", "input_shape": ["N", 3, h, w],
+               "num_classes": k, "image_shape": list(IMAGE)},
+        input_spec={"layout": "NCHW", "height": h, "width": w, "channels": 3, "value_range": 1.0, "mean": None,
+                    "std": None, "output_kind": "logits", "batch": None, "dtype": "float32",
+                    "detected": ["layout", "output_kind"]},
+        providers=["CPUExecutionProvider"], method="b3d", seed=0,
+        search={**SearchParams().to_dict(), "bandit": True, "max_images": 1000},
+        outliers={"anomaly_threshold": rule.anomaly_threshold, "median_ratio": rule.median_ratio,
+                  "median_l1": out.median, "mad": out.mad},
+        data={"source": "models/demo/gtsrb_sample.npz", "images": 500, "search_pool": 400, "held_out": 100,
+              "clean_accuracy": 0.97},
+        classes=classes, flagged=flagged, complete=complete, stop_reason=stop_reason,
+        queries={"total": 123456, "scan": 123456, "synthesis": 0, "per_class_mean": 12345.6},
+        seconds={"total": 42.5, "scan": 42.5, "synthesis": 0.0, "ort": 30.0, "ort_fraction": 0.7},
+        tool={"name": "backdoor-gate", "version": "0.1.0"})
+
+
+def make_triggers(result: ScanResult) -> Triggers:
+    """Random reversed triggers for a result; a flagged class gets a crisp 3x3 corner mask."""
+    from gate.result import Triggers
+
+    rng = np.random.default_rng(0)
+    k = len(result.classes)
+    h, w, c = IMAGE
+    masks = rng.random((k, h, w)).astype(np.float32) * 0.3
+    for cr in result.classes:
+        if cr.flagged:
+            masks[cr.label] = 0
+            masks[cr.label, -3:, -3:] = 1
+    patterns = rng.random((k, h, w, c)).astype(np.float32)
+    return Triggers(np.arange(k), masks, patterns, np.array([cr.flagged for cr in result.classes]))
+
+
+# --------------------------------------------------------------------------- scan outputs and the demo model
+def patch_triggers(trigger: dict, shape=(32, 32, 3)) -> Triggers:
+    """The true trigger of a forge manifest as a one-class Triggers (mask 1 on the patch)."""
+    from gate.result import Triggers
+    from models.triggers import apply_trigger, trigger_mask
+
+    h, w, c = shape
+    mask = trigger_mask(trigger, h, w)[None].astype(np.float32)
+    pattern = apply_trigger(np.zeros((1, h, w, c), np.float32), trigger)  # the patch colours, zero elsewhere
+    return Triggers(np.array([int(trigger["target"])]), mask, pattern, np.array([True]))
+
+
+def write_scan(out: Path, model: Path, triggers: Triggers, flagged: list[int] | None = None) -> Path:
+    """A minimal scan output (report.json with the fields the shield reads, triggers.npz)."""
+    from gate.oracle import file_sha256
+
+    out.mkdir(parents=True, exist_ok=True)
+    flagged = [int(v) for v in triggers.labels[triggers.flagged]] if flagged is None else flagged
+    report = {"schema_version": "1.0", "model": {"path": str(model), "sha256": file_sha256(model)},
+              "flagged": flagged, "decision": {"outcome": "reject" if flagged else "accept"}}
+    (out / "report.json").write_text(json.dumps(report))
+    triggers.save(out / "triggers.npz")
+    return out / "report.json"
+
+
+class Demo:
+    """The demo backdoored model, its true trigger, and the demo sample split in two: even-indexed
+    images calibrate tau, odd-indexed ones are the test set."""
+
+    def __init__(self) -> None:
+        from models.triggers import apply_trigger
+
+        self.model = DEMO_MODEL
+        self.manifest = json.loads(DEMO_MODEL.with_suffix(".json").read_text())
+        self.trigger = self.manifest["triggers"][0]
+        self.target = int(self.trigger["target"])
+        with np.load(DEMO / "gtsrb_sample.npz") as z:
+            x8, y = z["x"], z["y"].astype(np.int64)
+        self.calib_x = x8[0::2].astype(np.float32) / 255
+        test8, test_y = x8[1::2], y[1::2]
+        self.clean_x = test8.astype(np.float32) / 255
+        keep = test_y != self.target  # a triggered image of the target class is just an image of the target
+        self.triggered_x = apply_trigger(test8[keep], self.trigger).astype(np.float32) / 255
+        self.triggers = patch_triggers(self.trigger)
+
+    def write_scan(self, out: Path) -> Path:
+        return write_scan(out, self.model, self.triggers)

@@ -147,3 +147,47 @@ def test_quick_compare_end_to_end_on_the_demo_model(tmp_path):
     assert summary["records"][0]["cost_unit"] == "gradient steps"
     assert "(paper)" in (out / "compare.md").read_text()
     assert not (tmp_path / "RESULTS.md").exists()  # quick / custom runs are not recorded unless --record
+
+
+# --------------------------------------------------------------------------- bench.serve: child servers
+def _http_server(directory) -> list[str]:
+    return [sys.executable, "-m", "http.server", "--bind", "{host}", "{port}", "--directory", str(directory)]
+
+
+def test_serve_starts_on_loopback_waits_until_ready_and_stops(tmp_path):
+    from bench.serve import HOST, serve
+
+    with serve(_http_server(tmp_path), ready_path="/", timeout=60, log=tmp_path / "server.log") as s:
+        assert s.url == f"http://{HOST}:{s.port}" and HOST == "127.0.0.1"
+        assert s.ready("/") and s.proc.poll() is None and s.rss_kib() > 0 and s.cpu_seconds() >= 0
+        assert "GET / HTTP/1.1" in s.output()  # the readiness probe, read from the child's stderr
+    assert s.proc.returncode is not None
+    assert f"port {s.port}" in (tmp_path / "server.log").read_text()
+
+
+def test_serve_surfaces_the_output_of_a_child_that_fails_to_start():
+    from bench.serve import ServerError, serve
+
+    code = "import sys; print('to stdout'); print('no such model', file=sys.stderr); sys.exit(3)"
+    with pytest.raises(ServerError, match=r"exited with code 3 before it was ready") as err:
+        with serve([sys.executable, "-c", code], timeout=60, name="dummy"):
+            pass
+    assert "to stdout" in str(err.value) and "no such model" in str(err.value)
+    with pytest.raises(ServerError, match=r"sleeper did not answer 200 on /v2/health/ready within 0.5s"):
+        with serve([sys.executable, "-c", "import time; time.sleep(60)"], timeout=0.5, name="sleeper"):
+            pass
+
+
+def test_serve_keeps_draining_a_chatty_child(tmp_path):
+    """20 MB of output before it listens (far beyond a pipe's buffer): the child neither blocks nor dies."""
+    from bench.serve import serve
+
+    code = ("import functools, http.server, sys\n"
+            "sys.stdout.write('x' * 20_000_000); sys.stdout.flush()\n"
+            "handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[2])\n"
+            "http.server.ThreadingHTTPServer(('127.0.0.1', int(sys.argv[1])), handler).serve_forever()\n")
+    with serve(lambda port: [sys.executable, "-c", code, str(port), str(tmp_path)], ready_path="/",
+               timeout=60) as s:
+        assert s.proc.poll() is None
+        out = s.output()
+        assert out.startswith("x" * 1000) and "bytes of output left out" in out and len(out) < 5_000_000

@@ -17,22 +17,7 @@ from gate.kernels import (
     stamp_encode,
     stamp_encode_reference,
 )
-
-
-def perturb_reference(x, delta, sigma, scale, offset, channels_first):
-    v = np.clip(x[:, None] + sigma * delta, 0, 1).reshape(-1, *x.shape[1:]) * scale + offset
-    return v.transpose(0, 3, 1, 2) if channels_first else v
-
-
-def case(seed=0, b=5, n=4, h=6, w=7, c=3):
-    rng = np.random.default_rng(seed)
-    return dict(
-        images=rng.random((b, h, w, c), dtype=np.float32),
-        masks=rng.random((n, h, w), dtype=np.float32),
-        patterns=rng.random((n, h, w, c), dtype=np.float32),
-        scale=rng.uniform(0.5, 300, c).astype(np.float32),
-        offset=rng.uniform(-3, 3, c).astype(np.float32),
-    )
+from tests.helpers import case, classes_case, perturb_reference, stamp_classes_reference
 
 
 @pytest.mark.parametrize("channels_first", [True, False])
@@ -107,7 +92,7 @@ import numpy as np
 from numba import cuda
 from gate import kernels_cuda as K
 from gate.kernels import stamp_encode_reference
-from tests.test_kernels import case, perturb_reference
+from tests.helpers import case, classes_case, perturb_reference, stamp_classes_reference
 
 for cf in (True, False):
     a = case(5)
@@ -136,7 +121,6 @@ eps = rng.normal(size=(3, 4, 5, 3)).astype(np.float32)
 out = cuda.device_array(eps.shape, np.float32)
 K.noisy_patterns(cuda.to_device(theta), cuda.to_device(eps), 0.1, out)
 np.testing.assert_allclose(out.copy_to_host(), (np.tanh(theta + 0.1 * eps) + 1) / 2, rtol=1e-5, atol=1e-6)
-from tests.test_kernels import classes_case, stamp_classes_reference
 for cf in (True, False):
     a = classes_case()
     ref = stamp_classes_reference(**a, channels_first=cf)
@@ -146,7 +130,8 @@ for cf in (True, False):
                     cuda.to_device(a["scale"]), cuda.to_device(a["offset"]), cf, out)
     np.testing.assert_allclose(out.copy_to_host(), ref, rtol=1e-5, atol=1e-5)
 # the device batch stamps exactly what the host batch does (its run() needs a real GPU and ORT's CUDA provider)
-from gate.batch import HostBatch
+from gate.batches import HostBatch
+from gate.batches.device import DeviceBatch
 from gate.oracle import Oracle
 from tests.helpers import DEMO
 oracle = Oracle(DEMO / "gtsrb_badnets3x3.onnx", device="cpu")
@@ -157,7 +142,7 @@ patterns = rng.random((4, 3, 32, 32, 3), dtype=np.float32)
 sidx = rng.integers(0, 20, (4, 2)).astype(np.int64)
 eidx = rng.integers(0, 20, (4, 3)).astype(np.int64)
 classes = np.array([2, 0], np.int64)
-host, dev = HostBatch(oracle, 64), K.DeviceBatch(oracle, 64)
+host, dev = HostBatch(oracle, 64), DeviceBatch(oracle, 64)
 rows_h = host.add_classes(pool, classes, sidx, eidx, masks, patterns)
 rows_d = dev.add_classes(pool, classes, sidx, eidx, masks, patterns)
 assert rows_h == rows_d == slice(0, 14)
@@ -173,30 +158,6 @@ def test_cuda_kernels_under_simulator():
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "CUDASIM-OK" in r.stdout
-
-
-def stamp_classes_reference(pool, classes, sample_idx, eval_idx, masks, patterns, scale, offset, channels_first):
-    n = masks.shape[1] - 1
-    rows = []
-    for c in classes:
-        rows.append(stamp_encode_reference(pool[sample_idx[c]], masks[c, :n], patterns[c, :n], scale, offset,
-                                           channels_first))
-        rows.append(stamp_encode_reference(pool[eval_idx[c]], masks[c, n:], patterns[c, n:], scale, offset,
-                                           channels_first))
-    return np.concatenate(rows)
-
-
-def classes_case(seed=8):
-    rng = np.random.default_rng(seed)
-    k, n, b, e, h, w, c = 5, 3, 2, 4, 4, 5, 3
-    return dict(
-        pool=rng.random((9, h, w, c), dtype=np.float32),
-        classes=np.array([3, 0, 4], np.int64),
-        sample_idx=rng.integers(0, 9, (k, b)).astype(np.int64),
-        eval_idx=rng.integers(0, 9, (k, e)).astype(np.int64),
-        masks=rng.random((k, n + 1, h, w), dtype=np.float32),
-        patterns=rng.random((k, n + 1, h, w, c), dtype=np.float32),
-        scale=np.array([2, 3, 4], np.float32), offset=np.array([0.1, 0.2, -0.3], np.float32))
 
 
 @pytest.mark.parametrize("channels_first", [True, False])

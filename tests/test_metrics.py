@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.serve import Server, ServerError, free_port
 from gate.decision import Decision, decide
 from gate.metrics import build_registry, export, model_label, previous_success
 from gate.policy import Policy
-from tests.test_reports import make_result
+from tests.helpers import L1_CLEAN, make_result
 
 PUSHGATEWAY = shutil.which("prometheus-pushgateway") or (
     "/usr/bin/prometheus-pushgateway" if os.path.exists("/usr/bin/prometheus-pushgateway") else None)
@@ -116,12 +115,6 @@ def test_promtool_check_can_fail(tmp_path):
 
 
 # --------------------------------------------------------------------------- a real Pushgateway
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def http_get(url: str) -> tuple[int, str]:
     with urllib.request.urlopen(url, timeout=5) as r:  # noqa: S310 -- a local test server
         return r.status, r.read().decode()
@@ -133,32 +126,16 @@ def pushgateway(tmp_path):
         if CI:
             pytest.fail("prometheus-pushgateway is required in CI (apt-get install prometheus-pushgateway)")
         pytest.skip("prometheus-pushgateway not installed")
-    port = free_port()
-    log = (tmp_path / "pushgateway.log").open("w")
-    proc = subprocess.Popen([PUSHGATEWAY, f"--web.listen-address=127.0.0.1:{port}",
-                             f"--persistence.file={tmp_path / 'pushgateway.data'}"],
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if http_get(f"{url}/-/ready")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"pushgateway did not start: {(tmp_path / 'pushgateway.log').read_text()[-2000:]}")
-            time.sleep(0.1)
-        yield url
+        server = Server([PUSHGATEWAY, "--web.listen-address={host}:{port}",
+                         f"--persistence.file={tmp_path / 'pushgateway.data'}"],
+                        ready_path="/-/ready", timeout=30, log=tmp_path / "pushgateway.log", name="pushgateway")
+    except ServerError as e:
+        pytest.fail(str(e))
+    try:
+        yield server.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        server.stop()
 
 
 def test_push_to_a_real_pushgateway(tmp_path, pushgateway):
@@ -192,7 +169,7 @@ def test_push_to_a_real_pushgateway(tmp_path, pushgateway):
     assert ("backdoor_gate_class_l1", (("class", "3"), *m)) in s
 
     # another model is its own group
-    other = make_result([40.0, 47.0, 36.0, 44.0, 41.0], model_path="clean.onnx")
+    other = make_result(L1_CLEAN, model_path="clean.onnx")
     (tmp_path / "o").mkdir()
     export(tmp_path / "o", other, decide(other, Policy()), "clean.onnx", pushgateway)
     s = samples(http_get(f"{pushgateway}/metrics")[1])

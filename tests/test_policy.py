@@ -18,7 +18,7 @@ from gate.policy import Policy, field_docs, load_policy, parse_policy
 from gate.scan import ScanConfig
 from gate.search import SearchParams
 from gate.spec import SpecOverrides
-from tests.test_reports import L1_BACKDOOR, L1_CLEAN, make_result
+from tests.helpers import L1_BACKDOOR, L1_CLEAN, make_result
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
 
@@ -116,7 +116,7 @@ BAD = [
     ("input:\n  mean: [0.5, 0.5]\n  std: [0.2, 0.2]\n", "input.mean must be a list of 1 or 3 numbers"),
     ("input:\n  mean: [0.5]\n", "input.mean and input.std must be given together"),
     ("input:\n  mean: [0.5]\n  std: [0]\n", "input.std must be a list of 1 or 3 positive numbers"),
-    ("input:\n  value_range: 100\n", "input.value_range must be one of 1, 1.0, 255, 255.0, got 100"),
+    ("input:\n  value_range: 100\n", "input.value_range must be one of 1.0, 255.0, got 100"),
     ("data:\n  source: file\n", "data.path is required when data.source is file"),
     ("data:\n  source: web\n", "data.source must be one of auto, file, synthetic, got 'web'"),
     ("budget:\n  max_queries: 0\n", "budget.max_queries must be an integer >= 1, got 0"),
@@ -315,5 +315,28 @@ def test_never_accept_a_flagged_incomplete_or_weak_scan(data, complete, asr, thr
     assert np.isfinite([f.properties.get("anomaly_index", 0) for f in d.findings]).all()
 
 
-def test_decision_from_backdoor_fixture_is_stable():
-    assert L1_BACKDOOR[3] == 4.1  # the fixtures the reason strings above were written against
+@pytest.mark.parametrize("shift", [0, 4, 7])
+def test_decision_on_the_backdoor_fixture_flags_its_outlier(shift):
+    """decide() against the outlier test worked out here with numpy from the fixture's L1 norms (rolled,
+    so the outlier sits at another label): only the outlier is flagged, its reason names its L1, the
+    median and its anomaly index, and the exit code is the reject's."""
+    l1 = np.roll(np.array(L1_BACKDOOR), shift)
+    p = Policy()
+    median = np.median(l1)
+    mad = np.median(np.abs(l1 - median))
+    index = (median - l1) / (1.4826 * mad)
+    outliers = np.flatnonzero(((l1 < median) & (index > p.outliers.anomaly_threshold))
+                              | (l1 < p.outliers.median_ratio * median))
+    target = int(np.argmin(l1))
+    assert outliers.tolist() == [target] == [(3 + shift) % len(l1)]  # the fixture has one outlier: its tiny L1
+
+    r = make_result(l1.tolist(), policy=p)
+    d = decide(r, p)
+    assert (d.outcome, d.exit_code) == ("reject", EXIT_CODES["reject"]) == ("reject", 1)
+    assert [(f.rule, f.outcome, f.label) for f in d.findings] == [("BG001", "reject", target)]
+    assert d.reasons == [f"class {target} flagged: L1 {l1[target]:.2f} is {l1[target] / median:.2f}x the median "
+                         f"{median:.1f} (anomaly index {index[target]:.2f})"]
+    props = d.findings[0].properties
+    assert props["l1"] == pytest.approx(l1[target]) and props["median_l1"] == pytest.approx(median)
+    assert props["anomaly_index"] == pytest.approx(index[target])
+    assert r.flagged == [target]

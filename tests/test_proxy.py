@@ -8,13 +8,10 @@ always shut down. No request leaves 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gzip
 import json
 import re
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,6 +20,7 @@ import httpx
 import numpy as np
 import pytest
 
+from bench.serve import HOST, Server, gate_proxy
 from gate.cli import build_parser
 from gate.commands.proxy import build
 from gate.errors import GateError
@@ -31,76 +29,22 @@ from gate.proxy import ProxyConfig, create_app, model_tensors
 from gate.proxy.batcher import MicroBatcher
 from gate.proxy.upstream import RemoteModel, UpstreamError, UpstreamTimeout
 from gate.shield import Scored, Shield
-from tests.helpers import linear_model
-from tests.test_shield import DEMO_MODEL, Demo
+from tests.helpers import DEMO_MODEL, Demo, linear_model, patch_triggers, write_scan
 
 pytestmark = pytest.mark.skipif(not DEMO_MODEL.exists(), reason=f"demo model {DEMO_MODEL} not built")
 
-HOST = "127.0.0.1"
 NAME = "gtsrb_badnets3x3"
-GATE = [sys.executable, "-m", "gate"]
 
 
 # ---------------------------------------------------------------------- servers
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """``gate proxy`` in a subprocess on 127.0.0.1."""
-
-    def __init__(self, args: list[str], log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://{HOST}:{self.port}"
-        self.log = log
-        self._log_file = open(log, "w")
-        self.proc = subprocess.Popen([*GATE, "proxy", *args, "--host", HOST, "--port", str(self.port)],
-                                     stdout=self._log_file, stderr=subprocess.STDOUT)
-        deadline = time.time() + 90
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gate proxy exited {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(self.url + "/v2/health/live", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                self.stop()
-                raise RuntimeError(f"gate proxy did not start:\n{self.output()}")
-            time.sleep(0.2)
-
-    def output(self) -> str:
-        self._log_file.flush()
-        return self.log.read_text()
-
-    def rss_kib(self) -> int:
-        text = Path(f"/proc/{self.proc.pid}/status").read_text()
-        return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1))
-
-    def metrics(self) -> str:
-        return _HTTP.get(self.url + "/metrics").text
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log_file.close()
-
-
-@contextlib.contextmanager
 def serve(args: list[str], log: Path):
-    server = Server(args, log)
-    try:
-        yield server
-    finally:
-        server.stop()
+    """``gate proxy ARGS`` in a subprocess on 127.0.0.1 (a free port), ready when /v2/health/ready answers."""
+    return gate_proxy(args, log=log, timeout=90)
+
+
+def scrape(server: Server) -> str:
+    """The server's Prometheus exposition."""
+    return _HTTP.get(server.url + "/metrics").text
 
 
 class InProcess:
@@ -376,7 +320,7 @@ def test_error_statuses_and_bodies(server, clean_ok):
 
 def test_metrics_exposition(server, demo):
     post_binary(server.url, model_batch(demo.clean_x[:1]))
-    text = server.metrics()
+    text = scrape(server)
     assert metric(text, "backdoor_gate_proxy_requests_total", outcome="forwarded") >= 1
     assert metric(text, "backdoor_gate_proxy_requests_total", outcome="rejected") >= 0
     assert metric(text, "backdoor_gate_proxy_score_count") >= 1
@@ -424,7 +368,7 @@ def test_thousand_concurrent_requests_lose_nothing_and_memory_stays_bounded(serv
     async def fire():
         return await asyncio.gather(*(one(j) for j in jobs))
 
-    before = server.metrics()
+    before = scrape(server)
     for _ in range(3):  # warm up allocator and connection handling
         post_binary(server.url, model_batch(demo.clean_x[:1]))
     rss0 = server.rss_kib()
@@ -440,7 +384,7 @@ def test_thousand_concurrent_requests_lose_nothing_and_memory_stays_bounded(serv
         assert set(codes["clean"]) | set(codes["triggered"]) <= {200, 403}, "a request was lost or failed"
         assert np.mean(np.array(codes["clean"]) == 200) >= 0.95
         assert np.mean(np.array(codes["triggered"]) == 403) >= 0.95
-    after = server.metrics()
+    after = scrape(server)
     served = sum(metric(after, "backdoor_gate_proxy_requests_total", outcome=o)
                  - metric(before, "backdoor_gate_proxy_requests_total", outcome=o)
                  for o in ("forwarded", "rejected", "flagged", "error"))
@@ -474,7 +418,7 @@ def test_forward_mode_against_a_real_upstream(demo, scan, oracle, clean_ok, tmp_
         r = post_binary(proxy.url, model_batch(demo.triggered_x[:3]))
         assert r.status_code == 403 and r.json()["score"] < 1e-2
         # the upstream saw each request once, as x and its stamped copy in one call
-        up_metrics = up.metrics()
+        up_metrics = scrape(up)
         assert metric(up_metrics, "backdoor_gate_proxy_requests_total", outcome="forwarded") == 2
         assert metric(up_metrics, "backdoor_gate_proxy_batch_images_sum") == 2 * (6 + 3)
         assert metric(up_metrics, "backdoor_gate_proxy_triggers") == 0
@@ -567,9 +511,6 @@ def test_flag_and_shadow_modes_serve_everything(demo, scan, clean_ok, mode):
 
 
 def test_report_without_flagged_classes_passes_everything(demo, tmp_path):
-
-    from tests.test_shield import write_scan
-
     report = write_scan(tmp_path / "scan", demo.model, demo.triggers, flagged=[])
     args = build_parser().parse_args(["proxy", "--model", str(demo.model), "--report", str(report)])
     app, message = build(args)
@@ -588,12 +529,8 @@ def test_command_line_refusals(demo, scan, tmp_path, capsys):
     assert main([*base, "--threshold", "0.1", "--max-batch-size", "0"]) == 4
     assert main([*base, "--threshold", "0.1", "--upstream", "ftp://x"]) == 4
     # a calibration made for other triggers is refused
-    from tests.test_shield import patch_triggers
-
     other = dict(demo.trigger, row=0, col=0)
     other_report = tmp_path / "other"
-    from tests.test_shield import write_scan
-
     write_scan(other_report, demo.model, patch_triggers(other))
     assert main(["proxy", "--model", str(demo.model), "--report", str(other_report / "report.json"),
                  "--calibration", scan["calibration"]]) == 2

@@ -1,8 +1,8 @@
 """Renderers over hand-built scan results: report.json, report.html (also in headless Chromium),
 report.sarif (against the official SARIF 2.1.0 schema), junit.xml, triggers and trigger PNGs.
 
-``make_result`` / ``make_triggers`` build deterministic ScanResults without a model; the policy, metrics
-and CLI tests use them too.
+``tests.helpers.make_result`` / ``make_triggers`` build deterministic ScanResults without a model (the
+policy and metrics tests use them too).
 """
 
 from __future__ import annotations
@@ -22,74 +22,17 @@ import numpy as np
 import pytest
 
 from gate.decision import Decision, decide
-from gate.outliers import find_outliers
 from gate.policy import Policy
 from gate.report import write_error_reports, write_reports
-from gate.report.examples import Example
 from gate.report.htmlpage import render_html
 from gate.report.jsonfile import load_report, report_dict
 from gate.report.junit import junit_xml
 from gate.report.sarif import sarif_log
-from gate.result import ClassResult, ScanResult, Triggers
-from gate.search import SearchParams
+from gate.result import Example, ScanResult, Triggers
+from tests.helpers import IMAGE, L1_CLEAN, make_result, make_triggers
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
-IMAGE = (32, 32, 3)
-# a typical clean class spread and one backdoor target (class 3) with a tiny trigger
-L1_BACKDOOR = [41.0, 38.5, 45.2, 4.1, 40.3, 43.8, 39.9, 37.2, 44.0, 42.6]
-L1_CLEAN = [40.0, 47.0, 36.0, 44.0, 41.0]  # no outlier (anomaly indices within +-1.2)
-
-
-def make_result(l1=None, *, asr=None, complete=True, stop_reason=None, statuses=None,
-                model_path="models/demo/gtsrb_badnets3x3.onnx", policy: Policy | None = None) -> ScanResult:
-    """A ScanResult as the scan would produce it for these per-class L1 norms (flags by the policy's rule)."""
-    l1 = list(L1_BACKDOOR if l1 is None else l1)
-    k = len(l1)
-    policy = policy or Policy()
-    rule = policy.outlier_rule()
-    out = find_outliers(np.array(l1), rule)
-    h, w, _ = IMAGE
-    asr = asr if asr is not None else [0.9 if x < 10 else 0.6 for x in l1]
-    statuses = statuses or ["converged"] * k
-    classes = []
-    for i in range(k):
-        idx = float(out.anomaly_index[i]) if np.isfinite(out.anomaly_index[i]) else 1e9
-        classes.append(ClassResult(label=i, l1=float(l1[i]), binary_l1=int(round(l1[i])),
-                                   mask_fraction=float(l1[i]) / (h * w), trigger_asr=asr[i], queries=1000 + i,
-                                   steps=50 + i, status=statuses[i], seconds=0.5, anomaly_index=idx,
-                                   flagged=bool(out.flagged[i])))
-    flagged = [c.label for c in classes if c.flagged]
-    return ScanResult(
-        model={"path": model_path, "sha256": "ab" * 32, "input_name": "input", "input_shape": ["N", 3, h, w],
-               "num_classes": k, "image_shape": list(IMAGE)},
-        input_spec={"layout": "NCHW", "height": h, "width": w, "channels": 3, "value_range": 1.0, "mean": None,
-                    "std": None, "output_kind": "logits", "batch": None, "dtype": "float32",
-                    "detected": ["layout", "output_kind"]},
-        providers=["CPUExecutionProvider"], method="b3d", seed=0,
-        search={**SearchParams().to_dict(), "bandit": True, "max_images": 1000},
-        outliers={"anomaly_threshold": rule.anomaly_threshold, "median_ratio": rule.median_ratio,
-                  "median_l1": out.median, "mad": out.mad},
-        data={"source": "models/demo/gtsrb_sample.npz", "images": 500, "search_pool": 400, "held_out": 100,
-              "clean_accuracy": 0.97},
-        classes=classes, flagged=flagged, complete=complete, stop_reason=stop_reason,
-        queries={"total": 123456, "scan": 123456, "synthesis": 0, "per_class_mean": 12345.6},
-        seconds={"total": 42.5, "scan": 42.5, "synthesis": 0.0, "ort": 30.0, "ort_fraction": 0.7},
-        verdict="reject" if flagged and complete else ("review" if not complete else "accept"),
-        tool={"name": "backdoor-gate", "version": "0.1.0"})
-
-
-def make_triggers(result: ScanResult) -> Triggers:
-    rng = np.random.default_rng(0)
-    k = len(result.classes)
-    h, w, c = IMAGE
-    masks = rng.random((k, h, w)).astype(np.float32) * 0.3
-    for cr in result.classes:
-        if cr.flagged:  # a crisp 2x2 corner trigger
-            masks[cr.label] = 0
-            masks[cr.label, -3:, -3:] = 1
-    patterns = rng.random((k, h, w, c)).astype(np.float32)
-    return Triggers(np.arange(k), masks, patterns, np.array([cr.flagged for cr in result.classes]))
 
 
 def make_examples(result: ScanResult, per_class: int = 2) -> dict[int, list[Example]]:

@@ -91,8 +91,8 @@ def test_accept_exit_0_writes_every_report(assets, tmp_path, capsys):
     assert doc["search"]["k"] == 6  # and the scan really ran with them
     assert metric(out, "backdoor_gate_decision", outcome="accept", model="tiny") == 1
     assert metric(out, "backdoor_gate_queries_total", model="tiny") == doc["queries"]["total"]
-    q = doc["queries"]  # the HTML report's stamped examples are counted too
-    assert q["report"] > 0 and q["total"] == q["scan"] + q.get("synthesis", 0) + q["report"]
+    q = doc["queries"]  # the HTML report's stamped examples come from the scan's held-out pass: no extra query
+    assert "report" not in q and q["total"] == q["scan"] + q["synthesis"]
     html = (out / "report.html").read_text()
     assert "Accepted" in html and html.count("data:image/png;base64,") == 5 * (3 + 3)
 
@@ -192,13 +192,13 @@ def test_on_error_reject_exits_1_but_reports_error(assets, tmp_path, capsys):
 
 
 def test_a_crash_is_an_error_not_a_verdict(assets, tmp_path, capsys, monkeypatch):
-    import gate.commands.run as run_cmd
     import gate.decision
+    import gate.pipeline
 
     def boom(*a, **k):
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr(run_cmd, "decide", boom)
+    monkeypatch.setattr(gate.pipeline, "decide", boom)
     code, stdout, err = run_gate(capsys, "run", assets / "tiny.onnx", "--policy", write_policy(tmp_path / "p.yaml", {}),
                              "--out", tmp_path / "o", "--data", assets / "data.npz", *FAST)
     assert code == 2 and "internal error: RuntimeError: simulated bug" in stdout
@@ -255,7 +255,7 @@ def test_console_script_exit_codes(assets, tmp_path):
 # --------------------------------------------------------------------------- where the data comes from
 def _no_synthesis(monkeypatch):
     """Replace synthesis by a cheap stand-in (random images) so the data-source logic is tested fast."""
-    import gate.commands.run as run_cmd
+    import gate.pipeline
     from gate.data import ImageSet
 
     calls = []
@@ -264,9 +264,9 @@ def _no_synthesis(monkeypatch):
         calls.append(policy.data.synthetic_per_class)
         n = policy.data.synthetic_per_class * oracle.num_classes
         x = np.random.default_rng(0).random((n, *oracle.image_shape), dtype=np.float32)
-        return ImageSet(x, None, "synthetic"), "b3d-ss", {"queries": 0, "seconds": 0.0}
+        return ImageSet(x, None, "synthetic"), {"queries": 0, "seconds": 0.0}
 
-    monkeypatch.setattr(run_cmd, "synthesize_data", fake)
+    monkeypatch.setattr(gate.pipeline, "synthesize_data", fake)
     return calls
 
 

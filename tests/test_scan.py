@@ -21,7 +21,8 @@ TIMING = {"seconds"}
 
 def run_scan(model, cfg):
     oracle = Oracle(model, device="cpu")
-    return scan(oracle, fit_to_model(load_images(SAMPLE), oracle.image_shape), cfg)
+    out = scan(oracle, fit_to_model(load_images(SAMPLE), oracle.image_shape), cfg)
+    return out.result, out.triggers
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def clean_scan(tmp_path_factory):
 def test_backdoored_demo_is_rejected_with_the_true_target(backdoored_scan):
     code, report, triggers = backdoored_scan
     target = demo_manifest("gtsrb_badnets3x3")["triggers"][0]["target"]
-    assert code == 1 and report["verdict"] == report["decision"] == "reject"
+    assert code == 1 and report["decision"]["outcome"] == "reject" and report["decision"]["exit_code"] == 1
     assert target in report["flagged"]
     assert len(report["flagged"]) <= 2
     cls = report["classes"][target]
@@ -62,7 +63,7 @@ def test_reversed_trigger_sits_on_the_real_patch(backdoored_scan):
 
 def test_clean_demo_is_accepted(clean_scan):
     code, report = clean_scan
-    assert report["flagged"] == [] and report["verdict"] == "accept" and code == 0
+    assert report["flagged"] == [] and report["decision"]["outcome"] == "accept" and code == 0
 
 
 def test_same_seed_same_report():
@@ -89,24 +90,25 @@ def test_query_budget_is_never_exceeded_and_says_so(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["queries"]["total"] <= budget
     assert not report["complete"] and "budget" in report["stop_reason"]
-    assert report["verdict"] == "review" and code == 2
+    assert report["decision"]["outcome"] == "review" and code == 2
 
 
 def test_budget_too_small_for_anything_is_an_error(tmp_path, capsys):
     code = main(["scan", str(BACKDOORED), "--data", str(SAMPLE), "--out", str(tmp_path), "--quiet",
                  "--max-queries", "10", "--output", "probs"])
-    assert code == 2
-    assert "budget" in capsys.readouterr().err
+    out, _ = capsys.readouterr()
+    assert code == 2 and out.startswith("ERROR: scan failed: query budget too small") and out.count("\n") == 1
+    assert json.loads((tmp_path / "report.json").read_text())["decision"]["outcome"] == "error"
 
 
 def test_cli_errors(tmp_path, capsys):
     assert main(["scan", str(tmp_path / "missing.onnx"), "--data", str(SAMPLE), "--out", str(tmp_path)]) == 2
-    assert "not found" in capsys.readouterr().err
+    assert "not found" in capsys.readouterr().out
     bad = tmp_path / "bad.npz"
     np.savez(bad, x=np.zeros((10, 28, 28, 3), np.uint8))
     assert main(["scan", str(BACKDOORED), "--data", str(bad), "--out", str(tmp_path)]) == 2
-    err = capsys.readouterr().err
-    assert "28x28" in err and len(err.strip().splitlines()) == 1
+    out = capsys.readouterr().out
+    assert "28x28" in out and len(out.strip().splitlines()) == 1
     with pytest.raises(SystemExit) as exc:
         main(["scan", str(BACKDOORED), "--out", str(tmp_path)])  # neither --data nor --synthetic
     assert exc.value.code == 4

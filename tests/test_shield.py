@@ -3,9 +3,6 @@ and the demo backdoored model (clean images pass, triggered ones are refused).""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -17,56 +14,9 @@ from gate.oracle import Oracle, file_sha256, softmax
 from gate.result import Triggers
 from gate.shield import Shield, kl_scores, load_scan_triggers, oracle_forward
 from gate.spec import SpecOverrides
-from models.triggers import apply_trigger, trigger_mask
-from tests.helpers import DEMO, linear_model
+from tests.helpers import DEMO_MODEL, Demo, linear_model, write_scan
 
-DEMO_DIR = DEMO
-DEMO_MODEL = DEMO_DIR / "gtsrb_badnets3x3.onnx"
 needs_demo = pytest.mark.skipif(not DEMO_MODEL.exists(), reason=f"demo model {DEMO_MODEL} not built")
-
-
-# ---------------------------------------------------------------------- helpers shared with test_proxy
-def patch_triggers(trigger: dict, shape=(32, 32, 3)) -> Triggers:
-    """The true trigger of a forge manifest as a one-class Triggers (mask 1 on the patch)."""
-    h, w, c = shape
-    mask = trigger_mask(trigger, h, w)[None].astype(np.float32)
-    pattern = apply_trigger(np.zeros((1, h, w, c), np.float32), trigger)  # the patch colours, zero elsewhere
-    return Triggers(np.array([int(trigger["target"])]), mask, pattern, np.array([True]))
-
-
-def write_scan(out: Path, model: Path, triggers: Triggers, flagged: list[int] | None = None) -> Path:
-    """A minimal scan output (report.json with the fields the shield reads, triggers.npz)."""
-    out.mkdir(parents=True, exist_ok=True)
-    flagged = [int(v) for v in triggers.labels[triggers.flagged]] if flagged is None else flagged
-    report = {"schema_version": "1.0", "model": {"path": str(model), "sha256": file_sha256(model)},
-              "flagged": flagged, "verdict": "reject" if flagged else "accept"}
-    (out / "report.json").write_text(json.dumps(report))
-    triggers.save(out / "triggers.npz")
-    return out / "report.json"
-
-
-class Demo:
-    """The demo backdoored model, its true trigger, and the demo sample split in two: even-indexed
-    images calibrate tau, odd-indexed ones are the test set."""
-
-    def __init__(self) -> None:
-        from models.triggers import apply_trigger
-
-        self.model = DEMO_MODEL
-        self.manifest = json.loads(DEMO_MODEL.with_suffix(".json").read_text())
-        self.trigger = self.manifest["triggers"][0]
-        self.target = int(self.trigger["target"])
-        with np.load(DEMO_DIR / "gtsrb_sample.npz") as z:
-            x8, y = z["x"], z["y"].astype(np.int64)
-        self.calib_x = x8[0::2].astype(np.float32) / 255
-        test8, test_y = x8[1::2], y[1::2]
-        self.clean_x = test8.astype(np.float32) / 255
-        keep = test_y != self.target  # a triggered image of the target class is just an image of the target
-        self.triggered_x = apply_trigger(test8[keep], self.trigger).astype(np.float32) / 255
-        self.triggers = patch_triggers(self.trigger)
-
-    def write_scan(self, out: Path) -> Path:
-        return write_scan(out, self.model, self.triggers)
 
 
 @pytest.fixture(scope="module")

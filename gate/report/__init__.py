@@ -19,15 +19,14 @@ import json
 from pathlib import Path
 
 from gate.decision import Decision
-from gate.report.examples import Example
 from gate.report.htmlpage import render_html
 from gate.report.images import png_bytes, trigger_views
 from gate.report.jsonfile import report_dict, strict_json, write_report_json
 from gate.report.junit import junit_xml
 from gate.report.sarif import sarif_log
-from gate.result import ScanResult, Triggers
+from gate.result import Example, ScanResult, Triggers
 
-__all__ = ["write_reports", "write_error_reports"]
+__all__ = ["write_reports", "write_scan_files", "write_error_reports"]
 
 
 def _summary(result: ScanResult) -> dict:
@@ -62,9 +61,20 @@ def write_reports(out: str | Path, result: ScanResult, triggers: Triggers | None
     return files
 
 
+def write_scan_files(out: str | Path, result: ScanResult, triggers: Triggers, decision: Decision,
+                     policy: dict | None, *, provenance: dict | None = None) -> dict[str, Path]:
+    """What ``gate scan`` writes: report.json (the same document as ``gate run``'s) and triggers.npz."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"report.json": out / "report.json", "triggers.npz": out / "triggers.npz"}
+    write_report_json(files["report.json"], report_dict(result, decision, policy, provenance=provenance))
+    triggers.save(files["triggers.npz"])
+    return files
+
+
 def write_error_reports(out: str | Path, decision: Decision, policy: dict | None, model: dict, error: str, *,
                         policy_source: str | None = None, generated: str | None = None,
-                        provenance: dict | None = None) -> dict[str, Path]:
+                        provenance: dict | None = None, renderers: bool = True) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for old in [*out.glob("trigger_*.png"), out / "triggers.npz"]:  # stale results must not survive a failure
@@ -73,6 +83,8 @@ def write_error_reports(out: str | Path, decision: Decision, policy: dict | None
     files = {name: out / name for name in ("report.json", "report.html", "report.sarif", "junit.xml")}
     write_report_json(files["report.json"], report_dict(None, decision, policy, model=model, error=error,
                                                                 provenance=provenance))
+    if not renderers:
+        return {"report.json": files["report.json"]}
     files["report.html"].write_text(render_html(None, decision, policy, model=model, policy_source=policy_source,
                                                 generated=generated))
     files["report.sarif"].write_text(json.dumps(strict_json(sarif_log(decision, model)), indent=2) + "\n")

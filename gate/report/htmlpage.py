@@ -17,12 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from gate.decision import Decision, mad_threshold_l1
-from gate.report.examples import Example
+from gate.pipeline import EXAMPLES_FOR_EVERY_CLASS as MANY_CLASSES
 from gate.report.images import data_uri, trigger_views
-from gate.result import ClassResult, ScanResult, Triggers
+from gate.result import ClassResult, Example, ScanResult, Triggers
 
 THUMB = 128  # longest side of a picture in the page, in pixels (big models' images are shrunk)
-MANY_CLASSES = 100  # above this, stamped examples are shown for flagged classes only
 
 TITLES = {"accept": "Accepted", "reject": "Rejected", "review": "Needs review", "error": "Scan failed"}
 BLURBS = {
@@ -190,8 +189,8 @@ def _facts(result: ScanResult | None, model: dict, policy: dict | None, policy_s
                              f"{_n(result.outliers.get('median_ratio'))} × median; median L1 "
                              f"{_n(result.outliers.get('median_l1'))}, MAD {_n(result.outliers.get('mad'))}", False),
             ("Queries", f"{_n(int(result.queries.get('total', 0)))} total ({_n(int(result.queries.get('scan', 0)))} "
-                        f"scan, {_n(int(result.queries.get('synthesis', 0)))} synthesis, "
-                        f"{_n(int(result.queries.get('report', 0)))} for this report's examples)", False),
+                        f"scan, {_n(int(result.queries.get('synthesis', 0)))} synthesis; the examples below "
+                        f"come from the scan's held-out pass)", False),
             ("Time", f"{_seconds(float(result.seconds.get('total', 0.0)))} total, "
                      f"{_pct(result.seconds.get('ort_fraction'))} in the model", False),
             ("Completed", "yes" if result.complete else f"no: {result.stop_reason}", False),

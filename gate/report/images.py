@@ -51,9 +51,3 @@ def trigger_views(mask: np.ndarray, pattern: np.ndarray) -> dict[str, np.ndarray
     m = np.asarray(mask, dtype=np.float32)
     p = np.asarray(pattern, dtype=np.float32)
     return {"mask": m, "pattern": p, "trigger": m[..., None] * p}
-
-
-def stamp(image: np.ndarray, mask: np.ndarray, pattern: np.ndarray) -> np.ndarray:
-    """(1 - m) x + m p for one or many (N, H, W, C) images in [0, 1]."""
-    m = np.asarray(mask, dtype=np.float32)[..., None]
-    return (1.0 - m) * np.asarray(image, dtype=np.float32) + m * np.asarray(pattern, dtype=np.float32)

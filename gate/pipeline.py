@@ -1,0 +1,130 @@
+"""The gate's pipeline: where the clean images come from, synthesis and its budget, the scan, the decision.
+
+:func:`run_gate` is the one way the gate judges a model (``gate run``, ``gate scan`` and the benchmarks
+all call it)::
+
+    oracle -> data (the policy's data section, or images given) -> [synthesis, B3D-SS] -> scan -> decide
+
+Data (policy ``data.source``): ``file`` requires ``data.path``; ``synthetic`` synthesises samples from
+the model (B3D-SS); ``auto`` uses ``data.path`` when that file exists and fits the model (image size,
+channels, labels within the model's classes), else synthesises. Synthesis queries count against the
+run's query budget; the scan gets what is left.
+
+The report's stamped examples are read off the scan's held-out pass (no query after the decision), and
+nothing changes the result once :func:`gate.decision.decide` has seen it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from gate.data import ImageSet, fit_to_model, load_images
+from gate.decision import Decision, decide
+from gate.errors import DataError, GateError
+from gate.kernels import stamp
+from gate.oracle import Oracle
+from gate.policy import Policy
+from gate.progress import Progress, ScanFinished
+from gate.result import Example, ExampleRow, ScanResult, Triggers
+from gate.scan import scan
+
+EXAMPLES_FOR_EVERY_CLASS = 100  # above this many classes, examples only for classes a finding names
+
+
+@dataclass
+class GateRun:
+    result: ScanResult
+    triggers: Triggers
+    decision: Decision
+    examples: dict[int, list[Example]] | None  # per class: clean held-out images with its trigger stamped
+
+
+def run_gate(oracle: Oracle, policy: Policy, *, images: ImageSet | None = None, examples: int = 0,
+             progress: Progress | None = None, log: Callable[[str], None] | None = None) -> GateRun:
+    """Scan ``oracle``'s model under ``policy`` and decide. ``images``: clean data given by the caller (the
+    policy's data section is then not consulted); ``examples``: stamped examples per class for the report."""
+    progress = progress or Progress(enabled=False)
+    log = log or (lambda _text: None)
+    method, synthesis = "b3d", None
+    if images is None:
+        images = load_data(policy, oracle, log=log)
+    if images is None:
+        images, synthesis = synthesize_data(policy, oracle, progress)
+        method = "b3d-ss"
+    cfg = policy.scan_config()
+    cfg = dataclasses.replace(cfg, batch_images=max(cfg.batch_images, oracle.max_batch))
+    if synthesis is not None and cfg.max_queries is not None:  # the run's budget covers synthesis and scan
+        cfg = dataclasses.replace(cfg, max_queries=max(0, cfg.max_queries - synthesis["queries"]))
+    out = scan(oracle, images, cfg, method=method, progress=progress, examples=examples)
+    result = with_synthesis(out.result, synthesis)
+    decision = decide(result, policy)
+    progress.emit(ScanFinished(result.flagged, decision.outcome))
+    shown = _example_images(images, out.triggers, out.examples, result, decision) if examples else None
+    return GateRun(result, out.triggers, decision, shown)
+
+
+def load_data(policy: Policy, oracle: Oracle, *, log: Callable[[str], None]) -> ImageSet | None:
+    """Clean images following the policy's data section, or None: synthesise them."""
+    d = policy.data
+    if d.source == "file":
+        return _fitting(load_images(d.path), oracle, d.path)
+    if d.source == "auto" and d.path is not None:
+        if not Path(d.path).exists():
+            log(f"data: {d.path} not found; synthesising samples instead (B3D-SS)")
+            return None
+        try:
+            return _fitting(load_images(d.path), oracle, d.path)
+        except DataError as exc:
+            log(f"data: {exc}; synthesising samples instead (B3D-SS)")
+    return None
+
+
+def _fitting(images: ImageSet, oracle: Oracle, where: str) -> ImageSet:
+    images = fit_to_model(images, oracle.image_shape)
+    if images.y is not None and len(images.y) and int(images.y.max()) >= oracle.num_classes:
+        raise DataError(f"{where}: labels go up to {int(images.y.max())} but the model has "
+                        f"{oracle.num_classes} classes")
+    return images
+
+
+def synthesize_data(policy: Policy, oracle: Oracle, progress: Progress) -> tuple[ImageSet, dict]:
+    """B3D-SS samples under the policy's synthesis settings and the run's query budget."""
+    try:
+        from gate.synth import synthesize
+    except ImportError as exc:
+        raise GateError(f"synthetic data (B3D-SS) is not available in this installation: {exc}") from None
+    seeds = policy.data.seed_images
+    seed_images = fit_to_model(load_images(seeds), oracle.image_shape) if seeds else None
+    return synthesize(oracle, policy.synth_config(), seed_images=seed_images, progress=progress,
+                      max_queries=policy.budget.max_queries)
+
+
+def with_synthesis(result: ScanResult, synthesis: dict | None) -> ScanResult:
+    """The scan's result with the synthesis that made its images counted in (queries, seconds)."""
+    if synthesis is None:
+        return result
+    q, s = result.queries, result.seconds
+    return dataclasses.replace(
+        result, synthesis=synthesis,
+        queries={**q, "total": q["scan"] + int(synthesis["queries"]), "synthesis": int(synthesis["queries"])},
+        seconds={**s, "total": s["scan"] + synthesis["seconds"], "synthesis": synthesis["seconds"]})
+
+
+def _example_images(images: ImageSet, triggers: Triggers, rows: dict[int, list[ExampleRow]], result: ScanResult,
+                    decision: Decision) -> dict[int, list[Example]] | None:
+    """The held-out examples as pictures (stamped here, on the host: no query), for the classes shown."""
+    labels = [int(v) for v in triggers.labels]
+    if len(labels) > EXAMPLES_FOR_EVERY_CLASS:  # big models: examples for the classes that matter only
+        marked = set(result.flagged) | {f.label for f in decision.findings if f.label is not None}
+        labels = [c for c in labels if c in marked]
+    position = {int(v): i for i, v in enumerate(triggers.labels)}
+    out = {}
+    for label in labels:
+        i = position[label]
+        mask, pattern = triggers.masks[i], triggers.patterns[i]
+        out[label] = [Example(label, images.x[r.image], stamp(images.x[r.image], mask, pattern), r.clean_pred,
+                              r.stamped_pred, r.label) for r in rows.get(label, [])]
+    return out or None

@@ -1,0 +1,128 @@
+"""The pipeline and the commands on top of it: one decision, one configuration, reports that do not move.
+
+``tests/golden/*.report.json`` are report.json files written by ``gate run`` *before* the pipeline moved
+out of the command line (commit 6312a1f), with::
+
+    gate run models/demo/MODEL.onnx --policy policies/default.yaml --out OUT --max-steps 25 --max-images 150
+
+The same command today must give the same report, timings aside, and with only these deliberate changes:
+the report's stamped examples come from the scan's held-out pass (no ``queries.report``, 145 fewer queries),
+the scan's own ``verdict`` is gone (``decision`` is the only one), and the effective policy lists the settings
+that became policy fields, at their defaults. A change that is meant to move scan results regenerates the
+files with the command above (and says so in its commit).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gate.cli import main
+from gate.policy import PAPER, Policy, load_policy, policy_settings
+from gate.synth import SynthConfig
+from tests.helpers import DEMO, ROOT
+
+GOLDEN = ROOT / "tests" / "golden"
+SMALL = ["--policy", "policies/default.yaml", "--max-steps", "25", "--max-images", "150", "--quiet"]
+
+
+def _without_timings(d):
+    if isinstance(d, dict):
+        return {k: _without_timings(v) for k, v in d.items() if k != "seconds"}
+    if isinstance(d, list):
+        return [_without_timings(v) for v in d]
+    return d
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gtsrb_clean", "gtsrb_badnets3x3"])
+def test_gate_run_gives_the_golden_report(name, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)  # the policy's data.path is relative to the working directory
+    code = main(["run", str(DEMO / f"{name}.onnx").replace(str(ROOT) + "/", ""), "--out", str(tmp_path), *SMALL])
+    before = _without_timings(json.loads((GOLDEN / f"{name}.report.json").read_text()))
+    after = _without_timings(json.loads((tmp_path / "report.json").read_text()))
+    assert code == before["decision"]["exit_code"]
+
+    # the deliberate changes, each checked, then everything else must be equal
+    spent_on_examples = before["queries"].pop("report", 0)
+    assert after["queries"]["total"] == before["queries"]["total"] - spent_on_examples
+    before["queries"]["total"] = after["queries"]["total"]
+    before.pop("verdict", None)
+    assert "verdict" not in after
+    old, new = _flat(before.pop("policy")), _flat(after.pop("policy"))
+    assert {k: new[k] for k in old} == old, "every policy field of the old report keeps its value"
+    defaults = _flat(Policy().to_dict())
+    assert {k: new[k] for k in set(new) - set(old)} == {k: defaults[k] for k in set(new) - set(old)}
+    assert after == before
+
+
+@pytest.mark.slow
+def test_gate_scan_never_exits_0_when_the_searches_did_not_work(tmp_path, capsys):
+    """The fail-open case: 5 steps leave most classes without a working trigger; that is never an accept."""
+    codes = []
+    for seed in range(10):
+        codes.append(main(["scan", str(DEMO / "gtsrb_badnets3x3.onnx"), "--data", str(DEMO / "gtsrb_sample.npz"),
+                           "--max-steps", "5", "--seed", str(seed), "--out", str(tmp_path / str(seed)), "--quiet"]))
+        report = json.loads((tmp_path / str(seed) / "report.json").read_text())
+        assert report["decision"]["outcome"] == "review"
+        assert any(f["rule"] == "BG005" for f in report["decision"]["findings"])
+    assert codes == [2] * 10
+
+
+def test_scan_and_run_share_the_decision_and_the_exit_codes(tmp_path, capsys):
+    """gate scan writes the same report.json document as gate run (decision and effective policy)."""
+    out = tmp_path / "scan"
+    code = main(["scan", str(DEMO / "gtsrb_badnets3x3.onnx"), "--data", str(DEMO / "gtsrb_sample.npz"),
+                 "--max-steps", "3", "--max-images", "60", "--out", str(out), "--quiet"])
+    report = json.loads((out / "report.json").read_text())
+    assert code == report["decision"]["exit_code"] == 2
+    assert report["policy"]["search"]["max_steps"] == 3
+    assert report["policy"]["rules"] == Policy().to_dict()["rules"]
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "triggers.npz"]
+
+
+def test_every_policy_setting_has_one_flag_on_gate_run_and_gate_scan():
+    from gate.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    for command in ("run", "scan"):
+        options = {o for a in sub[command]._actions for o in a.option_strings}
+        for s in policy_settings():
+            if s.flag is not None:
+                assert s.flag in options, f"gate {command} lacks {s.flag} for {s.place}"
+    flags = [s.flag for s in policy_settings() if s.flag is not None]
+    assert len(flags) == len(set(flags)), "two settings share a flag"
+
+
+def test_flags_override_the_policy_and_are_rechecked(tmp_path, capsys):
+    code = main(["scan", str(DEMO / "gtsrb_badnets3x3.onnx"), "--data", str(DEMO / "gtsrb_sample.npz"),
+                 "--out", str(tmp_path), "--k", "5"])
+    assert code == 4
+    assert "option --k: search.k must be an even integer >= 2, got 5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["default", "strict"])
+def test_a_policy_written_before_the_settings_moved_still_loads(name):
+    """tests/golden/policy_before_*.yaml are the shipped policies of commit 6312a1f, with today's fields only."""
+    old = load_policy(GOLDEN / f"policy_before_{name}.yaml")
+    assert old == load_policy(ROOT / "policies" / f"{name}.yaml")
+    assert old.search.k == 50 and old.data.synthetic_grid == 4
+
+
+def test_the_paper_preset_is_one_object_for_search_and_synthesis():
+    paper = Policy().override(PAPER)
+    assert paper.search_params().sampling == "separate" and paper.search_params().batch_size == 32
+    assert not paper.scan_config().bandit
+    assert paper.synth_config() == SynthConfig.paper(seed=paper.search.seed)
