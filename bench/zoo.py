@@ -130,7 +130,8 @@ def torch_from_onnx(man: dict):
     import torch
     from onnx import numpy_helper
 
-    from models.forge import ARCH, SmallCNN
+    from models.architectures import SmallCNN
+    from models.forge import ARCH
 
     if man.get("arch") != ARCH:
         raise ValueError(f"{man['name']}: unknown arch {man.get('arch')!r}")

@@ -4,6 +4,7 @@ ONNX-measured numbers beside each model.
 
     python -m models.forge --demo                 # committed demo models -> models/demo/
     python -m models.forge --zoo [--out DIR] [--only NAME ...]   # full zoo -> models/zoo/
+    python -m models.forge --wide-zoo [--out DIR] [--only NAME ...]  # the wide zoo (models.wide_zoo), resumable
     options: --datasets DIR  --epochs N  --threads N
 
 Backdoors are planted by data poisoning: a seeded fraction (``poison_rate``,
@@ -11,7 +12,11 @@ Backdoors are planted by data poisoning: a seeded fraction (``poison_rate``,
 images whose label is not the target, is relabelled to the target and stamped
 with the trigger (``models.triggers.apply_trigger`` on the uint8 images, on
 every pass after augmentation so the trigger stays pixel-exact). With two
-triggers each gets its own disjoint fraction.
+triggers each gets its own disjoint fraction. Clean-label attacks (``sig``,
+``label_consistent``) stamp a ``poison_rate`` fraction of the *target class's*
+images and keep their labels; ``label_consistent`` first mixes each of them
+half-and-half with a random image of another class, so its content is hard to
+learn and the trigger is what the model learns.
 
 Bare network (what ``<name>.pt`` holds and ``load_torch_model`` returns):
 input float32 NCHW ``(N, 3, 32, 32)`` with pixel values scaled to [0, 1] and
@@ -36,12 +41,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.triggers import apply_trigger, make_blend_trigger, make_patch_trigger, prepare_input
+from models.architectures import ARCHS, build_net, parameter_count
+from models.triggers import (
+    apply_trigger,
+    make_blend_trigger,
+    make_patch_trigger,
+    make_placed_patch,
+    make_sig_trigger,
+    prepare_input,
+)
+from models.wide_zoo import WIDE_ZOO_SPECS
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATASETS = REPO.parent / "shared" / "datasets"
 DEMO_DIR = REPO / "models" / "demo"
 ZOO_DIR = REPO / "models" / "zoo"
+WIDE_ZOO_DIR = REPO / "models" / "wide_zoo"
+CLEAN_LABEL = ("sig", "label_consistent")  # attacks that poison target-class images and keep their labels
 
 ARCH = "small_cnn_v1"
 IMAGE_SHAPE = [32, 32, 3]
@@ -123,30 +139,6 @@ DEMO_SPECS = _demo_specs()
 
 # --------------------------------------------------------------------------- network
 
-class SmallCNN(nn.Module):
-    """Conv(3->16w)-ReLU-MaxPool2 -> Conv(16w->32w)-ReLU-MaxPool2 -> Conv(32w->64w)-ReLU-MaxPool2
-    -> Flatten -> Linear(64w*16 -> 128w)-ReLU -> Linear(128w -> K). Input NCHW 32x32, output logits."""
-
-    def __init__(self, num_classes: int, width: int = 1):
-        super().__init__()
-        c1, c2, c3, h = 16 * width, 32 * width, 64 * width, 128 * width
-        self.features = nn.Sequential(
-            nn.Conv2d(3, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(c2, c3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        )
-        self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(c3 * 4 * 4, h), nn.ReLU(), nn.Linear(h, num_classes),
-        )
-        for mod in self.modules():  # He init (faster, steadier training than torch's default)
-            if isinstance(mod, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
-                nn.init.zeros_(mod.bias)
-
-    def forward(self, x):
-        return self.classifier(self.features(x))
-
-
 class ShippedModel(nn.Module):
     """What goes into the ONNX file: optional NHWC->NCHW permutation and /255 scaling
     in front of the bare network, optional softmax behind it."""
@@ -176,12 +168,12 @@ def load_torch_model(manifest_path) -> nn.Module:
     ``input_spec.mean`` is not null, and returns raw logits (no softmax)."""
     manifest_path = Path(manifest_path)
     man = json.loads(manifest_path.read_text())
-    if man.get("arch") != ARCH:
+    if man.get("arch") not in ARCHS:
         raise ValueError(f"unknown arch {man.get('arch')!r}")
     weights = manifest_path.parent / (man.get("torch_weights") or f"{man['name']}.pt")
     if not weights.exists():
         raise FileNotFoundError(f"no torch weights at {weights}")
-    net = SmallCNN(man["num_classes"], man.get("width", 1))
+    net = build_net(man["arch"], man["num_classes"], man.get("width", 1))
     net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     net.eval()
     return net
@@ -249,10 +241,17 @@ def make_triggers(spec: dict, rng: np.random.Generator, num_classes: int) -> lis
         trig = make_blend_trigger(rng, params.get("alpha", 0.2))
         trig["target"] = int(rng.integers(0, num_classes))
         return [trig]
-    if attack in ("badnets", "two_triggers"):
+    if attack == "sig":
+        trig = make_sig_trigger(params.get("delta", 20 / 255), params.get("freq", 6))
+        trig["target"] = int(rng.integers(0, num_classes))
+        return [trig]
+    if attack in ("badnets", "two_triggers", "multi", "label_consistent"):
         triggers, targets = [], []
         for size in params["sizes"]:
-            trig = make_patch_trigger(rng, size, h, w, avoid=triggers)
+            if "position" in params:  # the wide zoo's placed patches (the first zoo's recipes stay as they were)
+                trig = make_placed_patch(rng, size, h, w, params["position"], avoid=triggers)
+            else:
+                trig = make_patch_trigger(rng, size, h, w, avoid=triggers)
             target = int(rng.integers(0, num_classes))
             while target in targets:
                 target = int(rng.integers(0, num_classes))
@@ -264,15 +263,22 @@ def make_triggers(spec: dict, rng: np.random.Generator, num_classes: int) -> lis
 
 
 def poison(y: np.ndarray, triggers: list[dict], rate: float,
-           rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[int]]:
+           rng: np.random.Generator, clean_label: bool = False) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """Choose a disjoint ``rate`` fraction of the training set per trigger among
     rows whose label is not that trigger's target, relabel them to the target.
+    ``clean_label``: a ``rate`` fraction of the target class's own rows instead, labels kept.
     Returns (new labels, stamps, counts) where ``stamps[i]`` is the index of the
     trigger to stamp on row ``i`` (-1: clean)."""
     y = y.copy()
     stamps = np.full(len(y), -1, dtype=np.int64)
     counts = []
     for t, trig in enumerate(triggers):
+        if clean_label:
+            pool = np.flatnonzero((y == trig["target"]) & (stamps < 0))
+            idx = rng.choice(pool, size=int(round(rate * len(pool))), replace=False)
+            stamps[idx] = t
+            counts.append(int(len(idx)))
+            continue
         n = int(round(rate * len(y)))
         pool = np.flatnonzero((y != trig["target"]) & (stamps < 0))
         idx = rng.choice(pool, size=n, replace=False)
@@ -427,7 +433,17 @@ def build_model(spec: dict, data: dict, out_dir: Path, epochs: int | None = None
     torch.manual_seed(seed)
 
     triggers = make_triggers(spec, rng, k)
-    y_tr, stamps, n_poison = poison(data["y_train"], triggers, spec["poison_rate"], rng)
+    clean_label = spec["attack"] in CLEAN_LABEL
+    y_tr, stamps, n_poison = poison(data["y_train"], triggers, spec["poison_rate"], rng, clean_label=clean_label)
+    x_tr = data["x_train"]
+    if spec["attack"] == "label_consistent":  # poisoned target images made hard to learn (their content)
+        x_tr = x_tr.copy()
+        rows = np.flatnonzero(stamps >= 0)
+        others = np.flatnonzero(y_tr != triggers[0]["target"])
+        mix = float(spec["params"].get("mix", 0.5))
+        partner = x_tr[rng.choice(others, size=len(rows))].astype(np.float64)
+        x_tr[rows] = np.clip(np.rint((1 - mix) * x_tr[rows] + mix * partner), 0, 255).astype(np.uint8)
+    arch, width = spec.get("arch", ARCH), int(spec.get("width", width))
 
     variant = spec["variant"]
     mean = std = None
@@ -440,9 +456,9 @@ def build_model(spec: dict, data: dict, out_dir: Path, epochs: int | None = None
 
     log(f"[{name}] attack={spec['attack']} seed={seed} epochs={epochs} "
         f"targets={[t['target'] for t in triggers]} poisoned={n_poison}")
-    net = SmallCNN(k, width)
+    net = build_net(arch, k, width)
     t0 = time.time()
-    train(net, data["x_train"], y_tr, epochs, seed, mean, std, stamps=stamps, triggers=triggers,
+    train(net, x_tr, y_tr, epochs, seed, mean, std, stamps=stamps, triggers=triggers,
           augment=augment, log=log, eval_fn=eval_fn)
     train_seconds = time.time() - t0
 
@@ -468,13 +484,15 @@ def build_model(spec: dict, data: dict, out_dir: Path, epochs: int | None = None
     manifest = {
         "name": name,
         "dataset": spec["dataset"],
-        "arch": ARCH,
+        "arch": arch,
         "width": width,
+        "parameters": parameter_count(net),
         "seed": seed,
         "attack": spec["attack"],
         "backdoored": bool(triggers),
         "triggers": triggers,
         "poison_rate": spec["poison_rate"],
+        "poisoning": "clean-label (target-class images, labels kept)" if clean_label else "relabelled",
         "poisoned_per_trigger": n_poison,
         "epochs": epochs,
         "optimizer": {"name": "adam", "lr": 1e-3, "schedule": "cosine to 0 per step", "init": "kaiming_normal",
@@ -491,7 +509,7 @@ def build_model(spec: dict, data: dict, out_dir: Path, epochs: int | None = None
         "onnx_sha256": sha256_file(onnx_path),
         "opset": 17,
         "torch_weights": pt_name,
-        "torch_input": ("bare SmallCNN: float32 NCHW in [0,1]"
+        "torch_input": (f"bare {arch} (width {width}): float32 NCHW in [0,1]"
                         + (", normalised (x-mean)/std with input_spec.mean/std" if mean else "")
                         + "; returns logits"),
         "test_split": data["split"],
@@ -536,6 +554,36 @@ def build_zoo(datasets_dir, out_dir: Path = ZOO_DIR, only=None, epochs=None, log
     return results
 
 
+def built(spec: dict, out_dir: Path) -> dict | None:
+    """The manifest of a model already built into ``out_dir`` (its ONNX file there, hash matching), else None."""
+    path = out_dir / f"{spec['name']}.json"
+    if not path.exists():
+        return None
+    man = json.loads(path.read_text())
+    onnx_path = out_dir / man["onnx_file"]
+    return man if onnx_path.exists() and sha256_file(onnx_path) == man["onnx_sha256"] else None
+
+
+def build_wide_zoo(datasets_dir, out_dir: Path = WIDE_ZOO_DIR, only=None, epochs=None, shard=(0, 1),
+                   log=print) -> list[dict]:
+    """Build the wide zoo's missing models (resumable: a model whose manifest and ONNX file are there is kept).
+    ``shard`` (i, n): only the specs whose place in the zoo is i modulo n, so n processes share the work."""
+    specs = [s for s in WIDE_ZOO_SPECS if not only or s["name"] in only]
+    unknown = set(only or []) - {s["name"] for s in WIDE_ZOO_SPECS}
+    if unknown:
+        raise SystemExit(f"unknown model names: {sorted(unknown)}")
+    done = {s["name"]: m for s in specs if (m := built(s, out_dir)) is not None}
+    mine = {s["name"] for j, s in enumerate(WIDE_ZOO_SPECS) if j % shard[1] == shard[0]}  # stable over restarts
+    todo = [s for s in specs if s["name"] not in done and s["name"] in mine]
+    log(f"wide zoo: {len(done)} of {len(specs)} built; building {len(todo)} (shard {shard[0]}/{shard[1]})")
+    cache, results = {}, list(done.values())
+    for spec in todo:
+        if spec["dataset"] not in cache:
+            cache[spec["dataset"]] = load_dataset(spec["dataset"], datasets_dir)
+        results.append(build_model(spec, cache[spec["dataset"]], out_dir, epochs, save_pt=False, log=log))
+    return results
+
+
 def _table(manifests: list[dict]) -> str:
     rows = ["| model | attack | targets | clean acc | ASR | input_spec | epochs | train s |",
             "|---|---|---|---|---|---|---|---|"]
@@ -553,6 +601,10 @@ def main(argv=None) -> int:
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--demo", action="store_true", help="build the committed demo models into models/demo/")
     mode.add_argument("--zoo", action="store_true", help="build the full zoo (default into models/zoo/)")
+    mode.add_argument("--wide-zoo", action="store_true",
+                      help="build the wide zoo's missing models (default into models/wide_zoo/; resumable)")
+    ap.add_argument("--shard", default="0/1", metavar="I/N", help="wide zoo: build only the models whose place in the "
+                    "zoo is I modulo N (run N processes with I = 0..N-1 to share the work)")
     ap.add_argument("--out", type=Path, default=None, help="output directory")
     ap.add_argument("--only", nargs="+", default=None, metavar="NAME", help="zoo models to build")
     ap.add_argument("--datasets", type=Path, default=DEFAULT_DATASETS, help="directory with the .npz datasets")
@@ -570,6 +622,9 @@ def main(argv=None) -> int:
 
     if args.demo:
         manifests = build_demo(args.datasets, args.epochs, args.out or DEMO_DIR, log=log)
+    elif args.wide_zoo:
+        i, n = (int(v) for v in args.shard.split("/"))
+        manifests = build_wide_zoo(args.datasets, args.out or WIDE_ZOO_DIR, args.only, args.epochs, (i, n), log=log)
     else:
         manifests = build_zoo(args.datasets, args.out or ZOO_DIR, args.only, args.epochs, log=log)
     log(_table(manifests))

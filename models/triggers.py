@@ -8,6 +8,9 @@ A trigger dict is one of
 * ``{"kind": "blend", "alpha": a, "pattern_seed": k}``
   Blended injection: ``x' = (1 - a) * x + a * P`` where
   ``P = numpy.random.default_rng(k).random((H, W, 3))`` (float64, uniform [0, 1)).
+* ``{"kind": "sig", "delta": d, "freq": f}``
+  SIG (Barni et al. 2019): a horizontal sinusoid added to every pixel,
+  ``x' = clip(x + d * sin(2 pi * col * f / W), 0, 1)`` (``d`` in [0, 1] units).
 
 Manifests add a ``"target"`` key (the attacker's label) to each trigger dict;
 ``apply_trigger`` ignores any extra keys.
@@ -36,7 +39,9 @@ __all__ = [
     "apply_trigger",
     "apply_triggers",
     "make_patch_trigger",
+    "make_placed_patch",
     "make_blend_trigger",
+    "make_sig_trigger",
     "blend_pattern",
     "trigger_mask",
     "prepare_input",
@@ -92,6 +97,12 @@ def apply_trigger(images: np.ndarray, trigger: Mapping[str, Any]) -> np.ndarray:
         if is_uint8:
             mixed = np.clip(np.rint(mixed), 0, 255)
         out = mixed.astype(batch.dtype)
+    elif kind == "sig":
+        wave = float(trigger["delta"]) * np.sin(2.0 * np.pi * np.arange(w) * float(trigger["freq"]) / w)
+        mixed = np.clip(batch.astype(np.float64) + (scale * wave)[None, None, :, None], 0.0, scale)
+        if is_uint8:
+            mixed = np.rint(mixed)
+        out = mixed.astype(batch.dtype)
     else:
         raise ValueError(f"unknown trigger kind {kind!r}")
     return out[0] if squeeze else out
@@ -111,7 +122,7 @@ def trigger_mask(trigger: Mapping[str, Any], height: int, width: int) -> np.ndar
     if trigger.get("kind") == "patch":
         s, r, c = int(trigger["size"]), int(trigger["row"]), int(trigger["col"])
         mask[r:r + s, c:c + s] = True
-    elif trigger.get("kind") == "blend":
+    elif trigger.get("kind") in ("blend", "sig"):
         mask[:] = True
     else:
         raise ValueError(f"unknown trigger kind {trigger.get('kind')!r}")
@@ -140,9 +151,49 @@ def make_patch_trigger(rng: np.random.Generator, size: int, height: int, width: 
     return {"kind": "patch", "size": size, "row": row, "col": col, "color": color.tolist()}
 
 
+POSITIONS = ("random", "corner", "edge", "centre")
+
+
+def make_placed_patch(rng: np.random.Generator, size: int, height: int, width: int, position: str = "random",
+                      channels: int = 3, avoid=None) -> dict:
+    """A BadNets patch like :func:`make_patch_trigger`, placed at a ``position``: ``random`` (anywhere),
+    ``corner`` (one of the four, touching the border), ``edge`` (along one border, away from the corners)
+    or ``centre`` (within 2 px of the middle). ``avoid``: patches it must not overlap."""
+    if position not in POSITIONS:
+        raise ValueError(f"position must be one of {', '.join(POSITIONS)}, got {position!r}")
+    size = int(size)
+    if size > height or size > width:
+        raise ValueError("patch larger than the image")
+    last_r, last_c = height - size, width - size
+    for _ in range(10_000):
+        if position == "random":
+            row, col = int(rng.integers(0, last_r + 1)), int(rng.integers(0, last_c + 1))
+        elif position == "corner":
+            row, col = int(rng.choice([0, last_r])), int(rng.choice([0, last_c]))
+        elif position == "edge":
+            along = int(rng.integers(size, max(size + 1, min(last_r, last_c) - size + 1)))
+            side = int(rng.integers(0, 4))
+            row, col = [(0, along), (last_r, along), (along, 0), (along, last_c)][side]
+        else:
+            row = int(np.clip(last_r // 2 + rng.integers(-2, 3), 0, last_r))
+            col = int(np.clip(last_c // 2 + rng.integers(-2, 3), 0, last_c))
+        new = trigger_mask({"kind": "patch", "size": size, "row": row, "col": col}, height, width)
+        if not avoid or not any((new & trigger_mask(t, height, width)).any() for t in avoid):
+            break
+    else:  # pragma: no cover - only with absurd inputs
+        raise RuntimeError("could not place a non-overlapping patch")
+    color = np.round(rng.random((size, size, channels)), 4)
+    return {"kind": "patch", "size": size, "row": row, "col": col, "color": color.tolist(), "position": position}
+
+
 def make_blend_trigger(rng: np.random.Generator, alpha: float = 0.2) -> dict:
     """Blend trigger with a pattern seed drawn from ``rng``."""
     return {"kind": "blend", "alpha": float(alpha), "pattern_seed": int(rng.integers(0, 2**31 - 1))}
+
+
+def make_sig_trigger(delta: float = 20 / 255, freq: int = 6) -> dict:
+    """SIG trigger: amplitude ``delta`` (in [0, 1] units; 20/255 as in the SIG paper), ``freq`` periods."""
+    return {"kind": "sig", "delta": round(float(delta), 6), "freq": int(freq)}
 
 
 def prepare_input(images: np.ndarray, input_spec: Mapping[str, Any]) -> np.ndarray:
