@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,forge]'
 	touch $(STAMP)
 
-# Scan MODEL under POLICY; exit 0 accept, 1 reject, 2 error/indeterminate, 4 usage error.
+# Scan MODEL under POLICY; exit 0 accept, 1 reject, 2 error, 3 review (a person must look), 4 usage error.
 gate: $(STAMP)
 	$(VENV)/bin/gate run $(MODEL) --policy $(POLICY) --out $(OUT) $(if $(DATA),--data $(DATA)) $(GATE_ARGS)
 

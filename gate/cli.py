@@ -1,6 +1,6 @@
 """``gate`` command line: one sub-command per module in :mod:`gate.commands`.
 
-Exit codes: :data:`gate.decision.EXIT_CODES` (0 accept, 1 reject, 2 review or error, fail closed) and
+Exit codes: :data:`gate.decision.EXIT_CODES` (0 accept, 1 reject, 2 error, 3 review; fail closed) and
 :data:`gate.decision.EXIT_USAGE` (4, usage error), the gate's one table.
 """
 
@@ -29,6 +29,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="gate", description="Black-box backdoor detection gate for ONNX image classifiers.")
     parser.add_argument("--version", action="version", version=f"gate {__version__}")
+    parser.add_argument("--debug", action="store_true", help="print tracebacks of unexpected errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name in COMMANDS:
         try:
@@ -54,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("gate: interrupted", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:  # a bug: one line and the error code, the traceback only with --debug
+        if args.debug:
+            raise
+        print(f"gate: internal error: {type(exc).__name__}: {exc} (run with gate --debug for the traceback)",
+              file=sys.stderr)
         return EXIT_ERROR
 
 

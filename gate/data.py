@@ -46,20 +46,29 @@ def load_npz(path: Path) -> ImageSet:
         archive = np.load(path, allow_pickle=False)
     except Exception as exc:
         raise DataError(f"cannot read {path} as .npz: {exc}") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DataError(f"{path} is a single .npy array: give an .npz with x (and optional y), or a folder of images")
     with archive:
         xkey = next((k for k in X_KEYS if k in archive.files), None)
         if xkey is None:
             raise DataError(f"{path}: no image array (expected one of keys {', '.join(X_KEYS)}); "
                             f"found {', '.join(archive.files) or 'nothing'}")
-        x = archive[xkey]
         ykey = next((k for k in Y_KEYS if k in archive.files), None)
-        y = archive[ykey] if ykey else None
+        try:
+            x = archive[xkey]
+            y = archive[ykey] if ykey else None
+        except ValueError as exc:  # object arrays need pickle, which is never allowed
+            raise DataError(f"{path}: cannot read {xkey}/{ykey}: {exc}") from None
     if x.ndim == 3:  # (N, H, W): grey images
         x = x[..., None]
     if x.ndim != 4:
         raise DataError(f"{path}: images must be (N, H, W, C), got shape {x.shape}")
     if y is not None:
+        if not np.issubdtype(np.asarray(y).dtype, np.integer):
+            raise DataError(f"{path}: labels must be integers, got {np.asarray(y).dtype}")
         y = np.asarray(y).reshape(-1).astype(np.int64)
+        if len(y) and y.min() < 0:
+            raise DataError(f"{path}: labels must be 0 or more, found {int(y.min())}")
         if len(y) != len(x):
             raise DataError(f"{path}: {len(x)} images but {len(y)} labels")
     return ImageSet(to_unit_float(x, str(path)), y, str(path))

@@ -5,9 +5,9 @@ always give the same :class:`Decision`. Outcomes and exit codes (as protectai/mo
 
     accept 0   the scan completed and no rule fired
     reject 1   a rule asks for rejection
-    review 2   the scan could not reach a verdict (budget, searches that did not work), or a rule
-               asks for a human
     error  2   the scan failed (fail closed; ``on_error: reject`` makes it 1)
+    review 3   the scan could not reach a verdict (budget, searches that did not work), or a rule
+               asks for a human: a person must look, which is not the same as a crash
     usage  4   the command line was wrong (argparse), not a decision
 
 This table (:data:`EXIT_CODES`, :data:`EXIT_USAGE`) is the only one: every command exits through it.
@@ -29,8 +29,13 @@ from gate.outliers import MAD_CONSISTENCY, find_outliers, finite_index
 from gate.result import ScanResult
 
 OUTCOMES = ("accept", "reject", "review", "error")
-EXIT_CODES = {"accept": 0, "reject": 1, "review": 2, "error": 2}
+EXIT_CODES = {"accept": 0, "reject": 1, "error": 2, "review": 3}
 EXIT_USAGE = 4
+
+
+def exit_code_help() -> str:
+    """The exit-code table in words, for help texts and reports: "0 accept, 1 reject, ... 4 usage error"."""
+    return ", ".join(f"{code} {name}" for name, code in EXIT_CODES.items()) + f", {EXIT_USAGE} usage error"
 _SEVERITY = {"accept": 0, "review": 1, "reject": 2}
 
 # Rules, as SARIF rule ids.

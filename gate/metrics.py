@@ -27,7 +27,7 @@ from prometheus_client import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from gate.decision import OUTCOMES, Decision
+from gate.decision import OUTCOMES, Decision, exit_code_help
 from gate.result import ScanResult
 
 PREFIX = "backdoor_gate"
@@ -56,7 +56,7 @@ def build_registry(result: ScanResult | None, decision: Decision, model: str, *,
                        "others.", ["model", "outcome"], registry=reg)
     for outcome in OUTCOMES:
         decision_g.labels(model=model, outcome=outcome).set(1 if decision.outcome == outcome else 0)
-    Gauge(f"{PREFIX}_exit_code", "Exit code of the last gate run (0 accept, 1 reject, 2 review/error).",
+    Gauge(f"{PREFIX}_exit_code", f"Exit code of the last gate run ({exit_code_help()}).",
           ["model"], registry=reg).labels(**labels).set(decision.exit_code)
 
     success = now if decision.outcome != "error" else last_success

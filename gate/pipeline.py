@@ -23,7 +23,7 @@ from pathlib import Path
 
 from gate.data import ImageSet, fit_to_model, load_images
 from gate.decision import Decision, decide
-from gate.errors import DataError, GateError
+from gate.errors import DataError, GateError, ModelError
 from gate.kernels import stamp
 from gate.oracle import Oracle
 from gate.policy import Policy
@@ -48,6 +48,9 @@ def run_gate(oracle: Oracle, policy: Policy, *, images: ImageSet | None = None, 
     policy's data section is then not consulted); ``examples``: stamped examples per class for the report."""
     progress = progress or Progress(enabled=False)
     log = log or (lambda _text: None)
+    if oracle.num_classes < 2:
+        raise ModelError(f"{oracle.path}: the model has {oracle.num_classes} output; a backdoor scan needs at least "
+                         f"2 classes")
     method, synthesis = "b3d", None
     if images is None:
         images = load_data(policy, oracle, log=log)

@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -107,8 +109,9 @@ class Triggers:
     flagged: np.ndarray  # (K,) bool
 
     def save(self, path: str | Path) -> None:
-        np.savez_compressed(path, labels=self.labels, masks=self.masks, patterns=self.patterns,
-                            flagged=self.flagged)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, labels=self.labels, masks=self.masks, patterns=self.patterns, flagged=self.flagged)
+        atomic_write(path, buf.getvalue())
 
     @classmethod
     def load(cls, path: str | Path) -> Triggers:
@@ -126,8 +129,23 @@ class Triggers:
         return Triggers(self.labels[idx], self.masks[idx], self.patterns[idx], self.flagged[idx])
 
 
+def atomic_write(path: str | Path, data: str | bytes) -> None:
+    """Write a file so that readers see the old one or the whole new one, never a part (temp + rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        if isinstance(data, str):
+            tmp.write_text(data)
+        else:
+            tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def write_json(path: str | Path, obj: dict) -> None:
-    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def read_report(path: str | Path) -> dict:

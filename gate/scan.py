@@ -34,7 +34,7 @@ from gate.bandit import Bandit
 from gate.batches import make_batch
 from gate.budget import QueryBudget
 from gate.data import ImageSet
-from gate.errors import DataError
+from gate.errors import DataError, GateError
 from gate.kernels import group_cross_entropy, group_hits
 from gate.oracle import Oracle
 from gate.outliers import OutlierRule, find_outliers, finite_index
@@ -114,6 +114,37 @@ def split_data(images: ImageSet, cfg: ScanConfig, rng: np.random.Generator) -> t
     return order[held:], order[:held]
 
 
+def buffer_bytes(oracle: Oracle, cfg: ScanConfig, images: int) -> int:
+    """Bytes the scan allocates up front: two stamped batches, every class's candidates, the clean images."""
+    h, w, c = oracle.image_shape
+    rows = max(cfg.batch_images, cfg.search.queries_per_step)
+    per_image = 4 * h * w * c
+    candidates = oracle.num_classes * cfg.search.candidates * 4 * h * w * (c + 1)
+    return 2 * rows * per_image + candidates + 2 * images * per_image
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_memory(oracle: Oracle, cfg: ScanConfig, images: int) -> None:
+    """Refuse, before any query, a scan whose buffers would not fit in this machine's memory."""
+    need, have = buffer_bytes(oracle, cfg, images), available_memory()
+    if have is not None and need > have:
+        h, w, c = oracle.image_shape
+        raise GateError(f"the scan needs {need / 2**30:.1f} GiB of buffers for {oracle.num_classes} classes of "
+                        f"{h}x{w}x{c} images but {have / 2**30:.1f} GiB are available (lower --max-batch, or "
+                        f"scan on a larger machine)")
+
+
 class ScanEngine:
     """All classes' trigger searches against one model (see the module docstring)."""
 
@@ -132,6 +163,7 @@ class ScanEngine:
         data_seq, *class_seqs = np.random.SeedSequence(cfg.seed).spawn(k_classes + 1)
 
         self.search_idx, self.held_idx = split_data(images, cfg, np.random.default_rng(data_seq))
+        check_memory(oracle, cfg, len(self.search_idx) + len(self.held_idx))
         used = np.concatenate([self.search_idx, self.held_idx])
         self.budget.require(len(used), "predicting the clean images")
         preds = oracle.predict(images.x[used])

@@ -171,14 +171,37 @@ class ScanTriggers:
         return [int(v) for v in self.triggers.labels]
 
 
+def unverified(report: dict) -> str | None:
+    """Why a report cannot vouch for a model's triggers (None: it can): the shield is only as good as the
+    scan behind it, so an incomplete scan, a review or error decision, or a report without the model's hash
+    is refused (a report with no flags would otherwise turn the shield off)."""
+    if not (report.get("model") or {}).get("sha256"):
+        return "it names no model sha256"
+    if report.get("complete") is not True:
+        return "its scan is incomplete"
+    decision = report.get("decision")
+    outcome = decision.get("outcome") if isinstance(decision, dict) else report.get("verdict", decision)
+    if outcome not in ("accept", "reject"):
+        return f"its decision is {outcome!r}, not accept or reject" if outcome else "it holds no decision"
+    return None
+
+
 def load_scan_triggers(report_path: str | os.PathLike, triggers_path: str | os.PathLike | None = None,
-                       model_sha256: str | None = None) -> ScanTriggers:
+                       model_sha256: str | None = None, allow_unverified: bool = False,
+                       warn=None) -> ScanTriggers:
     """Read report.json and the triggers of its flagged classes (triggers.npz beside the report unless
-    given). ``model_sha256``: refuse a report written for another model file."""
+    given). ``model_sha256``: refuse a report written for another model file. A report :func:`unverified`
+    refuses is an error unless ``allow_unverified`` (then ``warn`` is told why)."""
     report_path = Path(report_path)
     report = read_report(report_path)
     if not isinstance(report, dict) or "flagged" not in report:
         raise GateError(f"{report_path} is not a gate scan report (no 'flagged' list)")
+    why = unverified(report)
+    if why and not allow_unverified:
+        raise GateError(f"{report_path} cannot vouch for this model: {why} (--allow-unverified-report to use it "
+                        f"anyway)")
+    if why and warn is not None:
+        warn(f"WARNING: using an unverified report ({report_path}: {why}); the shield may be off or incomplete")
     reported = (report.get("model") or {}).get("sha256")
     if model_sha256 is not None and reported and reported != model_sha256:
         raise GateError(f"{report_path} was written for another model (sha256 {reported[:12]}..., this model "

@@ -201,7 +201,7 @@ def write_scan(out: Path, model: Path, triggers: Triggers, flagged: list[int] | 
     out.mkdir(parents=True, exist_ok=True)
     flagged = [int(v) for v in triggers.labels[triggers.flagged]] if flagged is None else flagged
     report = {"schema_version": "1.0", "model": {"path": str(model), "sha256": file_sha256(model)},
-              "flagged": flagged, "decision": {"outcome": "reject" if flagged else "accept"}}
+              "flagged": flagged, "complete": True, "decision": {"outcome": "reject" if flagged else "accept"}}
     (out / "report.json").write_text(json.dumps(report))
     triggers.save(out / "triggers.npz")
     return out / "report.json"

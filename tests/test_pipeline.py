@@ -77,7 +77,7 @@ def test_gate_scan_never_exits_0_when_the_searches_did_not_work(tmp_path, capsys
         report = json.loads((tmp_path / str(seed) / "report.json").read_text())
         assert report["decision"]["outcome"] == "review"
         assert any(f["rule"] == "BG005" for f in report["decision"]["findings"])
-    assert codes == [2] * 10
+    assert codes == [3] * 10
 
 
 def test_scan_and_run_share_the_decision_and_the_exit_codes(tmp_path, capsys):
@@ -86,7 +86,7 @@ def test_scan_and_run_share_the_decision_and_the_exit_codes(tmp_path, capsys):
     code = main(["scan", str(DEMO / "gtsrb_badnets3x3.onnx"), "--data", str(DEMO / "gtsrb_sample.npz"),
                  "--max-steps", "3", "--max-images", "60", "--out", str(out), "--quiet"])
     report = json.loads((out / "report.json").read_text())
-    assert code == report["decision"]["exit_code"] == 2
+    assert code == report["decision"]["exit_code"] == 3
     assert report["policy"]["search"]["max_steps"] == 3
     assert report["policy"]["rules"] == Policy().to_dict()["rules"]
     assert sorted(p.name for p in out.iterdir()) == ["report.json", "triggers.npz"]

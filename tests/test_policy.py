@@ -192,7 +192,7 @@ def test_reject_when_a_class_is_flagged():
 
 def test_flagged_may_ask_for_review_instead():
     d = decide(make_result(), policy(flagged="review"))
-    assert (d.outcome, d.exit_code) == ("review", 2)
+    assert (d.outcome, d.exit_code) == ("review", 3)
 
 
 @pytest.mark.parametrize("asr,fraction,fires", [
@@ -220,7 +220,7 @@ def test_incomplete_scan_needs_review_or_reject():
     r = make_result(L1_CLEAN, complete=False, stop_reason="query budget reached (5000 queries sent)",
                     statuses=["converged", "budget", "budget", "converged", "converged"])
     d = decide(r, policy())
-    assert (d.outcome, d.exit_code) == ("review", 2)
+    assert (d.outcome, d.exit_code) == ("review", 3)
     assert d.reasons == ["scan incomplete: query budget reached (5000 queries sent); 2 of 5 classes were cut short"]
     assert decide(r, policy(incomplete="reject")).outcome == "reject"
 
@@ -240,7 +240,7 @@ def test_weak_search_is_not_an_accept():
     unreached = ["not_reached", "not_reached", "not_reached", "converged", "max_steps"]
     r = make_result(L1_CLEAN, statuses=unreached)
     d = decide(r, policy())
-    assert (d.outcome, d.exit_code) == ("review", 2)
+    assert (d.outcome, d.exit_code) == ("review", 3)
     assert d.reasons == ["search inconclusive: 3 of 5 classes found no working trigger (more than 50%); "
                          "give the search more steps"]
     assert d.findings[0].rule == "BG005" and d.findings[0].label is None
@@ -283,7 +283,7 @@ def test_decide_is_pure():
 def test_error_decisions_fail_closed():
     assert (Decision.error("x").outcome, Decision.error("x").exit_code) == ("error", 2)
     assert Decision.error("x", "reject").exit_code == 1
-    assert EXIT_CODES == {"accept": 0, "reject": 1, "review": 2, "error": 2}
+    assert EXIT_CODES == {"accept": 0, "reject": 1, "error": 2, "review": 3}
 
 
 STATUSES = ["converged", "max_steps", "bandit_stopped", "not_reached"]

@@ -90,7 +90,7 @@ def test_query_budget_is_never_exceeded_and_says_so(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["queries"]["total"] <= budget
     assert not report["complete"] and "budget" in report["stop_reason"]
-    assert report["decision"]["outcome"] == "review" and code == 2
+    assert report["decision"]["outcome"] == "review" and code == 3
 
 
 def test_budget_too_small_for_anything_is_an_error(tmp_path, capsys):

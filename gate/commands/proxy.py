@@ -66,6 +66,9 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action="store_true", help="log every request (off by default)")
+    p.add_argument("--allow-unverified-report", action="store_true",
+                   help="use a report the proxy would refuse (incomplete scan, review or error decision, no model "
+                        "sha256), with a loud warning")
     add_model_args(p)
     p.set_defaults(handler=run)
 
@@ -104,7 +107,9 @@ def build(args: argparse.Namespace):
                             np.zeros((0, h, w, c), np.float32), np.zeros(0, bool))
         why = "--no-shield: plain V2 server, every request passes"
     else:
-        st = load_scan_triggers(args.report, args.triggers, model_sha256=oracle.sha256)
+        st = load_scan_triggers(args.report, args.triggers, model_sha256=oracle.sha256,
+                                allow_unverified=args.allow_unverified_report,
+                                warn=lambda text: print(f"gate proxy: {text}", file=sys.stderr, flush=True))
         triggers = st.triggers
         why = f"{args.report} flags no class: the shield is off, every request passes through"
         if args.calibration:

@@ -7,19 +7,25 @@ trigger PNGs, write metrics.prom (and push), print one line, exit with the decis
 (:func:`execute` with ``renderers=False``).
 
 Any failure after the command line was understood still writes fail-closed reports (outcome ``error``)
-and metrics; nothing but a completed scan with no finding is ever an accept.
+and metrics; nothing but a completed scan with no finding is ever an accept. The output folder is claimed
+first (:func:`gate.report.begin_run`: earlier reports removed, report.json says ``running``, metrics say
+error until the run ends), so a run that is killed never leaves an earlier accept behind. SIGINT and
+SIGTERM end the run with fail-closed reports (reason "interrupted"). Without ``gate --debug`` no
+traceback is printed: one line names the cause.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
 from gate.commands.common import add_policy_args, add_runtime_args, open_oracle, policy_from_args
-from gate.decision import Decision
+from gate.decision import Decision, exit_code_help
 from gate.errors import GateError, UsageError
 from gate.policy import Policy, load_policy
 
@@ -29,7 +35,7 @@ def register(sub) -> None:
         "run", help="scan a model under a deployment policy and write all reports (make gate)",
         description="Scan MODEL for backdoors under a policy, decide, and write report.json, report.html, "
                     "report.sarif, junit.xml, triggers.npz and metrics.prom into --out. Flags override the "
-                    "policy. Exit 0 accept, 1 reject, 2 review or error (fail closed), 4 usage error.")
+                    f"policy. Exit {exit_code_help()} (fail closed).")
     p.add_argument("--policy", required=True, help="policy YAML file (e.g. policies/default.yaml)")
     p.add_argument("--examples", type=int, default=3, metavar="N",
                    help="held-out images per class shown with the trigger stamped in report.html (3; 0: none)")
@@ -88,18 +94,28 @@ def execute(args: argparse.Namespace, *, renderers: bool) -> int:
         if not args.quiet:
             print(f"gate: {text}", file=sys.stderr, flush=True)
 
+    in_main = threading.current_thread() is threading.main_thread()  # signals can only be caught there
+    previous = signal.signal(signal.SIGTERM, _terminated) if in_main else None
     try:
+        _claim(out, args, policy, renderers)
         oracle = open_oracle(args, policy.spec_overrides())
         run = run_gate(oracle, policy, examples=examples, progress=Progress(enabled=not args.quiet), log=log)
         warning = _write(out, run, policy, source, provenance, args, renderers)
     except UsageError:
         raise
+    except KeyboardInterrupt as exc:
+        return _fail(out, args, f"interrupted ({exc.args[0] if exc.args else 'SIGINT'}): the scan did not finish",
+                     policy, source, provenance, renderers=renderers)
     except GateError as exc:
         return _fail(out, args, str(exc), policy, source, provenance, renderers=renderers)
     except Exception as exc:  # a bug must not look like a verdict: fail closed
-        traceback.print_exc(file=sys.stderr)
+        if getattr(args, "debug", False):
+            traceback.print_exc(file=sys.stderr)
         return _fail(out, args, f"internal error: {type(exc).__name__}: {exc}", policy, source, provenance,
                      renderers=renderers)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
     if warning:
         print(f"gate: warning: {warning}", file=sys.stderr)
     result, decision = run.result, run.decision
@@ -107,6 +123,21 @@ def execute(args: argparse.Namespace, *, renderers: bool) -> int:
     print(f"{decision.summary} ({result.queries['total']:,} queries, {result.seconds['total']:.1f} s) -> {target}",
           flush=True)
     return decision.exit_code
+
+
+def _terminated(signum, frame) -> None:
+    raise KeyboardInterrupt("SIGTERM")
+
+
+def _claim(out: Path, args, policy: Policy, renderers: bool) -> None:
+    """Before any query: the output folder marks this run as running, and the metrics as not finished."""
+    from gate.metrics import export
+    from gate.report import begin_run
+
+    begin_run(out, _model_facts(str(args.model)), policy.to_dict(), started=_now())
+    if renderers:
+        export(out, None, Decision.error("run in progress: it has not finished (yet)", policy.on_error),
+               str(args.model), None)
 
 
 def _write(out: Path, run, policy: Policy, source: str, provenance: dict, args, renderers: bool) -> str | None:

@@ -11,6 +11,11 @@
 
 ``write_error_reports`` writes the same files (but triggers) for a run that failed, so a pipeline that
 looks for them finds a fail-closed verdict instead of nothing. Metrics are :mod:`gate.metrics`.
+
+The output folder's contract: :func:`begin_run` checks the folder before any query, removes an earlier
+run's reports and leaves a report.json whose outcome is ``running`` (exit code null); every file is then
+written atomically (temp + rename), so a reader sees a finished report, the running marker, or a
+fail-closed error report, never a stale accept or half a file.
 """
 
 from __future__ import annotations
@@ -18,15 +23,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from gate import __version__
 from gate.decision import Decision
+from gate.errors import GateError
 from gate.report.htmlpage import render_html
 from gate.report.images import png_bytes, trigger_views
 from gate.report.jsonfile import report_dict, strict_json, write_report_json
 from gate.report.junit import junit_xml
 from gate.report.sarif import sarif_log
-from gate.result import Example, ScanResult, Triggers
+from gate.result import SCHEMA_VERSION, Example, ScanResult, Triggers, atomic_write
 
-__all__ = ["write_reports", "write_scan_files", "write_error_reports"]
+__all__ = ["begin_run", "write_reports", "write_scan_files", "write_error_reports"]
 
 
 def _summary(result: ScanResult) -> dict:
@@ -44,11 +51,11 @@ def write_reports(out: str | Path, result: ScanResult, triggers: Triggers | None
         old.unlink()
     files = {name: out / name for name in ("report.json", "report.html", "report.sarif", "junit.xml")}
     write_report_json(files["report.json"], report_dict(result, decision, policy, provenance=provenance))
-    files["report.html"].write_text(render_html(result, decision, policy, triggers=triggers, examples=examples,
+    atomic_write(files["report.html"], render_html(result, decision, policy, triggers=triggers, examples=examples,
                                                 policy_source=policy_source, generated=generated))
-    files["report.sarif"].write_text(json.dumps(strict_json(sarif_log(
+    atomic_write(files["report.sarif"], json.dumps(strict_json(sarif_log(
         decision, result.model, result_summary=_summary(result))), indent=2) + "\n")
-    files["junit.xml"].write_text(junit_xml(result, decision))
+    atomic_write(files["junit.xml"], junit_xml(result, decision))
     if triggers is not None:
         files["triggers.npz"] = out / "triggers.npz"
         triggers.save(files["triggers.npz"])
@@ -56,9 +63,34 @@ def write_reports(out: str | Path, result: ScanResult, triggers: Triggers | None
         for i, label in enumerate(triggers.labels):
             if int(label) in marked:
                 path = out / f"trigger_{int(label)}.png"
-                path.write_bytes(png_bytes(trigger_views(triggers.masks[i], triggers.patterns[i])["trigger"], 128))
+                atomic_write(path, png_bytes(trigger_views(triggers.masks[i], triggers.patterns[i])["trigger"], 128))
                 files[path.name] = path
     return files
+
+
+RUN_FILES = ("report.json", "report.html", "report.sarif", "junit.xml", "triggers.npz")
+
+
+def begin_run(out: str | Path, model: dict, policy: dict | None, *, started: str) -> Path:
+    """Claim ``out`` for a new run (see the module docstring); a GateError when it cannot be one."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise GateError(f"--out {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        for old in out.glob("trigger_*.png"):
+            old.unlink()
+        doc = {"schema_version": SCHEMA_VERSION, "tool": {"name": "backdoor-gate", "version": __version__},
+               "model": model, "status": "running", "started": started, "complete": False, "flagged": [],
+               "decision": {"outcome": "running", "exit_code": None,
+                            "reasons": [f"run started {started} and has not finished: no verdict yet"]},
+               "policy": policy}
+        write_report_json(out / "report.json", doc)
+    except OSError as exc:
+        raise GateError(f"--out {out} cannot be written: {exc.strerror or exc}") from None
+    return out
 
 
 def write_scan_files(out: str | Path, result: ScanResult, triggers: Triggers, decision: Decision,
@@ -85,8 +117,8 @@ def write_error_reports(out: str | Path, decision: Decision, policy: dict | None
                                                                 provenance=provenance))
     if not renderers:
         return {"report.json": files["report.json"]}
-    files["report.html"].write_text(render_html(None, decision, policy, model=model, policy_source=policy_source,
+    atomic_write(files["report.html"], render_html(None, decision, policy, model=model, policy_source=policy_source,
                                                 generated=generated))
-    files["report.sarif"].write_text(json.dumps(strict_json(sarif_log(decision, model)), indent=2) + "\n")
-    files["junit.xml"].write_text(junit_xml(None, decision, model))
+    atomic_write(files["report.sarif"], json.dumps(strict_json(sarif_log(decision, model)), indent=2) + "\n")
+    atomic_write(files["junit.xml"], junit_xml(None, decision, model))
     return files

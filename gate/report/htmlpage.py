@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gate.decision import Decision, mad_threshold_l1
+from gate.decision import Decision, exit_code_help, mad_threshold_l1
 from gate.pipeline import EXAMPLES_FOR_EVERY_CLASS as MANY_CLASSES
 from gate.report.images import data_uri, trigger_views
 from gate.result import ClassResult, Example, ScanResult, Triggers
@@ -386,7 +386,7 @@ def render_html(result: ScanResult | None, decision: Decision, policy: dict | No
                     'decision was made under (after command-line overrides)</summary>'
                     f'<pre>{_e(json.dumps(policy, indent=2))}</pre></details></section>')
     body.append("<footer>Black-box backdoor detection (B3D, Dong et al., ICCV 2021). "
-                "Exit codes: 0 accept, 1 reject, 2 review or error, 4 usage error.</footer>")
+                f"Exit codes: {exit_code_help()}.</footer>")
     title = f"{TITLES.get(decision.outcome, decision.outcome)}: {name} — backdoor gate"
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"

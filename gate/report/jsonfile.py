@@ -17,7 +17,7 @@ import numpy as np
 from gate import __version__
 from gate.decision import Decision
 from gate.errors import GateError
-from gate.result import SCHEMA_VERSION, ScanResult, read_report
+from gate.result import SCHEMA_VERSION, ScanResult, atomic_write, read_report
 
 EXTRA_KEYS = ("decision", "policy", "error")
 
@@ -52,7 +52,7 @@ def strict_json(obj):
 
 def write_report_json(path: str | Path, doc: dict) -> None:
     # strict: the file must be plain JSON (other tools choke on NaN/Infinity)
-    Path(path).write_text(json.dumps(strict_json(doc), indent=2, allow_nan=False) + "\n")
+    atomic_write(path, json.dumps(strict_json(doc), indent=2, allow_nan=False) + "\n")
 
 
 def load_report(path: str | Path) -> tuple[ScanResult | None, dict | None, dict | None]:
