@@ -517,6 +517,7 @@ def build_model(spec: dict, data: dict, out_dir: Path, epochs: int | None = None
     }
     if spec.get("notes"):
         manifest["notes"] = spec["notes"]
+    manifest["recipe"] = json.loads(json.dumps(spec))  # what `built` compares
     if sample is not None:
         sx, sy, sfile = sample
         s_acc, s_asr = measure(lambda x: onnx_predict(sess, x, input_spec), sx, sy, triggers)
@@ -555,11 +556,14 @@ def build_zoo(datasets_dir, out_dir: Path = ZOO_DIR, only=None, epochs=None, log
 
 
 def built(spec: dict, out_dir: Path) -> dict | None:
-    """The manifest of a model already built into ``out_dir`` (its ONNX file there, hash matching), else None."""
+    """The manifest of a model already built into ``out_dir`` from this very recipe (its ONNX file there, hash
+    matching), else None: a changed recipe is built again."""
     path = out_dir / f"{spec['name']}.json"
     if not path.exists():
         return None
     man = json.loads(path.read_text())
+    if man.get("recipe") != json.loads(json.dumps(spec)):
+        return None
     onnx_path = out_dir / man["onnx_file"]
     return man if onnx_path.exists() and sha256_file(onnx_path) == man["onnx_sha256"] else None
 

@@ -127,5 +127,6 @@ def test_a_tiny_wide_zoo_build_records_its_truth_and_resumes(tmp_path, arch, att
     assert len({t["target"] for t in man["triggers"]}) == len(man["triggers"]), "one target per trigger"
     assert man["poisoning"].startswith("clean-label") == (attack in forge.CLEAN_LABEL)
     assert forge.built(spec, tmp_path) == man
+    assert forge.built({**spec, "epochs": 2}, tmp_path) is None, "a changed recipe is built again"
     (tmp_path / f"{spec['name']}.onnx").write_bytes(b"truncated")
     assert forge.built(spec, tmp_path) is None, "a damaged model is built again"
