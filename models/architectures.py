@@ -31,7 +31,14 @@ def _he_init(module: nn.Module) -> None:
                 nn.init.zeros_(mod.bias)
 
 
-class SmallCNN(nn.Module):
+class _FeaturesThenHead(nn.Module):
+    """``features`` then ``classifier``: the forward pass the families below share."""
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+class SmallCNN(_FeaturesThenHead):
     """Conv(3->16w)-ReLU-MaxPool2 -> Conv(16w->32w)-ReLU-MaxPool2 -> Conv(32w->64w)-ReLU-MaxPool2
     -> Flatten -> Linear(64w*16 -> 128w)-ReLU -> Linear(128w -> K). Input NCHW 32x32, output logits."""
 
@@ -48,16 +55,13 @@ class SmallCNN(nn.Module):
         )
         _he_init(self)  # faster, steadier training than torch's default
 
-    def forward(self, x):
-        return self.classifier(self.features(x))
-
 
 def _conv_bn(cin: int, cout: int, stride: int = 1, groups: int = 1, kernel: int = 3) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
                          nn.BatchNorm2d(cout), nn.ReLU())
 
 
-class DeepCNN(nn.Module):
+class DeepCNN(_FeaturesThenHead):
     def __init__(self, num_classes: int, width: int = 1):
         super().__init__()
         c = [16 * width, 32 * width, 64 * width]
@@ -68,9 +72,6 @@ class DeepCNN(nn.Module):
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))
         _he_init(self)
-
-    def forward(self, x):
-        return self.classifier(self.features(x))
 
 
 class BasicBlock(nn.Module):
@@ -100,7 +101,7 @@ class ResNetBN(nn.Module):
         return self.classifier(self.stages(self.stem(x)))
 
 
-class MobileNetDW(nn.Module):
+class MobileNetDW(_FeaturesThenHead):
     # (output channels, stride) of each depthwise-separable block, before the width multiplier
     BLOCKS = ((32, 1), (64, 2), (64, 1), (128, 2), (128, 1))
 
@@ -115,9 +116,6 @@ class MobileNetDW(nn.Module):
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))
         _he_init(self)
-
-    def forward(self, x):
-        return self.classifier(self.features(x))
 
 
 _CLASSES = {"small_cnn_v1": SmallCNN, "deep_cnn": DeepCNN, "resnet_bn": ResNetBN, "mobilenet_dw": MobileNetDW}

@@ -8,8 +8,9 @@ out of the command line (commit 6312a1f), with::
 The same command today must give the same report, timings aside, and with only these deliberate changes:
 the report's stamped examples come from the scan's held-out pass (no ``queries.report``, 145 fewer queries),
 the scan's own ``verdict`` is gone (``decision`` is the only one), the effective policy lists the settings
-that became policy fields, at their defaults, and review exits 3 (it was 2, the code of an error). A change that is meant to move scan results regenerates the
-files with the command above (and says so in its commit).
+that became policy fields, at their defaults, and review exits 3 (it was 2, the code of an error). A change
+that is meant to move scan results regenerates the files with the command above
+(and says so in its commit).
 """
 
 from __future__ import annotations

@@ -46,10 +46,6 @@ def spec_from_args(args: argparse.Namespace) -> SpecOverrides:
         raise UsageError(str(exc)) from None
 
 
-def overrides_from_args(args: argparse.Namespace) -> SpecOverrides:
-    return spec_from_args(args)
-
-
 def open_oracle(args: argparse.Namespace, overrides: SpecOverrides | None = None,
                 max_queries: int | None = None) -> Oracle:
     if args.max_batch < 1:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gate.commands.common import add_model_args, overrides_from_args
+from gate.commands.common import add_model_args, spec_from_args
 from gate.errors import GateError, UsageError
 from gate.oracle import Oracle
 from gate.result import Triggers
@@ -97,7 +97,7 @@ def build(args: argparse.Namespace):
     from gate.proxy.upstream import EmbeddedModel, RemoteModel
 
     _check(args)
-    oracle = Oracle(args.model, overrides_from_args(args), device=args.device, max_batch=args.max_batch,
+    oracle = Oracle(args.model, spec_from_args(args), device=args.device, max_batch=args.max_batch,
                     threads=args.threads)
     name = args.model_name or Path(args.model).stem
     h, w, c = oracle.image_shape
