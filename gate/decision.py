@@ -192,7 +192,8 @@ def _weak_search(classes: list, rules) -> list[Finding]:
         found.append(Finding(
             RULE_WEAK_SEARCH, rules.incomplete,
             f"search inconclusive: {len(unreached)} of {len(classes)} classes found no working trigger "
-            f"(more than {_pct(weak.max_unreached_fraction)}); give the search more steps",
+            f"(more than {_pct(weak.max_unreached_fraction)}); give the search more steps"
+            + next((f" (class {c.label}: {c.note})" for c in classes if c.status == UNREACHED and c.note), ""),
             None, {"unreached": unreached, "unreached_fraction": frac}))
     median_mask = float(np.median([c.mask_fraction for c in classes]))
     if median_mask > weak.max_median_mask_fraction:

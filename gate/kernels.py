@@ -11,7 +11,6 @@ layout and value range (``scale[c]*v + offset[c]``), ready for ``InferenceSessio
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 from numba import njit, prange
@@ -148,13 +147,13 @@ def perturb_encode(x, delta, sigma, scale, offset, channels_first, out):
 
 
 @njit(fastmath=True, cache=True)
-def group_cross_entropy(probs, target, group, out):
-    """out[j] = mean over the j-th group of ``group`` rows of -log p[row, target]."""
+def group_cross_entropy(log_probs, target, group, out):
+    """out[j] = mean over the j-th group of ``group`` rows of -log p[row, target], from log-probabilities."""
     n = out.shape[0]
     for j in range(n):
         s = 0.0
         for i in range(group):
-            s -= math.log(max(probs[j * group + i, target], 1e-37))
+            s -= log_probs[j * group + i, target]
         out[j] = s / group
 
 

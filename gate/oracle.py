@@ -44,6 +44,19 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z
 
 
+# -log of this is the loss of a class whose probability the model gave as exactly 0 (what float32 can hold,
+# rounded): such rows carry no signal for the search, which is why logits are kept as log-softmax below.
+PROB_FLOOR = 1e-37
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log p from logits without underflow: a class 200 logits behind still gets a finite, ordered value."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(z).sum(axis=1, keepdims=True))
+    z -= lse
+    return z
+
+
 def looks_like_probs(out: np.ndarray, tol: float = 1e-3) -> bool:
     return bool(out.min() >= -tol and out.max() <= 1 + tol and np.allclose(out.sum(axis=1), 1.0, atol=tol))
 
@@ -197,11 +210,12 @@ class Oracle:
         out[...] = y
         return out
 
-    def run_encoded(self, batch: np.ndarray) -> np.ndarray:
-        """Probabilities (N, K) float32 for a batch already in the model's input format."""
+    def run_encoded(self, batch: np.ndarray, log: bool = False) -> np.ndarray:
+        """Probabilities (N, K) float32 for a batch already in the model's input format; with ``log``
+        log-probabilities (see :meth:`_to_scores`)."""
         self.charge(len(batch))
         raw = self._run_raw(batch)
-        return self._to_probs(raw)
+        return self._to_scores(raw, log)
 
     def run_raw(self, batch: np.ndarray) -> np.ndarray:
         """The model's own outputs (probabilities or logits, as it gives them) for an encoded batch; counted."""
@@ -224,6 +238,16 @@ class Oracle:
         if self.spec.output_kind == "logits":
             return softmax(raw.copy())
         return raw
+
+    def _to_scores(self, raw: np.ndarray, log: bool) -> np.ndarray:
+        """Probabilities, or with ``log`` log-probabilities: log-softmax of logits (finite however far
+        behind a class is), the log of probabilities floored at ``PROB_FLOOR`` (an exact 0 says nothing)."""
+        if not log:
+            return self._to_probs(raw)
+        raw = raw.astype(np.float32, copy=False)
+        if self.spec.output_kind == "logits":
+            return log_softmax(raw.copy())
+        return np.log(np.maximum(raw, np.float32(PROB_FLOOR)))
 
     def _run_raw(self, batch: np.ndarray) -> np.ndarray:
         """Raw model outputs; splits into the model's fixed batch size when it has one."""
@@ -251,7 +275,7 @@ class Oracle:
         return raw
 
     # ------------------------------------------------------------------ CUDA path
-    def run_device(self, ptr: int, n: int, out_host: np.ndarray | None = None) -> np.ndarray:
+    def run_device(self, ptr: int, n: int, log: bool = False) -> np.ndarray:
         """Run a batch that already lives in GPU memory (model format, float32) through IOBinding.
 
         The input never visits the host: ``ptr`` is the device pointer of an (n, ...) float32 array laid
@@ -269,7 +293,7 @@ class Oracle:
         raw = binding.copy_outputs_to_cpu()[0]
         if not np.all(np.isfinite(raw)):
             raise ModelError("model returned non-finite outputs (NaN or inf)")
-        return self._to_probs(raw)
+        return self._to_scores(raw, log)
 
     def describe(self) -> dict:
         return {

@@ -34,6 +34,7 @@ class ClassResult:
     seconds: float = 0.0  # wall time attributed to this class (its share of each model call)
     anomaly_index: float = 0.0  # MAD anomaly index (positive below the median)
     flagged: bool = False
+    note: str = ""  # why the search found no working trigger ("" when it did)
 
 
 @dataclass

@@ -233,7 +233,7 @@ class ScanEngine:
             batch = self.batches[gi % 2]
             batch.add_classes(self.pool_x, np.array([r.label for r in group], np.int64), self.sample_idx,
                               self.eval_idx, self.masks, self.patterns)
-            future = runner.submit(batch.run)
+            future = runner.submit(batch.run, True)  # log-probabilities
             if pending is not None:
                 self.tell(pending[0].result(), pending[1])
             pending = (future, group)
@@ -264,12 +264,12 @@ class ScanEngine:
             self.sample_idx[r.label, :n_hard] = r.hard[:n_hard]
         self.eval_idx[r.label] = rng.choice(r.pool, p.eval_size, replace=len(r.pool) < p.eval_size)
 
-    def tell(self, probs: np.ndarray, group: list[ClassSearch]) -> None:
+    def tell(self, log_probs: np.ndarray, group: list[ClassSearch]) -> None:
         """Each class of ``group`` its candidates' losses and its trigger's success, from one call's rows."""
         p = self.params
         per = self.rows_per_class
         for g, r in enumerate(group):
-            rows = probs[g * per:(g + 1) * per]
+            rows = log_probs[g * per:(g + 1) * per]
             group_cross_entropy(rows[:self.sample_rows], r.label, p.batch_size, r.ce)
             trigger_rows = rows[self.sample_rows:]
             group_hits(trigger_rows, r.label, p.eval_size, self._hits)
@@ -324,7 +324,7 @@ class ScanEngine:
             classes.append(ClassResult(
                 label=r.label, l1=l1, binary_l1=int((masks[r.label] >= 0.5).sum()), mask_fraction=float(l1 / (h * w)),
                 trigger_asr=asr[r.label], queries=int(r.queries), steps=int(r.state.step), status=r.state.status,
-                seconds=float(r.seconds)))
+                seconds=float(r.seconds), note=self.search.explain(r.state)))
         out = find_outliers(np.array([c.l1 for c in classes]), self.cfg.outliers)
         for c, idx, flag in zip(classes, out.anomaly_index, out.flagged, strict=True):
             c.anomaly_index = finite_index(idx)

@@ -38,6 +38,7 @@ from gate.kernels import bernoulli_masks, noisy_patterns
 from gate.settings import Bad, Settings, boolean, choice, even_integer, integer, number, setting
 
 SAMPLINGS = ("paired", "joint", "separate")
+FLAT_FLOOR = -3.0  # flat-loss shrinking stops at this mask logit: g(-3) = 0.25 % of the image
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,9 @@ class SearchParams(Settings):
     early_stop_min_shrink: float = setting(0.5, number(0, 1),
                                            "no early stop before the trigger lost this fraction of its first L1")
     mask_init: float = setting(1.0, number(), "initial mask logit (g(1) = 0.88 of the image)")
+    flat_shrink: float = setting(0.5, number(0), "when every sample's loss is the same (the model gave the class "
+                                 "a probability of exactly 0), lower the mask logits by this: show more of the "
+                                 "image, so the search gets a signal (0: off)")
     adam_beta1: float = setting(0.9, number(0, 1, hi_open=True), "Adam first-moment decay")
     adam_beta2: float = setting(0.999, number(0, 1, hi_open=True), "Adam second-moment decay")
 
@@ -148,6 +152,8 @@ class SearchState:
     done: bool = False
     status: str = "running"
     last_success: float = 0.0
+    best_success: float = 0.0  # the current trigger's best success on a step's images
+    flat_steps: int = 0  # steps whose samples all had the same loss: no signal, the mask was shrunk instead
 
     @property
     def mask_prob(self) -> np.ndarray:
@@ -158,11 +164,13 @@ class SearchState:
         return g(self.theta_p)
 
     def result_trigger(self) -> tuple[np.ndarray, np.ndarray, float]:
-        """(soft mask, pattern, L1) of the best successful trigger, else the current mean trigger."""
+        """(soft mask, pattern, L1) of the best successful trigger, else the current mean trigger with the L1
+        of the whole image: no working trigger was found, so none is known to be smaller (a search that
+        shrank its mask for want of a signal must not look like the smallest trigger)."""
         if self.best_mask is not None:
             return self.best_mask, self.best_pattern, self.best_l1
         m = self.mask_prob.astype(np.float32)
-        return m, self.mean_pattern.astype(np.float32), float(m.sum())
+        return m, self.mean_pattern.astype(np.float32), float(m.size)
 
 
 class TriggerSearch:
@@ -240,6 +248,7 @@ class TriggerSearch:
         # 1. book-keeping on the trigger distribution (at the parameters that produced the samples)
         soft_l1 = float(prob.sum())
         state.last_success = float(success)
+        state.best_success = max(state.best_success, float(success))
         if success >= p.success_threshold:
             if soft_l1 < state.best_l1:
                 state.best_l1 = soft_l1
@@ -249,10 +258,15 @@ class TriggerSearch:
                 state.best_mask[...] = prob
                 state.best_pattern[...] = state.mean_pattern
 
-        # 2. NES gradient estimates (paper Eq. 5, 6) and Adam
-        grad_m, grad_p = self.gradients(state, ce)
-        state.adam_m.step(state.theta_m, grad_m)
-        state.adam_p.step(state.theta_p, grad_p)
+        # 2. NES gradient estimates (paper Eq. 5, 6) and Adam; a flat loss has no gradient to follow
+        samples = np.asarray(ce[:p.candidates - 1])
+        if p.flat_shrink > 0 and success < p.success_threshold and np.ptp(samples) == 0.0:
+            state.flat_steps += 1
+            np.maximum(state.theta_m - p.flat_shrink, FLAT_FLOOR, out=state.theta_m)
+        else:
+            grad_m, grad_p = self.gradients(state, ce)
+            state.adam_m.step(state.theta_m, grad_m)
+            state.adam_p.step(state.theta_p, grad_p)
 
         # 3. lambda schedule (Neural Cleanse)
         self._schedule(state, success)
@@ -367,6 +381,17 @@ class TriggerSearch:
             if state.raised and state.lowered and shrunk and state.steps_since_improve >= p.early_stop_patience:
                 state.done = True
                 state.status = "converged"
+
+    def explain(self, state: SearchState) -> str:
+        """Why a class's search did not find a working trigger ("" when it did)."""
+        if state.best_mask is not None:
+            return ""
+        why = (f"no trigger reached {self.params.success_threshold:.0%} success in {state.step} steps (best "
+               f"{state.best_success:.0%} of a step's images)")
+        if state.flat_steps:
+            why += (f"; in {state.flat_steps} steps every sample had the same loss: the model gave the class a "
+                    "probability of exactly 0 however the trigger varied (saturated outputs, no signal)")
+        return why
 
     def stop(self, state: SearchState, status: str) -> None:
         state.done = True

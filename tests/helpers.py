@@ -30,12 +30,13 @@ def demo_manifest(name: str) -> dict:
 
 
 def linear_model(path, *, layout="NCHW", size=4, channels=3, classes=5, batch="N", softmax=False,
-                 seed=0, in_type=TensorProto.FLOAT, extra_input=False, output_rank3=False, nan=False):
-    """A linear classifier: flatten -> x W + b (-> softmax). Weights are returned for reference checks."""
+                 seed=0, in_type=TensorProto.FLOAT, extra_input=False, output_rank3=False, nan=False, scale=1.0):
+    """A linear classifier: flatten -> x W + b (-> softmax). Weights are returned for reference checks.
+    ``scale`` multiplies W: at 50 most images give most classes a float32 probability of exactly 0."""
     rng = np.random.default_rng(seed)
     shape = [batch, channels, size, size] if layout == "NCHW" else [batch, size, size, channels]
     d = size * size * channels
-    w = rng.normal(size=(d, classes)).astype(np.float32)
+    w = (rng.normal(size=(d, classes)) * scale).astype(np.float32)
     b = rng.normal(size=(classes,)).astype(np.float32)
     nodes, inits = [], [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")]
     x = "input"

@@ -1,6 +1,5 @@
 """The numba kernels (CPU, and CUDA under the simulator) equal plain numpy references."""
 
-import math
 import os
 import subprocess
 import sys
@@ -77,14 +76,28 @@ def test_group_losses():
     rng = np.random.default_rng(4)
     probs = rng.dirichlet(np.ones(5), size=12).astype(np.float32)
     ce = np.empty(3)
-    group_cross_entropy(probs, 2, 4, ce)
+    group_cross_entropy(np.log(probs), 2, 4, ce)
     np.testing.assert_allclose(ce, -np.log(probs[:, 2]).reshape(3, 4).mean(1), rtol=1e-5)
     hits = np.empty(3)
     group_hits(probs, 2, 4, hits)
     np.testing.assert_allclose(hits, (probs.argmax(1) == 2).reshape(3, 4).mean(1))
-    probs[0, 2] = 0.0
-    group_cross_entropy(probs, 2, 4, ce)
-    assert math.isfinite(ce[0]) and ce[0] > 20  # log(1e-37) floor, not inf
+
+
+def test_log_scores_stay_finite_and_ordered_where_probabilities_underflow():
+    """Saturated outputs: logits 200 apart give float32 probabilities of exactly 0, log-softmax does not."""
+    from gate.oracle import PROB_FLOOR, log_softmax, softmax
+
+    logits = np.array([[0.0, -200.0, -300.0], [0.0, -150.0, -400.0]], np.float32)
+    assert (softmax(logits.copy())[:, 1:] == 0).all()
+    logp = log_softmax(logits.copy())
+    assert np.isfinite(logp).all()
+    np.testing.assert_allclose(logp[:, 1], [-200.0, -150.0], rtol=1e-6)
+    ce = np.empty(2)
+    group_cross_entropy(logp, 1, 1, ce)
+    assert ce[1] < ce[0]  # the second image is closer to class 1: the search sees it
+    floored = np.log(np.maximum(softmax(logits.copy()), np.float32(PROB_FLOOR)))
+    group_cross_entropy(floored, 1, 1, ce)
+    assert ce[0] == ce[1]  # probabilities of exactly 0 carry no signal
 
 
 CUDASIM_SCRIPT = r"""

@@ -113,3 +113,29 @@ def test_cli_errors(tmp_path, capsys):
         main(["scan", str(BACKDOORED), "--out", str(tmp_path)])  # neither --data nor --synthetic
     assert exc.value.code == 4
     assert main(["scan", str(BACKDOORED), "--data", str(SAMPLE), "--out", str(tmp_path), "--k", "3"]) == 4
+
+
+@pytest.mark.parametrize("output", ["logits", "probs"])
+def test_saturated_outputs_still_give_the_search_a_signal(output, tmp_path):
+    """A model whose probabilities underflow to exactly 0 for most classes (B3D's loss is then constant).
+    From logits the search works on log-softmax and finds a trigger for every class; from probabilities a
+    class the model never gives a nonzero probability finds none, and the result says why, with the L1
+    of the whole image (never mistaken for the smallest trigger)."""
+    from gate.data import ImageSet
+    from tests.helpers import linear_model
+
+    path = tmp_path / f"{output}.onnx"
+    linear_model(path, size=8, classes=4, softmax=output == "probs", seed=1, scale=50.0)
+    oracle = Oracle(path, device="cpu")
+    x = np.random.default_rng(0).random((60, 8, 8, 3)).astype(np.float32)
+    assert (oracle.probs(x) == 0).mean() > 0.5
+    cfg = ScanConfig(search=SearchParams(k=8, batch_size=2, eval_size=4, max_steps=40), max_images=60, held_out=10)
+    classes = scan(oracle, ImageSet(x, None, "noise"), cfg).result.classes
+    unreached = [c for c in classes if c.status == "not_reached"]
+    if output == "logits":
+        assert unreached == []
+    else:
+        assert unreached, "class 2 gets probability 0 from every image of this model"
+        for c in unreached:
+            assert "exactly 0" in c.note and c.l1 == 64.0
+    assert all(c.note == "" for c in classes if c.status != "not_reached")

@@ -165,7 +165,7 @@ def test_max_steps_without_success_is_not_reached():
         search.tell(state, np.ones(5), 0.0)
     assert state.status == "not_reached" and state.step == 7
     m, _, l1 = state.result_trigger()
-    assert l1 == pytest.approx(m.sum())
+    assert l1 == m.size  # no working trigger: as large as the image, never the smallest
 
 
 def test_search_finds_a_one_pixel_trigger():
@@ -188,3 +188,27 @@ def test_search_finds_a_one_pixel_trigger():
     assert np.unravel_index(mask.argmax(), mask.shape) == (1, 2)
     assert l1 < 2.5  # 16 pixels in all; the trigger needs about one
     assert mask[1, 2] > 0.5 and pattern[1, 2, 0] > 0.6
+
+
+def test_a_flat_loss_shows_more_of_the_image_and_is_explained():
+    """Saturated outputs: every sample gets the same floored loss, so NES has no gradient. The search then
+    lowers the mask logits (reveals more of the clean image) instead of stalling, and says why it failed."""
+    p = SearchParams(k=4, max_steps=16)
+    search = TriggerSearch((H, W, C), p)
+    state = search.init(np.random.default_rng(0))
+    for _ in range(6):
+        search.ask(state)
+        search.tell(state, np.full(p.candidates, 85.19), 0.0)
+    assert state.flat_steps == 6
+    np.testing.assert_allclose(state.theta_m, p.mask_init - 6 * p.flat_shrink)  # 1 - 3: not yet at the floor
+    while not state.done:
+        search.ask(state)
+        search.tell(state, np.full(p.candidates, 85.19), 0.0)
+    assert state.theta_m.min() == -3.0  # shrinking stops: a mask of nothing could not find a trigger either
+    why = search.explain(state)
+    assert "no trigger reached 99% success in 16 steps" in why and "exactly 0" in why
+
+    varied = search.init(np.random.default_rng(0))
+    search.ask(varied)
+    search.tell(varied, np.linspace(1.0, 2.0, p.candidates), 0.0)
+    assert varied.flat_steps == 0 and "exactly 0" not in search.explain(varied)

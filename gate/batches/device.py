@@ -53,8 +53,8 @@ class DeviceBatch(Rows):
                        sigma, self.scale, self.offset, self.channels_first, self.buffer[rows])
         return rows
 
-    def run(self) -> np.ndarray:
+    def run(self, log: bool = False) -> np.ndarray:
         n, self.size = self.size, 0
         cuda.synchronize()
         ptr = self.buffer.device_ctypes_pointer.value
-        return self.oracle.run_device(ptr, n)
+        return self.oracle.run_device(ptr, n, log)

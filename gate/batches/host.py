@@ -39,7 +39,8 @@ class HostBatch(Rows):
                        self.buffer[rows])
         return rows
 
-    def run(self) -> np.ndarray:
-        """Probabilities for every row added since the last run; empties the batch."""
+    def run(self, log: bool = False) -> np.ndarray:
+        """Probabilities (with ``log``: log-probabilities) for every row added since the last run; empties
+        the batch."""
         n, self.size = self.size, 0
-        return self.oracle.run_encoded(self.buffer[:n])
+        return self.oracle.run_encoded(self.buffer[:n], log)

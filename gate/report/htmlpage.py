@@ -314,6 +314,8 @@ def _card(c: ClassResult, triggers: Triggers | None, examples: list[Example], ru
             ("steps", _n(c.steps))]
     nums_html = "".join(f"<span>{_e(k)} <b>{_e(v)}</b></span>" for k, v in nums)
     rows = []
+    if c.note:
+        rows.append(f'<div class="row"><div class="rowlabel">search</div><div class="muted">{_e(c.note)}</div></div>')
     if triggers is not None:
         hit = np.flatnonzero(triggers.labels == c.label)
         if len(hit):

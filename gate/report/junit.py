@@ -50,7 +50,7 @@ def junit_xml(result: ScanResult | None, decision: Decision, model: dict | None 
                                  time=f"{c.seconds:.3f}")
             numbers = (f"L1 {_fmt(c.l1)}, binary L1 {c.binary_l1}, mask fraction {_fmt(c.mask_fraction)}, "
                        f"anomaly index {_fmt(c.anomaly_index)}, trigger ASR {_fmt(c.trigger_asr)}, "
-                       f"status {c.status}, steps {c.steps}, queries {c.queries}")
+                       f"status {c.status}, steps {c.steps}, queries {c.queries}" + (f"; {c.note}" if c.note else ""))
             found = by_class.get(c.label, [])
             if found:
                 failures += 1
