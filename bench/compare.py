@@ -186,8 +186,8 @@ def finish_record(rec: dict, man: dict, l1, anomaly, flagged, masks, patterns, o
 def run_nc(man, data, settings, oracle, eval_pred, log) -> tuple[dict, dict, Triggers]:
     from bench.neural_cleanse import neural_cleanse
 
-    net = zoo.torch_model(man)
-    res = neural_cleanse(net, data.scan.x, settings.nc_config(), normalize=zoo.normalisation(man),
+    net, normalize = zoo.torch_model(man)
+    res = neural_cleanse(net, data.scan.x, settings.nc_config(), normalize=normalize,
                          num_classes=man["num_classes"], log=log)
     k = len(res.classes)
     rec = base_record(man, "nc")

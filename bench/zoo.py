@@ -114,37 +114,25 @@ def open_oracle(man: dict, threads: int = 0, max_batch: int = 4096) -> Oracle:
 
 # --------------------------------------------------------------------------- torch (white-box baseline)
 def torch_model(man: dict):
-    """The bare torch network of a zoo model (float32 NCHW in [0, 1], normalised when the manifest says
-    so; logits out): ``models.forge.load_torch_model`` from the ``.pt`` beside the manifest, else rebuilt
-    from the ONNX file's weights (the demo models ship no ``.pt``; their graphs keep the ``net.*`` names)."""
+    """(net, normalize) for Neural Cleanse: ``net`` takes float32 NCHW in [0, 1] and returns logits, and
+    ``normalize`` is what to pass as ``neural_cleanse(..., normalize=)``. With a ``.pt`` beside the manifest
+    (forge zoo models) ``net`` is ``models.forge.load_torch_model``, which wants the input normalised
+    (``normalisation(man)``); otherwise (the wide zoo, the demo: no torch weights) it is the ONNX graph
+    itself run with torch ops (:func:`torch_from_onnx`), which applies the input encoding inside (None)."""
     weights = Path(man["_path"]).parent / (man.get("torch_weights") or f"{man['name']}.pt")
     if weights.is_file():
         from models.forge import load_torch_model
 
-        return load_torch_model(man["_path"])
-    return torch_from_onnx(man)
+        return load_torch_model(man["_path"]), normalisation(man)
+    return torch_from_onnx(man), None
 
 
 def torch_from_onnx(man: dict):
-    import onnx
-    import torch
-    from onnx import numpy_helper
+    """The model's ONNX graph as a torch module (``bench.onnx_torch.white_box``): float32 NCHW in [0, 1]
+    in (encoded inside as the manifest's ``input_spec`` says), logits (or log-probabilities) out."""
+    from bench.onnx_torch import white_box
 
-    from models.architectures import SmallCNN
-    from models.forge import ARCH
-
-    if man.get("arch") != ARCH:
-        raise ValueError(f"{man['name']}: unknown arch {man.get('arch')!r}")
-    net = SmallCNN(man["num_classes"], man.get("width", 1))
-    model = onnx.load(man["_onnx"])
-    found = {i.name.removeprefix("net."): numpy_helper.to_array(i) for i in model.graph.initializer}
-    state = net.state_dict()
-    missing = [k for k in state if k not in found or tuple(found[k].shape) != tuple(state[k].shape)]
-    if missing:
-        raise ValueError(f"{man['_onnx']}: cannot map ONNX weights onto {ARCH} (missing {missing[:3]})")
-    net.load_state_dict({k: torch.from_numpy(np.array(found[k], dtype=np.float32)) for k in state})
-    net.eval()
-    return net
+    return white_box(man["_onnx"], man["input_spec"])
 
 
 def normalisation(man: dict) -> tuple[list[float], list[float]] | None:
