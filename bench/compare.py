@@ -154,8 +154,9 @@ def correct(case: str, backdoored: bool, with_target: bool = False) -> bool:
 
 
 def base_record(man: dict, method: str) -> dict:
-    return {"model": man["name"], "dataset": man["dataset"], "group": zoo.group_of(man["name"]),
-            "attack": man.get("attack"), "backdoored": bool(man.get("backdoored", man.get("triggers"))),
+    return {"model": man["name"], "dataset": man["dataset"], "group": zoo.group_of_manifest(man),
+            "attack": man.get("attack"), "arch": man.get("arch"), "width": man.get("width"),
+            "num_classes": man.get("num_classes"), "backdoored": bool(man.get("backdoored", man.get("triggers"))),
             "targets": zoo.targets(man), "true_asr": man.get("asr", []),
             "clean_accuracy_manifest": man.get("clean_accuracy"), "method": method}
 
@@ -221,6 +222,8 @@ def run_b3d(man, data, settings, oracle, eval_pred, method, log) -> tuple[dict, 
                ort_fraction=(sec["ort"] + synth_ort) / sec["total"] if sec["total"] > 0 else 0.0,
                ort_fraction_scan=sec["ort_fraction"], complete=res.complete, verdict=run.decision.outcome,
                statuses=_count([c.status for c in res.classes]),
+               status_per_class=[c.status for c in res.classes], notes={c.label: c.note for c in res.classes if c.note},
+               binary_l1_per_class=[c.binary_l1 for c in res.classes],
                synthesis_success=None if synth is None else synth["success_rate"])
     finish_record(rec, man, [c.l1 for c in res.classes], [c.anomaly_index for c in res.classes], res.flagged,
                   trig.masks, trig.patterns, oracle, data, eval_pred,
@@ -537,6 +540,8 @@ def write_results_section(md_path: Path, body: str, command: str) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n\n")[0])
     ap.add_argument("--full", action="store_true", help="all 14 zoo models (default: 4 per dataset)")
+    ap.add_argument("--wide", action="store_true", help="every built model of the wide zoo (models/wide_zoo, "
+                    "python -m models.forge --wide-zoo); missing ones are skipped and listed")
     ap.add_argument("--quick", action="store_true", help="tiny search settings: smoke test, meaningless numbers")
     ap.add_argument("--models", nargs="+", metavar="NAME", help="zoo model names (overrides --full/default)")
     ap.add_argument("--datasets", nargs="+", choices=zoo.DATASETS, default=list(zoo.DATASETS))
@@ -578,9 +583,14 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(args.threads)
 
+    if args.wide and args.zoo_dir == zoo.ZOO_DIR:
+        args.zoo_dir = zoo.WIDE_ZOO_DIR
     if args.models:
         names = args.models
         subset = "custom"
+    elif args.wide:
+        names = zoo.wide_names(args.datasets)
+        subset = "wide"
     else:
         names = zoo.all_names(args.datasets) if args.full else zoo.default_names(args.datasets)
         subset = "full" if args.full else "default"
@@ -590,7 +600,7 @@ def main(argv=None) -> int:
         return 2
     if not names:
         print(f"error: none of the benchmark models are in {args.zoo_dir} (build them: python -m models.forge "
-              f"--zoo)", file=sys.stderr)
+              f"{'--wide-zoo' if args.wide else '--zoo'})", file=sys.stderr)
         return 2
 
     def say(msg):

@@ -50,6 +50,21 @@ def default_names(datasets=DATASETS) -> list[str]:
     return [f"{d}_{s}" for d in datasets for s in DEFAULT_SUFFIXES]
 
 
+WIDE_ZOO_DIR = ROOT / "models" / "wide_zoo"
+
+
+def wide_names(datasets=DATASETS) -> list[str]:
+    """The wide zoo's models (``models.wide_zoo.WIDE_ZOO_SPECS``, in their order) of these datasets."""
+    from models.wide_zoo import WIDE_ZOO_SPECS
+
+    return [s["name"] for s in WIDE_ZOO_SPECS if s["dataset"] in datasets]
+
+
+def group_of_manifest(man: dict) -> str:
+    """A model's benchmark group: the attack for wide-zoo models, else :func:`group_of` its name."""
+    return man["attack"] if man["name"].startswith("w_") else group_of(man["name"])
+
+
 def group_of(name: str) -> str:
     suffix = name.split("_", 1)[1] if "_" in name else name
     if suffix.startswith("clean"):  # zoo clean_s0 / clean_s1, the demo's gtsrb_clean
@@ -91,11 +106,14 @@ def targets(man: dict) -> list[int]:
     return sorted({int(t["target"]) for t in man.get("triggers", [])})
 
 
-def true_trigger_l1(trigger: dict, height: int, width: int) -> float:
-    """L1 norm of a true trigger's mask: s*s for a patch, alpha*H*W for a blend (its effective mask)."""
+def true_trigger_l1(trigger: dict, height: int, width: int) -> float | None:
+    """L1 norm of a true trigger's mask: s*s for a patch, alpha*H*W for a blend (its effective mask); None
+    for an additive signal (SIG), which no mask expresses."""
     if trigger["kind"] == "patch":
         return float(trigger["size"]) ** 2
-    return float(trigger["alpha"]) * height * width
+    if "alpha" in trigger:
+        return float(trigger["alpha"]) * height * width
+    return None
 
 
 def spec_overrides(man: dict) -> SpecOverrides:

@@ -78,10 +78,19 @@ class Decision:
     reasons: list[str]
     exit_code: int
     findings: list[Finding] = field(default_factory=list)
+    # calibrated outlier rule: the chance a clean model shows a class this extreme, and 1 minus it
+    model_p_value: float | None = None
+
+    @property
+    def backdoor_score(self) -> float | None:
+        return None if self.model_p_value is None else 1.0 - self.model_p_value
 
     def to_dict(self) -> dict:
-        return {"outcome": self.outcome, "reasons": list(self.reasons), "exit_code": self.exit_code,
-                "findings": [f.to_dict() for f in self.findings]}
+        d = {"outcome": self.outcome, "reasons": list(self.reasons), "exit_code": self.exit_code,
+             "findings": [f.to_dict() for f in self.findings]}
+        if self.model_p_value is not None:
+            d.update(model_p_value=self.model_p_value, backdoor_score=self.backdoor_score)
+        return d
 
     @property
     def summary(self) -> str:
@@ -129,6 +138,7 @@ def decide(result: ScanResult, policy) -> Decision:
     l1 = np.array([c.l1 for c in classes], dtype=np.float64)
     out = find_outliers(l1, policy.outlier_rule())
     median = out.median
+    model_p = out.model_p_value if out.method == "calibrated" else None
     weak = _weak_search(classes, rules)
     # flags of a scan that is incomplete or whose searches did not work are provisional
     provisional = ("" if result.complete and not weak else
@@ -136,16 +146,17 @@ def decide(result: ScanResult, policy) -> Decision:
                    " (provisional: the search was inconclusive)")
     findings: list[Finding] = []
 
-    flagged = [(c, finite_index(idx)) for c, idx, f in zip(classes, out.anomaly_index, out.flagged, strict=True) if f]
+    flagged = [(c, finite_index(idx), pv) for c, idx, pv, f
+               in zip(classes, out.anomaly_index, out.p_values, out.flagged, strict=True) if f]
     flagged.sort(key=lambda t: (-t[1], t[0].label))
-    for c, idx in flagged:
-        ratio = c.l1 / median if median > 0 else float("nan")
-        why = (f"L1 {_num(c.l1)} is {ratio:.2f}x the median {_num(median)} (anomaly index {_num(idx)})"
-               if median > 0 else f"L1 {_num(c.l1)} against a median of 0")
+    for c, idx, pv in flagged:
         outcome = rules.incomplete if provisional else rules.flagged
-        findings.append(Finding(RULE_FLAGGED, outcome, f"class {c.label} flagged: {why}{provisional}",
-                                c.label, {"l1": c.l1, "anomaly_index": idx, "median_l1": median,
-                                          "trigger_asr": c.trigger_asr, "mask_fraction": c.mask_fraction}))
+        evidence = {"l1": c.l1, "anomaly_index": idx, "median_l1": median, "trigger_asr": c.trigger_asr,
+                    "mask_fraction": c.mask_fraction}
+        if out.method == "calibrated":
+            evidence["p_value"] = float(pv)
+        findings.append(Finding(RULE_FLAGGED, outcome, f"class {c.label} flagged: {_why(c, idx, pv, out)}"
+                                f"{provisional}", c.label, evidence))
 
     small = rules.small_trigger
     if small is not None:  # direct evidence: rejects even when the scan is incomplete
@@ -168,16 +179,22 @@ def decide(result: ScanResult, policy) -> Decision:
                                 None, {"stop_reason": result.stop_reason, "cut_short": cut}))
 
     if not findings:
-        i = int(np.argmin(l1))
+        i = int(np.argmax(out.anomaly_index))
         c = classes[i]
-        idx = finite_index(out.anomaly_index[i])
-        reason = (f"no class flagged among {len(classes)}: the smallest trigger (class {c.label}, L1 "
-                  f"{_num(c.l1)}) is {c.l1 / median:.2f}x the median {_num(median)} (anomaly index "
-                  f"{_num(idx)}, threshold {_num(policy.outliers.anomaly_threshold)})"
-                  if median > 0 else f"no class flagged among {len(classes)}")
-        return Decision("accept", [reason], EXIT_CODES["accept"], [])
+        return Decision("accept", [f"no class flagged among {len(classes)}: the most suspicious is class {c.label} "
+                                   f"({_why(c, finite_index(out.anomaly_index[i]), out.p_values[i], out)})"],
+                        EXIT_CODES["accept"], [], model_p)
     outcome = max((f.outcome for f in findings), key=lambda o: _SEVERITY[o])
-    return Decision(outcome, [f.message for f in findings], EXIT_CODES[outcome], findings)
+    return Decision(outcome, [f.message for f in findings], EXIT_CODES[outcome], findings, model_p)
+
+
+def _why(c, idx: float, p_value: float, out) -> str:
+    """A class's outlier evidence in words, for the rule that judged it."""
+    ratio = f"{c.l1 / out.median:.2f}x the median {_num(out.median)}" if out.median > 0 else "against a median of 0"
+    if out.method == "calibrated":
+        return (f"L1 {_num(c.l1)} is {ratio}, z {_num(idx)} in log L1 against the other classes, p-value "
+                f"{p_value:.2g} per model")
+    return f"L1 {_num(c.l1)} is {ratio} (MAD anomaly index {_num(idx)})"
 
 
 def _weak_search(classes: list, rules) -> list[Finding]:

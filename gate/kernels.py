@@ -11,7 +11,6 @@ layout and value range (``scale[c]*v + offset[c]``), ready for ``InferenceSessio
 
 from __future__ import annotations
 
-
 import numpy as np
 from numba import njit, prange
 

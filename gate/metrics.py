@@ -64,6 +64,10 @@ def build_registry(result: ScanResult | None, decision: Decision, model: str, *,
         Gauge(f"{PREFIX}_last_success_timestamp_seconds",
               "Unix time of the last gate run that reached a decision (accept, reject or review).",
               ["model"], registry=reg).labels(**labels).set(success)
+    if decision.backdoor_score is not None:
+        Gauge(f"{PREFIX}_backdoor_score", "1 minus the model's p-value under the calibrated outlier rule (near 1: "
+              "a class clean models do not show).", ["model"], registry=reg).labels(**labels) \
+            .set(decision.backdoor_score)
     if result is None:
         return reg
 
@@ -78,8 +82,9 @@ def build_registry(result: ScanResult | None, decision: Decision, model: str, *,
     queries.labels(**labels).inc(int(result.queries.get("total", 0)))
     Gauge(f"{PREFIX}_scan_duration_seconds", "Wall time of the last scan (synthesis included).", ["model"],
           registry=reg).labels(**labels).set(float(result.seconds.get("total", 0.0)))
-    anomaly = Gauge(f"{PREFIX}_class_anomaly_index", "MAD anomaly index of each class's reversed-trigger L1 "
-                    "norm (positive below the median).", ["model", "class"], registry=reg)
+    anomaly = Gauge(f"{PREFIX}_class_anomaly_index", "Outlier index of each class's reversed-trigger L1 norm "
+                    "(calibrated rule: z of log L1 against the other classes; mad rule: MAD index; positive = "
+                    "smaller).", ["model", "class"], registry=reg)
     l1 = Gauge(f"{PREFIX}_class_l1", "L1 norm of each class's reversed-trigger mask.", ["model", "class"],
                registry=reg)
     flagged = Gauge(f"{PREFIX}_class_flagged", "1 when the class is flagged, else 0.", ["model", "class"],

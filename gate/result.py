@@ -32,8 +32,9 @@ class ClassResult:
     steps: int  # NES steps taken
     status: str  # converged | bandit_stopped | max_steps | not_reached | budget
     seconds: float = 0.0  # wall time attributed to this class (its share of each model call)
-    anomaly_index: float = 0.0  # MAD anomaly index (positive below the median)
+    anomaly_index: float = 0.0  # the outlier rule's index: calibrated z of log L1, or MAD index; positive = small
     flagged: bool = False
+    p_value: float | None = None  # calibrated rule: per-model (Sidak-corrected) p-value of this class
     note: str = ""  # why the search found no working trigger ("" when it did)
 
 
@@ -45,7 +46,7 @@ class ScanResult:
     method: str  # "b3d" (clean data) or "b3d-ss" (synthetic data)
     seed: int
     search: dict  # effective search parameters
-    outliers: dict  # anomaly_threshold, median_ratio, median_l1, mad
+    outliers: dict  # the rule's settings, median_l1, mad, model_p_value and backdoor_score (calibrated rule)
     data: dict  # source, images, clean_accuracy (when labels are known), held_out
     classes: list[ClassResult]
     flagged: list[int]

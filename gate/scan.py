@@ -37,7 +37,7 @@ from gate.data import ImageSet
 from gate.errors import DataError, GateError
 from gate.kernels import group_cross_entropy, group_hits
 from gate.oracle import Oracle
-from gate.outliers import OutlierRule, find_outliers, finite_index
+from gate.outliers import OutlierRule, find_outliers, finite_index, outlier_summary
 from gate.progress import ClassFinished, Progress, RoundFinished, ScanStarted
 from gate.result import ClassResult, ExampleRow, ScanResult, Triggers
 from gate.search import SearchParams, SearchState, TriggerSearch
@@ -326,8 +326,9 @@ class ScanEngine:
                 trigger_asr=asr[r.label], queries=int(r.queries), steps=int(r.state.step), status=r.state.status,
                 seconds=float(r.seconds), note=self.search.explain(r.state)))
         out = find_outliers(np.array([c.l1 for c in classes]), self.cfg.outliers)
-        for c, idx, flag in zip(classes, out.anomaly_index, out.flagged, strict=True):
+        for c, idx, pv, flag in zip(classes, out.anomaly_index, out.p_values, out.flagged, strict=True):
             c.anomaly_index = finite_index(idx)
+            c.p_value = None if np.isnan(pv) else float(pv)
             c.flagged = bool(flag)
         k = len(classes)
         queries = self.budget.spent
@@ -341,8 +342,7 @@ class ScanEngine:
             method=self.method,
             seed=cfg.seed,
             search={**cfg.search.to_dict(), **cfg.to_dict()},
-            outliers={"anomaly_threshold": cfg.outliers.anomaly_threshold, "median_ratio": cfg.outliers.median_ratio,
-                      "median_l1": out.median, "mad": out.mad},
+            outliers=outlier_summary(cfg.outliers, out),
             data={"source": self.images.source, "images": int(len(self.images)),
                   "search_pool": int(len(self.search_idx)), "held_out": int(len(self.held_idx)),
                   "clean_accuracy": self.accuracy},

@@ -193,3 +193,70 @@ def test_serve_keeps_draining_a_chatty_child(tmp_path):
         assert s.proc.poll() is None
         out = s.output()
         assert out.startswith("x" * 1000) and "bytes of output left out" in out and len(out) < 5_000_000
+
+
+# --------------------------------------------------------------------------- bench.verdicts
+def test_wilson_interval_and_auc():
+    from bench.verdicts import auc_interval, roc_auc, wilson
+
+    lo, hi = wilson(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-3) and hi == pytest.approx(0.7634, abs=1e-3)
+    assert wilson(0, 10)[0] == 0.0 and wilson(0, 10)[1] == pytest.approx(0.2775, abs=1e-3)
+    assert wilson(0, 0) == (0.0, 1.0)
+    assert roc_auc([3, 4], [1, 2]) == 1.0 and roc_auc([1, 2], [3, 4]) == 0.0
+    assert roc_auc([1, 1], [1, 1]) == 0.5 and roc_auc([], [1]) is None
+    lo, hi = auc_interval(0.9, 20, 20)
+    assert lo < 0.9 < hi <= 1.0
+
+
+def _fake_models(n_clean=12, n_bad=12, seed=0):
+    from bench.verdicts import Model
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n_clean + n_bad):
+        bad = i >= n_clean
+        l1 = np.exp(rng.normal(4.5, 0.4, 10))
+        if bad:
+            l1[3] = 2.0
+        out.append(Model(f"m{i}", "cifar" if i % 2 else "gtsrb", "b3d", "small_cnn_v1",
+                         "badnets" if bad else "clean", bad, (3,) if bad else (), l1, (0.99,) if bad else ()))
+    return out
+
+
+def test_cross_validation_never_judges_a_model_with_a_rule_fitted_on_it(monkeypatch):
+    from bench import verdicts
+
+    models = _fake_models()
+    fitted_on = []
+    real_fit = verdicts.fit
+
+    def spy(train, target_fpr):
+        fitted_on.append({m.name for m in train})
+        return real_fit(train, target_fpr)
+
+    monkeypatch.setattr(verdicts, "fit", spy)
+    judged, rules = verdicts.cross_validate(models, 4, 0.05, seed=1)
+    folds = verdicts.folds_of(models, 4, 1)
+    assert len(rules) == 4 and len(fitted_on) == 4
+    for f, names in enumerate(fitted_on):
+        held = {m.name for m, g in zip(models, folds, strict=True) if g == f}
+        assert held and not (held & names) and held | names == {m.name for m in models}
+    for g in range(4):  # stratified: every fold holds clean and backdoored models of both datasets
+        kinds = {(m.dataset, m.backdoored) for m, x in zip(models, folds, strict=True) if x == g}
+        assert len(kinds) == 4
+    s = verdicts.summary(judged)
+    assert s["tpr"] == (12, 12) and s["target_found"] == (12, 12)
+    assert s["auc"][0] > 0.95
+
+
+def test_failed_attacks_are_listed_not_counted():
+    from dataclasses import replace
+
+    from bench import verdicts
+
+    models = _fake_models(6, 6)
+    models[-1] = replace(models[-1], asr=(0.5,))
+    text, data = verdicts.report(models, 2, 0.05, 0.9, 0)
+    assert data["b3d"]["cv"]["models"] == 11
+    assert "Not counted, the attack did not take" in text and models[-1].name in text

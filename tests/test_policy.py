@@ -82,7 +82,7 @@ def test_scan_config_and_spec_overrides_mapping():
     assert cfg.search == dataclasses.replace(SearchParams(), k=6, sigma=0.2, lr=0.1, batch_size=4, eval_size=5,
                                              max_steps=15, patience=3, success_threshold=0.9, early_stop_patience=9,
                                              early_stop_tol=0.02, sampling="separate", antithetic=False)
-    assert cfg.outliers == OutlierRule(3.0, 0.1)
+    assert cfg.outliers == OutlierRule(anomaly_threshold=3.0, median_ratio=0.1)
     assert (cfg.seed, cfg.max_images, cfg.held_out, cfg.bandit, cfg.max_queries, cfg.max_seconds) == \
         (7, 300, 40, False, 5000, 30.0)
     assert p.spec_overrides() == SpecOverrides("NHWC", 255.0, (0.5,), (0.25,), "logits")
@@ -178,16 +178,21 @@ def test_accept_when_complete_and_nothing_fires():
     r = make_result(L1_CLEAN)
     d = decide(r, policy())
     assert (d.outcome, d.exit_code, d.findings) == ("accept", 0, [])
-    assert re.fullmatch(r"no class flagged among 5: the smallest trigger \(class 2, L1 36\.0\) is 0\.88x the median "
-                        r"41\.0 \(anomaly index 1\.12, threshold 2\.00\)", d.reasons[0])
+    assert re.fullmatch(r"no class flagged among 5: the most suspicious is class 2 \(L1 36\.0 is 0\.88x the median "
+                        r"41\.0, z 0\.47 in log L1 against the other classes, p-value 0\.85 per model\)", d.reasons[0])
+    assert d.model_p_value == pytest.approx(0.85, abs=0.005) and d.to_dict()["backdoor_score"] == 1 - d.model_p_value
 
 
 def test_reject_when_a_class_is_flagged():
     r = make_result()
     d = decide(r, policy())
     assert (d.outcome, d.exit_code) == ("reject", 1)
-    assert d.reasons == ["class 3 flagged: L1 4.10 is 0.10x the median 40.6 (anomaly index 9.30)"]
+    assert re.fullmatch(r"class 3 flagged: L1 4\.10 is 0\.10x the median 40\.6, z \d+\.\d+ in log L1 against the "
+                        r"other classes, p-value [0-9.e-]+ per model", d.reasons[0])
     assert d.findings[0].rule == "BG001" and d.findings[0].label == 3
+    mad = decide(r, Policy.from_dict({"outliers": {"method": "mad"}}))
+    assert mad.reasons == ["class 3 flagged: L1 4.10 is 0.10x the median 40.6 (MAD anomaly index 9.30)"]
+    assert mad.model_p_value is None and "backdoor_score" not in mad.to_dict()
 
 
 def test_flagged_may_ask_for_review_instead():
@@ -203,9 +208,9 @@ def test_flagged_may_ask_for_review_instead():
 ])
 def test_small_trigger_rule(asr, fraction, fires):
     l1 = [fraction * 32 * 32] + L1_CLEAN[1:]
-    r = make_result(l1, asr=[asr, 0.5, 0.5, 0.5, 0.5],
-                    policy=Policy.from_dict({"outliers": {"anomaly_threshold": 1e6, "median_ratio": 0}}))
-    p = Policy.from_dict({"outliers": {"anomaly_threshold": 1e6, "median_ratio": 0},
+    never = {"method": "mad", "anomaly_threshold": 1e6, "median_ratio": 0}
+    r = make_result(l1, asr=[asr, 0.5, 0.5, 0.5, 0.5], policy=Policy.from_dict({"outliers": never}))
+    p = Policy.from_dict({"outliers": never,
                           "rules": {"small_trigger": {"min_asr": 0.95, "max_mask_fraction": 0.01}}})
     d = decide(r, p)
     assert d.outcome == ("reject" if fires else "accept")
@@ -267,10 +272,10 @@ def test_weak_search_is_not_an_accept():
 
 def test_decide_applies_the_policy_outlier_rule():
     r = make_result()  # flags computed with the default rule: class 3
-    strict = Policy.from_dict({"outliers": {"anomaly_threshold": 10, "median_ratio": 0.05}})
-    assert decide(r, strict).outcome == "accept"
-    lax = Policy.from_dict({"outliers": {"anomaly_threshold": 0.5}})
-    assert len(decide(r, lax).findings) > 1
+    for method, strict, lax in (("mad", {"anomaly_threshold": 10, "median_ratio": 0.05}, {"anomaly_threshold": 0.5}),
+                                ("calibrated", {"alpha": 1e-12}, {"alpha": 0.999999, "scale_floor": 0.01})):
+        assert decide(r, Policy.from_dict({"outliers": {"method": method, **strict}})).outcome == "accept"
+        assert len(decide(r, Policy.from_dict({"outliers": {"method": method, **lax}})).findings) > 1
 
 
 def test_decide_is_pure():
@@ -321,7 +326,7 @@ def test_decision_on_the_backdoor_fixture_flags_its_outlier(shift):
     so the outlier sits at another label): only the outlier is flagged, its reason names its L1, the
     median and its anomaly index, and the exit code is the reject's."""
     l1 = np.roll(np.array(L1_BACKDOOR), shift)
-    p = Policy()
+    p = Policy.from_dict({"outliers": {"method": "mad"}})
     median = np.median(l1)
     mad = np.median(np.abs(l1 - median))
     index = (median - l1) / (1.4826 * mad)
@@ -335,8 +340,34 @@ def test_decision_on_the_backdoor_fixture_flags_its_outlier(shift):
     assert (d.outcome, d.exit_code) == ("reject", EXIT_CODES["reject"]) == ("reject", 1)
     assert [(f.rule, f.outcome, f.label) for f in d.findings] == [("BG001", "reject", target)]
     assert d.reasons == [f"class {target} flagged: L1 {l1[target]:.2f} is {l1[target] / median:.2f}x the median "
-                         f"{median:.1f} (anomaly index {index[target]:.2f})"]
+                         f"{median:.1f} (MAD anomaly index {index[target]:.2f})"]
     props = d.findings[0].properties
     assert props["l1"] == pytest.approx(l1[target]) and props["median_l1"] == pytest.approx(median)
     assert props["anomaly_index"] == pytest.approx(index[target])
     assert r.flagged == [target]
+
+
+@pytest.mark.parametrize("shift", [0, 4, 7])
+def test_the_calibrated_decision_on_the_backdoor_fixture(shift):
+    """The default rule, worked out here with numpy: leave-one-out z of log L1 (MAD floored), normal tail,
+    Sidak over the 10 classes; only the outlier is flagged and the decision carries the model's p-value."""
+    import math
+
+    l1 = np.roll(np.array(L1_BACKDOOR), shift)
+    p = Policy()
+    x = np.log(l1)
+    z, q = [], []
+    for c in range(len(x)):
+        rest = np.delete(x, c)
+        med = np.median(rest)
+        scale = max(1.4826 * np.median(np.abs(rest - med)), p.outliers.scale_floor)
+        z.append((med - x[c]) / scale)
+        q.append(1 - (1 - 0.5 * math.erfc(z[-1] / math.sqrt(2))) ** len(x))
+    target = (3 + shift) % len(l1)
+    assert np.flatnonzero(np.array(q) <= p.outliers.alpha).tolist() == [target]
+    d = decide(make_result(l1.tolist(), policy=p), p)
+    assert (d.outcome, d.exit_code) == ("reject", 1)
+    assert [(f.rule, f.label) for f in d.findings] == [("BG001", target)]
+    assert d.findings[0].properties["anomaly_index"] == pytest.approx(z[target])
+    assert d.findings[0].properties["p_value"] == pytest.approx(q[target], rel=1e-6)
+    assert d.model_p_value == pytest.approx(min(q), rel=1e-6)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from gate.decision import Decision, exit_code_help, mad_threshold_l1
+from gate.outliers import OutlierRule, calibrated_threshold_l1
 from gate.pipeline import EXAMPLES_FOR_EVERY_CLASS as MANY_CLASSES
 from gate.report.images import data_uri, trigger_views
 from gate.result import ClassResult, Example, ScanResult, Triggers
@@ -185,9 +186,7 @@ def _facts(result: ScanResult | None, model: dict, policy: dict | None, policy_s
             ("Search", f"k={s.get('k')}, batch {s.get('batch_size')}, ≤{s.get('max_steps')} steps, "
                        f"σ={s.get('sigma')}, lr={s.get('lr')}, sampling {s.get('sampling')}, "
                        f"bandit {'on' if s.get('bandit') else 'off'}, seed {result.seed}", False),
-            ("Outlier rule", f"anomaly index > {_n(result.outliers.get('anomaly_threshold'))} or L1 < "
-                             f"{_n(result.outliers.get('median_ratio'))} × median; median L1 "
-                             f"{_n(result.outliers.get('median_l1'))}, MAD {_n(result.outliers.get('mad'))}", False),
+            ("Outlier rule", _rule_text(result.outliers), False),
             ("Queries", f"{_n(int(result.queries.get('total', 0)))} total ({_n(int(result.queries.get('scan', 0)))} "
                         f"scan, {_n(int(result.queries.get('synthesis', 0)))} synthesis; the examples below "
                         f"come from the scan's held-out pass)", False),
@@ -222,16 +221,29 @@ def _nice_max(v: float) -> tuple[float, float]:
     return float(np.ceil(v / step) * step), float(step)
 
 
+def _rule_text(o: dict) -> str:
+    if o.get("method", "mad") == "calibrated":
+        return (f"calibrated: leave-one-out robust z of log L1 (scale floor {_n(o.get('scale_floor'))}), flag at a "
+                f"per-model p-value ≤ {_n(o.get('alpha'))}; model p-value {_n(o.get('model_p_value'))}, backdoor "
+                f"score {_n(o.get('backdoor_score'))}; median L1 {_n(o.get('median_l1'))}")
+    return (f"MAD: anomaly index > {_n(o.get('anomaly_threshold'))} or L1 < {_n(o.get('median_ratio'))} × median; "
+            f"median L1 {_n(o.get('median_l1'))}, MAD {_n(o.get('mad'))}")
+
+
 def l1_chart(result: ScanResult) -> str:
     """Inline SVG: one bar per class (flagged in red) and the outlier thresholds as horizontal lines."""
     classes = sorted(result.classes, key=lambda c: c.label)
     l1 = np.array([c.l1 for c in classes], dtype=np.float64)
     median = float(result.outliers.get("median_l1") or np.median(l1))
     mad = float(result.outliers.get("mad") or 0.0)
+    calibrated = result.outliers.get("method", "mad") == "calibrated"
     t = float(result.outliers.get("anomaly_threshold", 2.0))
     ratio = float(result.outliers.get("median_ratio", 0.25))
     mad_line = mad_threshold_l1(median, mad, t)
     ratio_line = ratio * median
+    if calibrated:
+        rule = OutlierRule(alpha=float(result.outliers["alpha"]), scale_floor=float(result.outliers["scale_floor"]))
+        cal_line = calibrated_threshold_l1(l1, rule)
     top, step = _nice_max(max(float(np.max(l1)) if len(l1) else 1.0, median) * 1.05)
     w, h = 1100, 320
     ml, mr, mt, mb = 58, 150, 14, 40
@@ -255,7 +267,8 @@ def l1_chart(result: ScanResult) -> str:
         x = ml + i * slot + (slot - bw) / 2
         yy = y(c.l1)
         color = "#c62828" if c.flagged else "#7d8fb3"
-        tip = (f"class {c.label}: L1 {_n(c.l1)}, anomaly index {_n(c.anomaly_index)}, "
+        tip = (f"class {c.label}: L1 {_n(c.l1)}, anomaly index {_n(c.anomaly_index)}"
+               f"{f', p-value {c.p_value:.2g}' if c.p_value is not None else ''}, "
                f"trigger ASR {_pct(c.trigger_asr)}{' — FLAGGED' if c.flagged else ''}")
         parts.append(f'<rect x="{x:.1f}" y="{yy:.1f}" width="{bw:.1f}" height="{max(0.0, mt + ph - yy):.1f}" '
                      f'fill="{color}" rx="1.5"><title>{_e(tip)}</title></rect>')
@@ -267,10 +280,13 @@ def l1_chart(result: ScanResult) -> str:
     parts.append(f'<text x="{ml + pw / 2}" y="{h - 6}" text-anchor="middle" fill="#5f6b7a">class</text>')
     parts.append(f'<text transform="translate(14 {mt + ph / 2}) rotate(-90)" text-anchor="middle" '
                  f'fill="#5f6b7a">L1 norm of the reversed mask</text>')
-    lines = [(median, "#1f2933", "", f"median {_n(median)}"),
-             (ratio_line, "#c62828", "6 4", f"{_n(ratio)} × median {_n(ratio_line)}")]
-    if mad_line > 0:
-        lines.append((mad_line, "#d97706", "3 3", f"MAD threshold {_n(mad_line)}"))
+    lines = [(median, "#1f2933", "", f"median {_n(median)}")]
+    if calibrated:
+        lines.append((cal_line, "#c62828", "6 4", f"p ≤ {_n(rule.alpha)}: about {_n(cal_line)}"))
+    else:
+        lines.append((ratio_line, "#c62828", "6 4", f"{_n(ratio)} × median {_n(ratio_line)}"))
+        if mad_line > 0:
+            lines.append((mad_line, "#d97706", "3 3", f"MAD threshold {_n(mad_line)}"))
     label_y: list[float] = []
     for v, color, dash, label in sorted(lines, key=lambda t: -t[0]):
         yy = y(v)

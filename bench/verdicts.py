@@ -1,0 +1,330 @@
+"""Verdicts on the wide zoo: the calibrated outlier rule chosen by cross-validation, and how often it is right.
+
+    python -m bench.verdicts                       # records of bench/wide/compare (python -m bench.compare --wide)
+    python -m bench.verdicts --records DIR ... --folds 5 --target-fpr 0.03 --record
+
+Input: the per-model scan records ``bench.compare`` writes (``<model>.<method>.json``: every class's L1,
+status, the manifest's truth). Nothing is scanned here; every rule is re-applied to the recorded L1 norms.
+
+Cross-validation: the models of each method are split into ``--folds`` folds, stratified by dataset and
+clean/backdoored (seeded). For each fold the calibrated rule's ``scale_floor`` and ``alpha`` are chosen on
+the *other* folds: among the grid points whose false-positive rate on those clean models is at most
+``--target-fpr``, the one with the most detected backdoored models (ties: more true targets found, fewer
+extra flagged classes, then the smaller alpha). The chosen rule then judges the fold's models, so every
+number below comes from models the rule was not fitted on. The paper's MAD rule needs no fitting and is
+reported on the same models. The final rule (fitted on all models) is what ``gate.outliers.OutlierRule``
+ships as its default; its numbers on the models it was fitted on are not reported.
+
+Backdoored models whose attack did not take (a true ASR below ``--min-asr``, 0.9) are listed apart and are not
+counted as backdoored or clean.
+
+Metrics, each with its count and a 95 % Wilson interval: detection accuracy (backdoored: anything flagged;
+clean: nothing flagged), false-positive rate (clean models with a flag), TPR (backdoored models with a flag),
+true target found (backdoored models with a true target flagged), extra flagged classes per model (flags on
+classes that are not true targets; the interval is the Wilson interval of "a model has any extra flag"), and
+the ROC-AUC of the per-model backdoor score (1 - the model's p-value; interval: Hanley & McNeil's standard
+error). Split by attack and by architecture.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bench import zoo
+from gate.outliers import OutlierRule, find_outliers
+
+DEFAULT_RECORDS = zoo.ROOT / "bench" / "wide" / "compare"
+SECTION = "## Verdicts on the wide zoo (cross-validated)"
+FLOORS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
+ALPHAS = tuple(float(a) for a in np.geomspace(1e-8, 0.3, 31))
+# Dong et al., ICCV 2021, Table 2 (detection accuracy, %) and Sec. 5.2 (false positives on 50 clean models)
+PAPER = {"gtsrb": {"B3D": 100.0, "B3D-SS": 100.0, "NC": 100.0}, "cifar": {"B3D": 97.5, "B3D-SS": 97.5, "NC": 95.0}}
+PAPER_CLEAN_FP = {"B3D": "2/50", "NC": "8/50"}
+TITLES = {"nc": "NC", "b3d": "B3D", "b3d-ss": "B3D-SS"}
+
+
+# --------------------------------------------------------------------------- statistics
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion k/n ((0, 1) when n is 0)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    d = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / d
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def roc_auc(pos: list[float], neg: list[float]) -> float | None:
+    """P(score of a backdoored model > score of a clean one), ties counting half (Mann-Whitney)."""
+    if not pos or not neg:
+        return None
+    p, n = np.asarray(pos, float)[:, None], np.asarray(neg, float)[None, :]
+    return float(((p > n).sum() + 0.5 * (p == n).sum()) / (p.size * n.size))
+
+
+def auc_interval(auc: float, n_pos: int, n_neg: int) -> tuple[float, float]:
+    """Hanley & McNeil (1982) normal interval of an AUC."""
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc) + (n_neg - 1) * (q2 - auc * auc)) / (n_pos * n_neg)
+    half = 1.959964 * math.sqrt(max(var, 0.0))
+    return max(0.0, auc - half), min(1.0, auc + half)
+
+
+# --------------------------------------------------------------------------- records and judgements
+@dataclass(frozen=True)
+class Model:
+    name: str
+    dataset: str
+    method: str
+    arch: str
+    attack: str
+    backdoored: bool
+    targets: tuple[int, ...]
+    l1: np.ndarray
+    asr: tuple[float, ...]
+
+
+def load_records(dirs) -> list[Model]:
+    out = []
+    for d in dirs:
+        for path in sorted(Path(d).glob("*.json")):
+            rec = json.loads(path.read_text()).get("record")
+            if not rec or "l1_per_class" not in rec:
+                continue
+            out.append(Model(rec["model"], rec["dataset"], rec["method"], rec.get("arch") or "small_cnn_v1",
+                             rec.get("attack") or rec.get("group"), bool(rec["backdoored"]),
+                             tuple(int(t) for t in rec["targets"]), np.asarray(rec["l1_per_class"], float),
+                             tuple(float(a) for a in rec.get("true_asr") or ())))
+    return out
+
+
+def attack_took(m: Model, min_asr: float) -> bool:
+    return not m.backdoored or (bool(m.asr) and min(m.asr) >= min_asr)
+
+
+@dataclass(frozen=True)
+class Judged:
+    model: Model
+    flagged: tuple[int, ...]
+    score: float  # backdoor score: 1 - the model's p-value (mad rule: the largest MAD index)
+
+    @property
+    def detected(self) -> bool:
+        return bool(self.flagged) == self.model.backdoored
+
+    @property
+    def target_found(self) -> bool:
+        return bool(set(self.flagged) & set(self.model.targets))
+
+    @property
+    def extra(self) -> int:
+        return len(set(self.flagged) - set(self.model.targets))
+
+
+def judge(m: Model, rule: OutlierRule) -> Judged:
+    out = find_outliers(m.l1, rule)
+    score = out.backdoor_score if rule.method == "calibrated" else float(np.max(out.anomaly_index))
+    return Judged(m, tuple(int(c) for c in np.flatnonzero(out.flagged)), score)
+
+
+def summary(judged: list[Judged]) -> dict:
+    clean = [j for j in judged if not j.model.backdoored]
+    bad = [j for j in judged if j.model.backdoored]
+    fp = sum(bool(j.flagged) for j in clean)
+    tp = sum(bool(j.flagged) for j in bad)
+    found = sum(j.target_found for j in bad)
+    det = sum(j.detected for j in judged)
+    extra = sum(j.extra for j in judged)
+    any_extra = sum(j.extra > 0 for j in judged)
+    auc = roc_auc([j.score for j in bad], [j.score for j in clean])
+    return {"models": len(judged), "clean": len(clean), "backdoored": len(bad),
+            "accuracy": (det, len(judged)), "fpr": (fp, len(clean)), "tpr": (tp, len(bad)),
+            "target_found": (found, len(bad)), "extra": (extra, any_extra, len(judged)),
+            "auc": None if auc is None else (auc, len(bad), len(clean))}
+
+
+# --------------------------------------------------------------------------- fitting
+def fit(models: list[Model], target_fpr: float) -> OutlierRule:
+    """The grid point that detects most backdoors while flagging at most ``target_fpr`` of clean models."""
+    best, best_key = None, None
+    for floor in FLOORS:
+        for alpha in ALPHAS:
+            rule = OutlierRule(method="calibrated", alpha=alpha, scale_floor=floor)
+            s = summary([judge(m, rule) for m in models])
+            fp, n_clean = s["fpr"]
+            if n_clean and fp > target_fpr * n_clean:
+                continue
+            key = (s["tpr"][0], s["target_found"][0], -s["extra"][0], -alpha)
+            if best_key is None or key > best_key:
+                best, best_key = rule, key
+    return best or OutlierRule(method="calibrated", alpha=ALPHAS[0], scale_floor=FLOORS[-1])
+
+
+def folds_of(models: list[Model], k: int, seed: int) -> list[int]:
+    """A fold per model, stratified by dataset and clean/backdoored, seeded."""
+    fold = [0] * len(models)
+    rng = np.random.default_rng(seed)
+    strata: dict = {}
+    for i, m in enumerate(models):
+        strata.setdefault((m.dataset, m.backdoored), []).append(i)
+    offset = 0
+    for key in sorted(strata):
+        idx = strata[key]
+        for j, i in enumerate(rng.permutation(idx)):
+            fold[i] = (j + offset) % k
+        offset += len(idx)
+    return fold
+
+
+def cross_validate(models: list[Model], k: int, target_fpr: float, seed: int = 0) -> tuple[list[Judged], list]:
+    """Every model judged by a rule fitted on the other folds; the fitted rules, fold by fold."""
+    fold = folds_of(models, k, seed)
+    judged: list[Judged | None] = [None] * len(models)
+    rules = []
+    for f in range(k):
+        train = [m for m, g in zip(models, fold, strict=True) if g != f]
+        rule = fit(train, target_fpr)
+        rules.append(rule)
+        for i, (m, g) in enumerate(zip(models, fold, strict=True)):
+            if g == f:
+                judged[i] = judge(m, rule)
+    return judged, rules
+
+
+# --------------------------------------------------------------------------- tables
+def _rate(pair) -> str:
+    k, n = pair
+    if n == 0:
+        return "-"
+    lo, hi = wilson(k, n)
+    return f"{100 * k / n:.1f} % ({k}/{n}; {100 * lo:.0f}-{100 * hi:.0f})"
+
+
+def _extra(t) -> str:
+    extra, any_extra, n = t
+    if n == 0:
+        return "-"
+    lo, hi = wilson(any_extra, n)
+    return f"{extra / n:.2f} ({extra} on {any_extra}/{n} models; {100 * lo:.0f}-{100 * hi:.0f} % with any)"
+
+
+def _auc(a) -> str:
+    if a is None:
+        return "-"
+    auc, npos, nneg = a
+    lo, hi = auc_interval(auc, npos, nneg)
+    return f"{auc:.3f} ({npos}+{nneg}; {lo:.2f}-{hi:.2f})"
+
+
+def table(rows: list[tuple[str, dict]], first: str) -> list[str]:
+    head = [first, "models", "accuracy", "FPR (clean)", "TPR", "true target found", "extra flags / model",
+            "ROC-AUC"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, s in rows:
+        out.append(f"| {name} | {s['models']} ({s['clean']} clean) | {_rate(s['accuracy'])} | {_rate(s['fpr'])} | "
+                   f"{_rate(s['tpr'])} | {_rate(s['target_found'])} | {_extra(s['extra'])} | {_auc(s['auc'])} |")
+    return out
+
+
+def report(models: list[Model], folds: int, target_fpr: float, min_asr: float, seed: int) -> tuple[str, dict]:
+    lines, data = [], {}
+    failed = [m for m in models if not attack_took(m, min_asr)]
+    usable = [m for m in models if attack_took(m, min_asr)]
+    for method in [m for m in TITLES if any(x.method == m for x in usable)]:
+        ms = [m for m in usable if m.method == method]
+        judged, rules = cross_validate(ms, folds, target_fpr, seed)
+        final = fit(ms, target_fpr)
+        mad = [judge(m, OutlierRule(method="mad")) for m in ms]
+        title = TITLES[method]
+        data[method] = {"final_rule": final.to_dict(), "fold_rules": [r.to_dict() for r in rules],
+                        "cv": summary(judged), "mad": summary(mad),
+                        "per_model": [{"model": j.model.name, "flagged": list(j.flagged), "score": j.score,
+                                       "targets": list(j.model.targets)} for j in judged]}
+        lines += ["", f"### {title}: calibrated rule (cross-validated, {folds} folds) and the paper's MAD rule", ""]
+        rows = []
+        for ds in zoo.DATASETS:
+            part = [j for j in judged if j.model.dataset == ds]
+            if part:
+                rows.append((f"{zoo.DATASET_TITLES[ds]} calibrated (CV)", summary(part)))
+                rows.append((f"{zoo.DATASET_TITLES[ds]} MAD (paper rule)",
+                             summary([j for j in mad if j.model.dataset == ds])))
+        rows.append(("all calibrated (CV)", summary(judged)))
+        rows.append(("all MAD (paper rule)", summary(mad)))
+        lines += table(rows, "rule")
+        paper = ", ".join(f"{zoo.DATASET_TITLES[d]} {v[title]:.1f} %" for d, v in PAPER.items() if title in v)
+        lines += ["", f"Paper ({title}, Table 2 detection accuracy): {paper}"
+                  + (f"; false positives on 50 clean CIFAR-10 models: {PAPER_CLEAN_FP[title]}"
+                     if title in PAPER_CLEAN_FP else "") + "."]
+        lines += ["", "Rules fitted per fold (scale_floor, alpha): "
+                  + ", ".join(f"({r.scale_floor:g}, {r.alpha:.2g})" for r in rules)
+                  + f"; on all models: ({final.scale_floor:g}, {final.alpha:.2g})."]
+        for key, label in (("attack", "attack"), ("arch", "architecture")):
+            groups = sorted({getattr(j.model, key) for j in judged})
+            rows = [(g, summary([j for j in judged if getattr(j.model, key) == g])) for g in groups]
+            lines += ["", f"{title}, calibrated (CV), by {label}:", ""] + table(rows, label)
+    if failed:
+        lines += ["", "Not counted, the attack did not take (true ASR below "
+                  f"{min_asr:.0%}): " + ", ".join(f"{m.name} ({m.method}, ASR {min(m.asr) if m.asr else 0:.2f})"
+                                                  for m in failed) + "."]
+    return "\n".join(lines).strip() + "\n", data
+
+
+def write_section(md_path: Path, body: str, command: str) -> None:
+    section = f"{SECTION}\n\nProduced by `{command}` ({time.strftime('%Y-%m-%d %H:%M')}).\n\n{body.strip()}\n"
+    text = md_path.read_text() if md_path.is_file() else "# Benchmark results\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == SECTION), None)
+    if start is None:
+        md_path.write_text(text.rstrip("\n") + "\n\n" + section)
+        return
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    tail = "".join(lines[end:])
+    md_path.write_text("".join(lines[:start]) + section + ("\n" + tail if tail else ""))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.verdicts", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--records", nargs="+", type=Path, default=[DEFAULT_RECORDS])
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--target-fpr", type=float, default=0.03)
+    ap.add_argument("--min-asr", type=float, default=0.9)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, help="write the numbers (and every model's CV verdict) here")
+    ap.add_argument("--record", action="store_true", help="write the tables into bench/RESULTS.md")
+    ap.add_argument("--results-md", type=Path, default=zoo.ROOT / "bench" / "RESULTS.md")
+    args = ap.parse_args(argv)
+    models = load_records(args.records)
+    if not models:
+        print(f"error: no scan records in {', '.join(map(str, args.records))} (python -m bench.compare --wide)",
+              file=sys.stderr)
+        return 2
+    if args.folds < 2:
+        print("error: --folds must be at least 2", file=sys.stderr)
+        return 2
+    body, data = report(models, args.folds, args.target_fpr, args.min_asr, args.seed)
+    n = {m: sum(x.method == m for x in models) for m in TITLES}
+    head = (f"{len({m.name for m in models})} models ({', '.join(f'{TITLES[k]} {v}' for k, v in n.items() if v)} "
+            f"scans); target false-positive rate {args.target_fpr:.0%}; attacks with true ASR < {args.min_asr:.0%} "
+            "not counted. Cells: rate (count; 95 % Wilson interval).")
+    text = head + "\n" + body
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps(data, indent=1, default=float))
+    if args.record:
+        command = "python -m bench.verdicts " + " ".join(argv if argv is not None else sys.argv[1:])
+        write_section(args.results_md, text, command.strip())
+        print(f"recorded in {args.results_md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
