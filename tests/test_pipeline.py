@@ -1,16 +1,12 @@
 """The pipeline and the commands on top of it: one decision, one configuration, reports that do not move.
 
-``tests/golden/*.report.json`` are report.json files written by ``gate run`` *before* the pipeline moved
-out of the command line (commit 6312a1f), with::
+``tests/golden/*.report.json`` are report.json files written by ``gate run`` with::
 
     gate run models/demo/MODEL.onnx --policy policies/default.yaml --out OUT --max-steps 25 --max-images 150
 
-The same command today must give the same report, timings aside, and with only these deliberate changes:
-the report's stamped examples come from the scan's held-out pass (no ``queries.report``, 145 fewer queries),
-the scan's own ``verdict`` is gone (``decision`` is the only one), the effective policy lists the settings
-that became policy fields, at their defaults, and review exits 3 (it was 2, the code of an error). A change
-that is meant to move scan results regenerates the files with the command above
-(and says so in its commit).
+The same command today must give the same report, timings aside. A change that is meant to move scan results
+regenerates the files with the command above and says so in its commit (last: the calibrated outlier rule
+and the search that cannot stall, which count a class without a working trigger as the whole image).
 """
 
 from __future__ import annotations
@@ -20,7 +16,6 @@ import json
 import pytest
 
 from gate.cli import main
-from gate.decision import EXIT_CODES
 from gate.policy import PAPER, Policy, load_policy, policy_settings
 from gate.synth import SynthConfig
 from tests.helpers import DEMO, ROOT
@@ -37,16 +32,6 @@ def _without_timings(d):
     return d
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["gtsrb_clean", "gtsrb_badnets3x3"])
 def test_gate_run_gives_the_golden_report(name, tmp_path, monkeypatch, capsys):
@@ -54,20 +39,9 @@ def test_gate_run_gives_the_golden_report(name, tmp_path, monkeypatch, capsys):
     code = main(["run", str(DEMO / f"{name}.onnx").replace(str(ROOT) + "/", ""), "--out", str(tmp_path), *SMALL])
     before = _without_timings(json.loads((GOLDEN / f"{name}.report.json").read_text()))
     after = _without_timings(json.loads((tmp_path / "report.json").read_text()))
-    if before["decision"]["outcome"] == "review":  # review exits 3 since the fail-closed change (was 2)
-        before["decision"]["exit_code"] = EXIT_CODES["review"]
     assert code == before["decision"]["exit_code"]
-
-    # the deliberate changes, each checked, then everything else must be equal
-    spent_on_examples = before["queries"].pop("report", 0)
-    assert after["queries"]["total"] == before["queries"]["total"] - spent_on_examples
-    before["queries"]["total"] = after["queries"]["total"]
-    before.pop("verdict", None)
-    assert "verdict" not in after
-    old, new = _flat(before.pop("policy")), _flat(after.pop("policy"))
-    assert {k: new[k] for k in old} == old, "every policy field of the old report keeps its value"
-    defaults = _flat(Policy().to_dict())
-    assert {k: new[k] for k in set(new) - set(old)} == {k: defaults[k] for k in set(new) - set(old)}
+    for report in (before, after):
+        report.pop("generated", None)
     assert after == before
 
 
