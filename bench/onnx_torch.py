@@ -226,6 +226,7 @@ class OnnxGraph(torch.nn.Module):
         self.input_name = inputs[0]
         self.output_name = graph.output[0].name
         self._steps: list[tuple[Op, list[str], str]] = []
+        self._producer: dict[str, tuple[str, list[str]]] = {}  # value name -> (op type, its inputs)
         known = {self.input_name, *self._consts}
         for proto in graph.node:
             node = _Node(proto, opset)
@@ -252,22 +253,29 @@ class OnnxGraph(torch.nn.Module):
             op = BUILDERS[node.op](node)
             node.done()
             self._steps.append((op, ins, proto.output[0]))
+            self._producer[proto.output[0]] = (node.op, ins)
             known.add(proto.output[0])
         if self.output_name not in known:
             raise ValueError(f"ONNX graph output {self.output_name!r} is not computed by any node")
+
+    def logits_name(self) -> str | None:
+        """The input of the Softmax that computes the graph's output, if the graph ends in one."""
+        op, ins = self._producer.get(self.output_name, (None, []))
+        return ins[0] if op == "Softmax" else None
 
     def _add_const(self, name: str, value: np.ndarray) -> None:
         buf = f"c{len(self._consts)}"
         self.register_buffer(buf, torch.from_numpy(np.array(value, dtype=np.float32)))
         self._consts[name] = buf
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, output: str | None = None) -> torch.Tensor:
+        """The graph's output (or the named intermediate value ``output``) for ``x``."""
         env = {self.input_name: x}
         for name, buf in self._consts.items():
             env[name] = getattr(self, buf)
         for op, ins, out in self._steps:
             env[out] = op([env[n] for n in ins])
-        return env[self.output_name]
+        return env[output or self.output_name]
 
 
 class WhiteBox(torch.nn.Module):
@@ -276,8 +284,9 @@ class WhiteBox(torch.nn.Module):
     On the way in it encodes the images as the model's ``input_spec`` says, as ``gate.oracle.Oracle``
     does: ``(x * value_range - mean) / std`` per channel (computed as ``x * scale + offset``, the oracle's
     own float32 constants), then NHWC when the model wants it. On the way out: the graph's output when
-    it gives logits; else ``log(max(p, PROB_FLOOR))``, log-probabilities (which act as logits for
-    cross-entropy and for softmax: ``softmax(log p) == p``).
+    it gives logits; when it gives probabilities from a final Softmax, that Softmax's input (the logits:
+    white-box, and no gradient lost where a probability underflows); else ``log(max(p, PROB_FLOOR))``,
+    log-probabilities (which act as logits for cross-entropy and for softmax: ``softmax(log p) == p``).
     """
 
     def __init__(self, graph: OnnxGraph, input_spec: dict):
@@ -295,7 +304,8 @@ class WhiteBox(torch.nn.Module):
         std = np.ones(1) if std is None else np.asarray(std, dtype=np.float64)
         self.graph = graph
         self.channels_last = layout == "NHWC"
-        self.log_probs = kind == "probs"
+        self.logits = graph.logits_name() if kind == "probs" else None
+        self.log_probs = kind == "probs" and self.logits is None
         self.register_buffer("scale", torch.from_numpy((value_range / std).astype(np.float32)).view(1, -1, 1, 1))
         self.register_buffer("offset", torch.from_numpy((-mean / std).astype(np.float32)).view(1, -1, 1, 1))
 
@@ -303,7 +313,7 @@ class WhiteBox(torch.nn.Module):
         y = x * self.scale + self.offset
         if self.channels_last:
             y = y.permute(0, 2, 3, 1)
-        out = self.graph(y)
+        out = self.graph(y, self.logits)
         if self.log_probs:
             out = torch.log(out.clamp_min(PROB_FLOOR))
         return out

@@ -52,6 +52,9 @@ def test_white_box_matches_onnxruntime_and_passes_gradients(name):
     torch.nn.functional.cross_entropy(logits, torch.zeros(16, dtype=torch.long)).backward()
     assert torch.isfinite(xt.grad).all() and (xt.grad != 0).any()
     assert not list(net.parameters())  # weights are buffers: the NC search optimises only its trigger
+    if man["input_spec"]["output_kind"] == "probs":  # white-box: NC gets the logits before the final Softmax
+        assert net.logits is not None and not net.log_probs
+        assert torch.isfinite(logits).all() and logits.detach().max() > 0  # log-probabilities never exceed 0
 
 
 def test_an_unsupported_op_is_named(tmp_path):
