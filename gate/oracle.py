@@ -92,6 +92,8 @@ class Oracle:
     def _open(self, device: str, threads: int) -> None:
         import onnx
 
+        if self.path.is_dir():
+            raise ModelError(f"model path is a directory, not an ONNX file: {self.path}")
         if not self.path.is_file():
             raise ModelError(f"model file not found: {self.path}")
         try:

@@ -221,6 +221,14 @@ def test_a_one_class_model_is_refused(tmp_path, capsys):
     assert code == 2 and "a backdoor scan needs at least 2 classes" in out and out.count("\n") == 1
 
 
+def test_a_directory_as_the_model_says_so(tmp_path, capsys):
+    (tmp_path / "model.onnx").mkdir()
+    code = main(["scan", str(tmp_path / "model.onnx"), "--synthetic", "--out", str(tmp_path / "o"), "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 2 and "model path is a directory, not an ONNX file" in out and out.count("\n") == 1
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["decision"]["outcome"] == "error"
+
+
 @pytest.mark.parametrize("write,message", [
     (lambda p: np.save(p.with_suffix(".npy"), np.zeros((20, 8, 8, 3), np.uint8)), "is a single .npy array"),
     (lambda p: np.savez(p, x=np.array([object()] * 20, dtype=object)), "cannot read"),
