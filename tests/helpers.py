@@ -1,12 +1,15 @@
 """Fixture builders shared by the test modules (no test module imports another one): paths to shipped
 assets, small hand-built ONNX models (no torch needed), kernel inputs and their numpy references,
-deterministic ScanResults without a model, and minimal scan outputs / the demo backdoored model.
+deterministic ScanResults without a model, minimal scan outputs / the demo backdoored model, and the proxy
+app on a tiny model with an in-process client.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +18,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 if TYPE_CHECKING:  # gate is imported where a builder needs it: conftest imports this module for every test
+    import httpx
+
     from gate.policy import Policy
     from gate.result import ScanResult, Triggers
 
@@ -230,3 +235,63 @@ class Demo:
 
     def write_scan(self, out: Path) -> Path:
         return write_scan(out, self.model, self.triggers)
+
+
+# --------------------------------------------------------------------------- the proxy app in process
+def tiny_proxy(path: Path, overrides=None, *, tau: float | None = None, **model):
+    """(app, oracle): ``gate proxy`` in process on :func:`linear_model` ``(path, size=2, classes=3,
+    softmax=True, **model)``, served as "tiny". With ``tau`` the shield is on (one random trigger for
+    class 0, reject mode); without, it passes everything."""
+    from gate.oracle import Oracle
+    from gate.proxy import ProxyConfig, create_app, model_tensors
+    from gate.proxy.upstream import EmbeddedModel
+    from gate.result import Triggers
+    from gate.shield import Shield
+
+    linear_model(path, **{"size": 2, "classes": 3, "softmax": True, **model})
+    oracle = Oracle(path, overrides, device="cpu")
+    h, w, c = oracle.image_shape
+    k = int(tau is not None)
+    rng = np.random.default_rng(0)
+    triggers = Triggers(np.zeros(k, np.int64), rng.random((k, h, w), dtype=np.float32),
+                        rng.random((k, h, w, c), dtype=np.float32), np.ones(k, bool))
+    shield = Shield(triggers, oracle.spec, tau)
+    inp, out = model_tensors(oracle)
+    return create_app(shield, EmbeddedModel(oracle, shield), inp, out, ProxyConfig(model_name="tiny")), oracle
+
+
+class InProcess:
+    """A synchronous client for the app in this process, its lifespan running on an event loop in a
+    background thread (what starlette's TestClient does, without its deprecated httpx dependency)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    def __enter__(self) -> InProcess:
+        import httpx
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._lifespan = self.app.router.lifespan_context(self.app)
+        self._call(self._lifespan.__aenter__())
+        self._client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app, raise_app_exceptions=False),
+                                         base_url="http://proxy",
+                                         timeout=30)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._call(self._client.aclose())
+        self._call(self._lifespan.__aexit__(None, None, None))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(60)
+
+    def get(self, path: str, **kw) -> httpx.Response:
+        return self._call(self._client.get(path, **kw))
+
+    def post(self, path: str, **kw) -> httpx.Response:
+        return self._call(self._client.post(path, **kw))

@@ -29,7 +29,7 @@ from gate.proxy import ProxyConfig, create_app, model_tensors
 from gate.proxy.batcher import MicroBatcher
 from gate.proxy.upstream import RemoteModel, UpstreamError, UpstreamTimeout
 from gate.shield import Scored, Shield
-from tests.helpers import DEMO_MODEL, Demo, linear_model, patch_triggers, write_scan
+from tests.helpers import DEMO_MODEL, Demo, InProcess, linear_model, patch_triggers, write_scan
 
 pytestmark = pytest.mark.skipif(not DEMO_MODEL.exists(), reason=f"demo model {DEMO_MODEL} not built")
 
@@ -45,41 +45,6 @@ def serve(args: list[str], log: Path):
 def scrape(server: Server) -> str:
     """The server's Prometheus exposition."""
     return _HTTP.get(server.url + "/metrics").text
-
-
-class InProcess:
-    """A synchronous client for the app in this process, its lifespan running on an event loop in a
-    background thread (what starlette's TestClient does, without its deprecated httpx dependency)."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    def __enter__(self) -> InProcess:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
-        self._lifespan = self.app.router.lifespan_context(self.app)
-        self._call(self._lifespan.__aenter__())
-        self._client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app, raise_app_exceptions=False),
-                                         base_url="http://proxy",
-                                         timeout=30)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._call(self._client.aclose())
-        self._call(self._lifespan.__aexit__(None, None, None))
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-
-    def _call(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(60)
-
-    def get(self, path: str, **kw) -> httpx.Response:
-        return self._call(self._client.get(path, **kw))
-
-    def post(self, path: str, **kw) -> httpx.Response:
-        return self._call(self._client.post(path, **kw))
 
 
 def metric(text: str, name: str, **labels) -> float:

@@ -5,12 +5,13 @@ every flagged class's reversed trigger go to the model in one call; S(x) = min K
 below tau means the input carries the trigger (reject: HTTP 403; flag: served with parameters
 backdoor_gate_flagged / backdoor_gate_score; shadow: served, only counted in /metrics).
 
-HTTP statuses of POST /v2/models/NAME/infer: 200 served; 400 malformed request, unknown input or output,
-wrong datatype or shape, NaN/inf values; 403 refused by the shield, body {"error": ..., "score": S} (the
-request is valid but the server declines to serve it); 404 unknown model or version; 413 body over
---max-request-bytes; 415 unsupported Content-Encoding; 502 the model or upstream failed; 503 queue full
-(Retry-After: 1); 504 no answer within --upstream-timeout. Errors are {"error": "..."}. Prometheus
-metrics at GET /metrics.
+HTTP statuses of POST /v2/models/NAME/infer: 200 served; 400 malformed request (or JSON nested over 64
+levels), unknown input or output, wrong datatype or shape, data that are not numbers, NaN/inf values, values
+outside the model's input range (what [0, 1] images encode to under --input-range, --mean and --std); 403
+refused by the shield, body {"error": ..., "score": S} (the request is valid but the server declines to
+serve it); 404 unknown model or version; 413 body over --max-request-bytes; 415 unsupported
+Content-Encoding; 502 the model or upstream failed; 503 queue full (Retry-After: 1); 504 no answer within
+--upstream-timeout. Errors are {"error": "..."}. Prometheus metrics at GET /metrics.
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ HTTP statuses of an inference request:
 
 ====  =======================================================================================
 200   served (in ``flag`` mode the response ``parameters`` carry backdoor_gate_flagged / _score)
-400   malformed body, unknown input/output, wrong datatype or shape, NaN/inf values
+400   malformed body (JSON nested deeper than ``codec.MAX_JSON_DEPTH``), unknown input/output, wrong
+      datatype or shape, 'data' holding anything but numbers (true/false, strings, null), NaN/inf values,
+      values outside the model's input range (what [0, 1] images encode to, ``codec.ValueRange``)
 403   refused by the shield (``reject`` mode): the request is well formed but carries what looks
       like the backdoor trigger; body ``{"error": ..., "score": S}``. 403 ("understood, refused")
       rather than 422: the input is valid for the model, the server declines to serve it.
@@ -256,11 +258,12 @@ def create_app(shield: Shield, model, model_input: TensorSpec, model_output: Ten
 
 
 def model_tensors(oracle, num_classes: int | None = None) -> tuple[TensorSpec, TensorSpec]:
-    """The V2 description of an oracle's model: input (batch dimension -1) and output (-1, K)."""
-    from gate.proxy.codec import v2_datatype
+    """The V2 description of an oracle's model: input (batch dimension -1, values in the range its input
+    spec encodes [0, 1] images to) and output (-1, K)."""
+    from gate.proxy.codec import ValueRange, v2_datatype
 
     spec = oracle.spec
     dims = spec.model_shape(1)[1:]
-    inp = TensorSpec(oracle.input_name, v2_datatype(np.dtype(spec.dtype)), (-1, *dims))
+    inp = TensorSpec(oracle.input_name, v2_datatype(np.dtype(spec.dtype)), (-1, *dims), ValueRange.of(spec))
     out = TensorSpec(oracle.output_name, "FP32", (-1, int(num_classes or oracle.num_classes)))
     return inp, out
