@@ -12,10 +12,11 @@ always give the same :class:`Decision`. Outcomes and exit codes (as protectai/mo
 
 This table (:data:`EXIT_CODES`, :data:`EXIT_USAGE`) is the only one: every command exits through it.
 
-Rules (SARIF ids): BG001 a class is flagged by the outlier rule; BG003 a small reversed trigger sends
-most held-out images to its class; BG005 the searches did not work (too many classes without a working
-trigger, or masks that never shrank); BG002 a budget cut the scan short. Flags of an incomplete or
-inconclusive scan are provisional (outcome ``rules.incomplete``); BG003 is direct evidence and always
+Rules (SARIF ids): BG001 a class is flagged by the outlier rule (on its patch trigger's L1, or, when the
+scan ran the blend mode, on its blend trigger's amplitude: one finding per mode); BG003 a small reversed
+trigger sends most held-out images to its class; BG005 the searches did not work (too many classes without
+a working trigger, or masks that never shrank); BG002 a budget cut the scan short. Flags of an incomplete
+or inconclusive scan are provisional (outcome ``rules.incomplete``); BG003 is direct evidence and always
 rejects. Every rule outcome is reject or review, so no policy turns a finding into an accept.
 """
 
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gate.blend import blend_outliers
 from gate.outliers import MAD_CONSISTENCY, find_outliers, finite_index
 from gate.result import ScanResult
 
@@ -78,7 +80,8 @@ class Decision:
     reasons: list[str]
     exit_code: int
     findings: list[Finding] = field(default_factory=list)
-    # calibrated outlier rule: the chance a clean model shows a class this extreme, and 1 minus it
+    # calibrated outlier rule: the chance a clean model shows a class this extreme, and 1 minus it (with the
+    # blend mode: the smaller of the two modes' p-values, each of which flags at alpha)
     model_p_value: float | None = None
 
     @property
@@ -126,9 +129,9 @@ def _pct(x: float | None, digits: int = 0) -> str:
 def decide(result: ScanResult, policy) -> Decision:
     """Apply ``policy.rules`` and ``policy.outliers`` to ``result``.
 
-    The outlier rule is re-applied to the per-class L1 norms with the policy's thresholds, so a stored
-    result can be judged again under another policy; with the policy the scan ran under it gives the
-    scan's own flags.
+    The outlier rule is re-applied to the per-class L1 norms with the policy's thresholds, and to the blend
+    amplitudes when every class has one (the scan ran the blend mode), so a stored result can be judged again
+    under another policy; with the policy the scan ran under it gives the scan's own flags.
     """
     rules = policy.rules
     classes = sorted(result.classes, key=lambda c: c.label)
@@ -139,6 +142,11 @@ def decide(result: ScanResult, policy) -> Decision:
     out = find_outliers(l1, policy.outlier_rule())
     median = out.median
     model_p = out.model_p_value if out.method == "calibrated" else None
+    blend = None
+    if all(c.blend_amplitude is not None for c in classes):
+        blend = blend_outliers(np.array([c.blend_amplitude for c in classes], np.float64), policy.outlier_rule())
+        if model_p is not None:
+            model_p = min(model_p, blend.model_p_value)
     weak = _weak_search(classes, rules)
     # flags of a scan that is incomplete or whose searches did not work are provisional
     provisional = ("" if result.complete and not weak else
@@ -157,6 +165,18 @@ def decide(result: ScanResult, policy) -> Decision:
             evidence["p_value"] = float(pv)
         findings.append(Finding(RULE_FLAGGED, outcome, f"class {c.label} flagged: {_why(c, idx, pv, out)}"
                                 f"{provisional}", c.label, evidence))
+    if blend is not None:
+        flagged = [(c, finite_index(idx), pv) for c, idx, pv, f
+                   in zip(classes, blend.anomaly_index, blend.p_values, blend.flagged, strict=True) if f]
+        flagged.sort(key=lambda t: (-t[1], t[0].label))
+        for c, idx, pv in flagged:
+            outcome = rules.incomplete if provisional else rules.flagged
+            evidence = {"mode": "blend", "blend_amplitude": c.blend_amplitude, "anomaly_index": idx,
+                        "median_amplitude": blend.median, "blend_asr": c.blend_asr}
+            if blend.method == "calibrated":
+                evidence["p_value"] = float(pv)
+            findings.append(Finding(RULE_FLAGGED, outcome, f"class {c.label} flagged: {_why_blend(c, idx, pv, blend)}"
+                                    f"{provisional}", c.label, evidence))
 
     small = rules.small_trigger
     if small is not None:  # direct evidence: rejects even when the scan is incomplete
@@ -181,9 +201,14 @@ def decide(result: ScanResult, policy) -> Decision:
     if not findings:
         i = int(np.argmax(out.anomaly_index))
         c = classes[i]
-        return Decision("accept", [f"no class flagged among {len(classes)}: the most suspicious is class {c.label} "
-                                   f"({_why(c, finite_index(out.anomaly_index[i]), out.p_values[i], out)})"],
-                        EXIT_CODES["accept"], [], model_p)
+        reason = (f"no class flagged among {len(classes)}: the most suspicious is class {c.label} "
+                  f"({_why(c, finite_index(out.anomaly_index[i]), out.p_values[i], out)})")
+        if blend is not None:
+            i = int(np.argmax(blend.anomaly_index))
+            c = classes[i]
+            reason += (f"; by its blend trigger, class {c.label} "
+                       f"({_why_blend(c, finite_index(blend.anomaly_index[i]), blend.p_values[i], blend)})")
+        return Decision("accept", [reason], EXIT_CODES["accept"], [], model_p)
     outcome = max((f.outcome for f in findings), key=lambda o: _SEVERITY[o])
     return Decision(outcome, [f.message for f in findings], EXIT_CODES[outcome], findings, model_p)
 
@@ -195,6 +220,16 @@ def _why(c, idx: float, p_value: float, out) -> str:
         return (f"L1 {_num(c.l1)} is {ratio}, z {_num(idx)} in log L1 against the other classes, p-value "
                 f"{p_value:.2g} per model")
     return f"L1 {_num(c.l1)} is {ratio} (MAD anomaly index {_num(idx)})"
+
+
+def _why_blend(c, idx: float, p_value: float, out) -> str:
+    """A class's outlier evidence from its blend trigger's amplitude, in words."""
+    a = c.blend_amplitude
+    ratio = f"{a / out.median:.2f}x the median {_num(out.median)}" if out.median > 0 else "against a median of 0"
+    what = f"blend trigger amplitude {_num(a)} (attack success {_pct(c.blend_asr)}) is {ratio}"
+    if out.method == "calibrated":
+        return f"{what}, z {_num(idx)} in log amplitude against the other classes, p-value {p_value:.2g} per model"
+    return f"{what} (MAD anomaly index {_num(idx)})"
 
 
 def _weak_search(classes: list, rules) -> list[Finding]:

@@ -96,9 +96,10 @@ def anomaly_index(l1: np.ndarray) -> tuple[float, float, np.ndarray]:
     return median, mad, index
 
 
-def leave_one_out_z(l1: np.ndarray, scale_floor: float) -> np.ndarray:
-    """z_c = (median of the other classes' log L1 - log L1_c) / max(1.4826 * their MAD, floor)."""
-    x = np.log(np.maximum(np.asarray(l1, dtype=np.float64), L1_FLOOR))
+def leave_one_out_z(l1: np.ndarray, scale_floor: float, floor: float = L1_FLOOR) -> np.ndarray:
+    """z_c = (median of the other classes' log L1 - log L1_c) / max(1.4826 * their MAD, scale_floor), the
+    logs taken of max(L1, ``floor``)."""
+    x = np.log(np.maximum(np.asarray(l1, dtype=np.float64), floor))
     k = len(x)
     others = np.broadcast_to(x, (k, k))[~np.eye(k, dtype=bool)].reshape(k, k - 1)
     med = np.median(others, axis=1)
@@ -146,7 +147,9 @@ def finite_index(x: float) -> float:
     return x if math.isfinite(x) else (1e9 if x > 0 else -1e9)
 
 
-def find_outliers(l1, rule: OutlierRule = OutlierRule()) -> Outliers:
+def find_outliers(l1, rule: OutlierRule = OutlierRule(), floor: float = L1_FLOOR) -> Outliers:
+    """The rule on per-class sizes (L1 norms; ``floor``: the smallest size the calibrated rule tells apart,
+    half a pixel for L1, see ``gate.blend.AMPLITUDE_FLOOR`` for blend amplitudes)."""
     l1 = np.asarray(l1, dtype=np.float64)
     if l1.ndim != 1 or len(l1) < 2:
         raise ValueError("outlier detection needs the L1 norms of at least two classes")
@@ -154,7 +157,7 @@ def find_outliers(l1, rule: OutlierRule = OutlierRule()) -> Outliers:
     if rule.method == "mad":
         flagged = ((l1 < median) & (index > rule.anomaly_threshold)) | (l1 < rule.median_ratio * median)
         return Outliers("mad", median, mad, index, np.full(len(l1), np.nan), flagged)
-    z = leave_one_out_z(l1, rule.scale_floor)
+    z = leave_one_out_z(l1, rule.scale_floor, floor)
     q = corrected_p(normal_upper_tail(z), len(l1))
     return Outliers("calibrated", median, mad, z, q, q <= rule.alpha)
 

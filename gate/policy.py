@@ -8,11 +8,12 @@ message names the file and the field::
     policy policies/x.yaml: search.k must be an even integer >= 2, got 3
 
 The engine's settings are not written here: each is one field of the engine's own dataclasses
-(:class:`gate.search.SearchParams`, :class:`gate.scan.ScanConfig`, :class:`gate.outliers.OutlierRule`,
-:class:`gate.synth.SynthConfig`, :class:`gate.spec.SpecOverrides`), declared with :func:`gate.settings.setting`
-and its place in the file (``search.k``). The sections ``data``, ``input``, ``search``, ``synthesis``,
-``outliers``, ``budget`` and ``metrics`` are built from those places (:func:`policy_section`); only what
-is the policy's own (where the data comes from, the decision rules, metrics) is declared below.
+(:class:`gate.search.SearchParams`, :class:`gate.scan.ScanConfig`, :class:`gate.blend.BlendParams`,
+:class:`gate.outliers.OutlierRule`, :class:`gate.synth.SynthConfig`, :class:`gate.spec.SpecOverrides`), declared
+with :func:`gate.settings.setting` and its place in the file (``search.k``). The sections ``data``, ``input``,
+``search``, ``blend``, ``synthesis``, ``outliers``, ``budget`` and ``metrics`` are built from those places
+(:func:`policy_section`); only what is the policy's own (where the data comes from, the decision rules,
+metrics) is declared below.
 The command-line flags of every command come from the same fields (:func:`policy_settings`).
 
 Missing fields take the defaults, so a policy only needs to state what it changes. Command-line flags
@@ -31,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from gate.blend import BlendParams
 from gate.errors import GateError, PolicyError
 from gate.outliers import OutlierRule
 from gate.scan import ScanConfig
@@ -83,8 +85,8 @@ class MetricsSettings(Settings):
 
 
 # Every class whose settings have a place in the policy file, in the order sections list them.
-SOURCES: tuple[type[Settings], ...] = (DataSource, SpecOverrides, ScanConfig, SearchParams, SynthConfig, OutlierRule,
-                                       MetricsSettings)
+SOURCES: tuple[type[Settings], ...] = (DataSource, SpecOverrides, ScanConfig, SearchParams, BlendParams, SynthConfig,
+                                       OutlierRule, MetricsSettings)
 
 
 def policy_settings() -> list[Setting]:
@@ -106,6 +108,7 @@ def policy_section(section: str, name: str) -> type:
 DataPolicy = policy_section("data", "DataPolicy")
 InputPolicy = policy_section("input", "InputPolicy")
 SearchPolicy = policy_section("search", "SearchPolicy")
+BlendPolicy = policy_section("blend", "BlendPolicy")
 SynthesisPolicy = policy_section("synthesis", "SynthesisPolicy")
 OutlierPolicy = policy_section("outliers", "OutlierPolicy")
 BudgetPolicy = policy_section("budget", "BudgetPolicy")
@@ -147,6 +150,7 @@ class Policy:
     data: DataPolicy = _section(DataPolicy)
     input: InputPolicy = _section(InputPolicy)
     search: SearchPolicy = _section(SearchPolicy)
+    blend: BlendPolicy = _section(BlendPolicy)
     synthesis: SynthesisPolicy = _section(SynthesisPolicy)
     outliers: OutlierPolicy = _section(OutlierPolicy)
     rules: RulesPolicy = _section(RulesPolicy)
@@ -201,7 +205,7 @@ class Policy:
     def _values(self, cls: type[Settings], built: bool = False):
         """The settings of engine class ``cls`` gathered from wherever the policy file places them."""
         values = {}
-        for section in (self.data, self.input, self.search, self.synthesis, self.outliers, self.budget,
+        for section in (self.data, self.input, self.search, self.blend, self.synthesis, self.outliers, self.budget,
                         self.metrics):
             for f in dataclasses.fields(section):
                 origin = f.metadata.get("origin")
@@ -218,11 +222,15 @@ class Policy:
     def search_params(self) -> SearchParams:
         return SearchParams(**self._values(SearchParams))
 
+    def blend_params(self) -> BlendParams:
+        return BlendParams(**self._values(BlendParams))
+
     def outlier_rule(self) -> OutlierRule:
         return OutlierRule(**self._values(OutlierRule))
 
     def scan_config(self) -> ScanConfig:
-        return ScanConfig(search=self.search_params(), outliers=self.outlier_rule(), **self._values(ScanConfig))
+        return ScanConfig(search=self.search_params(), outliers=self.outlier_rule(), blend_params=self.blend_params(),
+                          **self._values(ScanConfig))
 
     def synth_config(self) -> SynthConfig:
         """Synthesis settings; its seed is the scan's (one seed per run)."""

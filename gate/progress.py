@@ -23,9 +23,10 @@ class ClassFinished:
     label: int
     step: int
     success: float  # the current trigger's attack success at its last step
-    l1: float
+    l1: float  # the trigger's L1; a blend search's: its amplitude
     queries: int
     status: str
+    mode: str = "patch"  # patch | blend
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,10 @@ class Progress:
             self.classes, self.t0, self.finished = event.classes, time.perf_counter(), 0
             self._write(f"scanning {event.classes} classes (up to {event.max_steps} steps each)\n")
         elif isinstance(event, ClassFinished):
+            if event.mode == "blend":  # counted with its class's patch search
+                self._line(f"class {event.label:>3}  step {event.step:>4}  ASR {event.success:4.2f}  blend a "
+                           f"{event.l1:6.3f}  queries {event.queries:>9,}  {event.status}")
+                return
             self.finished += 1
             self._line(f"class {event.label:>3}  step {event.step:>4}  ASR {event.success:4.2f}  L1 {event.l1:8.2f}  "
                        f"queries {event.queries:>9,}  {event.status}")

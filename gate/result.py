@@ -2,6 +2,10 @@
 
 ``report.json`` is ``ScanResult.to_dict()`` (plus, once a policy has decided, a ``decision`` block);
 ``triggers.npz`` holds the reversed trigger of every class.
+
+The blend mode's fields (``ClassResult.blend_*``, ``patch_flagged``, ``ScanResult.blend``, the triggers'
+``blend_*`` arrays) exist only when the scan ran it (``search.blend``): a scan without it writes the same
+report and triggers as before the mode existed.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +40,27 @@ class ClassResult:
     flagged: bool = False
     p_value: float | None = None  # calibrated rule: per-model (Sidak-corrected) p-value of this class
     note: str = ""  # why the search found no working trigger ("" when it did)
+    # the blend mode (search.blend; None when it did not run). flagged is then either mode's flag.
+    blend_amplitude: float | None = None  # smallest amplitude a of a working blend trigger; 1.0: none worked
+    blend_asr: float | None = None  # attack success of that blend trigger on held-out clean images
+    blend_status: str | None = None  # as status, for the blend search
+    blend_steps: int | None = None
+    blend_queries: int | None = None  # the blend search's share of queries (counted in queries too)
+    blend_note: str | None = None  # why the blend search found no working trigger ("" when it did)
+    blend_anomaly_index: float | None = None  # the outlier rule's index of the amplitude; positive = small
+    blend_p_value: float | None = None  # calibrated rule: per-model p-value of the amplitude
+    blend_flagged: bool = False  # the blend amplitude is an outlier
+    patch_flagged: bool | None = None  # the patch L1 is an outlier (None: only the patch mode ran, see flagged)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if self.blend_amplitude is None:
+            for key in BLEND_FIELDS:
+                d.pop(key)
+        return d
+
+
+BLEND_FIELDS = tuple(f.name for f in fields(ClassResult) if f.name.startswith("blend_")) + ("patch_flagged",)
 
 
 @dataclass
@@ -57,10 +82,13 @@ class ScanResult:
     synthesis: dict | None = None
     schema_version: str = SCHEMA_VERSION
     tool: dict = field(default_factory=dict)
+    blend: dict | None = None  # blend mode: its settings, median_amplitude, mad, model_p_value, backdoor_score
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["classes"] = [asdict(c) for c in self.classes]
+        d["classes"] = [c.to_dict() for c in self.classes]
+        if self.blend is None:
+            d.pop("blend")
         return d
 
     @classmethod
@@ -103,24 +131,32 @@ class Example:
 
 @dataclass
 class Triggers:
-    """Reversed triggers: soft masks (K, H, W) and patterns (K, H, W, C) in [0, 1]."""
+    """Reversed triggers: soft masks (K, H, W) and patterns (K, H, W, C) in [0, 1]; with the blend mode also
+    each class's blend trigger: the mask is the constant amplitude over the image, so only it is kept."""
 
     labels: np.ndarray  # (K,)
     masks: np.ndarray  # (K, H, W) float32, soft mask g(theta_m)
     patterns: np.ndarray  # (K, H, W, C) float32
     flagged: np.ndarray  # (K,) bool
+    blend_amplitudes: np.ndarray | None = None  # (K,) float32 (1.0: no blend trigger worked)
+    blend_patterns: np.ndarray | None = None  # (K, H, W, C) float32
 
     def save(self, path: str | Path) -> None:
         buf = io.BytesIO()
-        np.savez_compressed(buf, labels=self.labels, masks=self.masks, patterns=self.patterns, flagged=self.flagged)
+        blend = {} if self.blend_amplitudes is None else {"blend_amplitudes": self.blend_amplitudes,
+                                                         "blend_patterns": self.blend_patterns}
+        np.savez_compressed(buf, labels=self.labels, masks=self.masks, patterns=self.patterns, flagged=self.flagged,
+                            **blend)
         atomic_write(path, buf.getvalue())
 
     @classmethod
     def load(cls, path: str | Path) -> Triggers:
         try:
             with np.load(path, allow_pickle=False) as z:
+                blend = ((z["blend_amplitudes"].astype(np.float32), z["blend_patterns"].astype(np.float32))
+                         if "blend_amplitudes" in z.files else (None, None))
                 return cls(z["labels"], z["masks"].astype(np.float32), z["patterns"].astype(np.float32),
-                           z["flagged"].astype(bool))
+                           z["flagged"].astype(bool), *blend)
         except FileNotFoundError:
             raise GateError(f"triggers file not found: {path}") from None
         except (KeyError, ValueError, OSError) as exc:
@@ -128,7 +164,9 @@ class Triggers:
 
     def select(self, labels) -> Triggers:
         idx = np.array([int(np.flatnonzero(self.labels == lab)[0]) for lab in labels], dtype=np.int64)
-        return Triggers(self.labels[idx], self.masks[idx], self.patterns[idx], self.flagged[idx])
+        blend = (None, None) if self.blend_amplitudes is None else (self.blend_amplitudes[idx],
+                                                                     self.blend_patterns[idx])
+        return Triggers(self.labels[idx], self.masks[idx], self.patterns[idx], self.flagged[idx], *blend)
 
 
 def atomic_write(path: str | Path, data: str | bytes) -> None:

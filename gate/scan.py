@@ -19,6 +19,14 @@ models, classes shrink late and in no fixed order, so a class stopped early keep
 its converged value; those upper bounds raise the median and the MAD and so bias both outlier rules
 (false flags on clean models through the median rule, missed ones through the MAD rule). Without it
 every class converges (or reaches max_steps), at 30-90k queries per class.
+
+With ``blend=True`` every class also runs a :class:`gate.blend.BlendSearch` (a faint full-image blend
+trigger, which B3D's patch masks cannot express), interleaved with the patch searches: each class's two
+searches are two runs of the same rounds (the arrays hold a slot per run, a model call answers both), the
+query budget and its held-out reserve cover both, and each blend trigger is measured on the held-out
+images too. The blend amplitudes get the outlier rule of their own (:func:`gate.blend.blend_outliers`); a
+class is flagged when either mode flags it (``ClassResult.patch_flagged`` / ``blend_flagged`` say which).
+The patch searches draw from the same random streams as without the blend mode.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import numpy as np
 from gate import __version__
 from gate.bandit import Bandit
 from gate.batches import make_batch
+from gate.blend import BlendParams, BlendSearch, BlendState, blend_outliers, blend_summary
 from gate.budget import QueryBudget
 from gate.data import ImageSet
 from gate.errors import DataError, GateError
@@ -54,6 +63,7 @@ class ScanConfig(Settings):
 
     search: SearchParams = field(default_factory=SearchParams)
     outliers: OutlierRule = field(default_factory=OutlierRule)
+    blend_params: BlendParams = field(default_factory=BlendParams)
     seed: int = setting(0, integer(0), "random seed: same seed, model, data and policy -> same report")
     max_images: int = setting(1000, integer(MIN_IMAGES), "clean images used at most (search pool + held-out)",
                               place="data.max_images")
@@ -71,27 +81,44 @@ class ScanConfig(Settings):
     batch_images: int = setting(2048, integer(1), "images per model call (each of the two stamped buffers)",
                                 flag=False)
     hard_examples: bool = setting(True, boolean, "half of the next minibatch may be images the trigger failed on")
+    blend: bool = setting(False, boolean, "also search every class for a faint full-image blend trigger (the blend "
+                          "section's settings), with an outlier test of its own; about twice the queries")
+
+    @property
+    def modes(self) -> int:
+        """Searches per class: the patch search, and the blend search when it is on."""
+        return 2 if self.blend else 1
 
     def to_dict(self) -> dict:
         d = super().to_dict()
         d.pop("search")
         d.pop("outliers")
+        d.pop("blend_params")
         return d
 
 
 @dataclass
 class ClassSearch:
-    """One class's search inside a scan."""
+    """One search of one class inside a scan (its patch search, or its blend search)."""
 
-    label: int
-    state: SearchState
+    label: int  # the target class
+    slot: int  # its row in the scan's candidate arrays (label for patch searches, K + label for blend ones)
+    search: TriggerSearch  # TriggerSearch or BlendSearch: the same ask/tell
+    state: SearchState | BlendState
     pool: np.ndarray  # indices of search images not already predicted as this class
     ce: np.ndarray  # this step's candidate losses
     queries: int = 0
     seconds: float = 0.0
     hard: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # eval images the trigger missed
 
+    @property
+    def mode(self) -> str:
+        return "blend" if isinstance(self.search, BlendSearch) else "patch"
+
     def finished(self) -> ClassFinished:
+        if self.mode == "blend":
+            return ClassFinished(self.label, self.state.step, self.state.last_success,
+                                 self.state.result_amplitude, self.queries, self.state.status, "blend")
         _, _, l1 = self.state.result_trigger()
         return ClassFinished(self.label, self.state.step, self.state.last_success, float(l1), self.queries,
                              self.state.status)
@@ -119,7 +146,7 @@ def buffer_bytes(oracle: Oracle, cfg: ScanConfig, images: int) -> int:
     h, w, c = oracle.image_shape
     rows = max(cfg.batch_images, cfg.search.queries_per_step)
     per_image = 4 * h * w * c
-    candidates = oracle.num_classes * cfg.search.candidates * 4 * h * w * (c + 1)
+    candidates = cfg.modes * oracle.num_classes * cfg.search.candidates * 4 * h * w * (c + 1)
     return 2 * rows * per_image + candidates + 2 * images * per_image
 
 
@@ -157,10 +184,12 @@ class ScanEngine:
         self.examples_per_class = examples
         self.params = params = cfg.search
         self.search = TriggerSearch(oracle.image_shape, params)
+        self.blend = BlendSearch(oracle.image_shape, params, cfg.blend_params) if cfg.blend else None
         self.budget = QueryBudget(oracle, cfg.max_queries, cfg.max_seconds)
         self.bandit = Bandit(cfg.bandit_warmup, cfg.bandit_every, cfg.bandit_keep) if cfg.bandit else None
         k_classes = oracle.num_classes
-        data_seq, *class_seqs = np.random.SeedSequence(cfg.seed).spawn(k_classes + 1)
+        root = np.random.SeedSequence(cfg.seed)
+        data_seq, *class_seqs = root.spawn(k_classes + 1)
 
         self.search_idx, self.held_idx = split_data(images, cfg, np.random.default_rng(data_seq))
         check_memory(oracle, cfg, len(self.search_idx) + len(self.held_idx))
@@ -172,30 +201,40 @@ class ScanEngine:
         self.pool_x = np.ascontiguousarray(images.x[self.search_idx])
         self.held_x = np.ascontiguousarray(images.x[self.held_idx])
 
-        # every class's candidates live in one array, so one kernel call stamps a whole round
+        # every search's candidates live in one array (a slot per search), so one kernel call stamps a round
         n_cand = params.candidates
-        self.masks = np.empty((k_classes, n_cand, *oracle.image_shape[:2]), np.float32)
-        self.patterns = np.empty((k_classes, n_cand, *oracle.image_shape), np.float32)
-        self.sample_idx = np.zeros((k_classes, params.batch_size), np.int64)
-        self.eval_idx = np.zeros((k_classes, params.eval_size), np.int64)
-        self.classes: list[ClassSearch] = []
+        slots = cfg.modes * k_classes
+        self.masks = np.empty((slots, n_cand, *oracle.image_shape[:2]), np.float32)
+        self.patterns = np.empty((slots, n_cand, *oracle.image_shape), np.float32)
+        self.sample_idx = np.zeros((slots, params.batch_size), np.int64)
+        self.eval_idx = np.zeros((slots, params.eval_size), np.int64)
+        pools = []
         for c in range(k_classes):
             pool = np.flatnonzero(pred_search != c)
-            if len(pool) == 0:
-                pool = np.arange(len(self.search_idx))
-            state = self.search.init(np.random.default_rng(class_seqs[c]), self.masks[c], self.patterns[c])
-            self.classes.append(ClassSearch(c, state, pool, ce=np.empty(n_cand - 1, np.float64)))
+            pools.append(pool if len(pool) else np.arange(len(self.search_idx)))
+        self.classes: list[ClassSearch] = [self._run(c, c, self.search, class_seqs[c], pools[c])
+                                           for c in range(k_classes)]
+        self.blends: list[ClassSearch] = []  # the blend searches, class by class (empty: blend mode off)
+        if self.blend is not None:  # their own streams, spawned after the patch searches' (which stay as they are)
+            self.blends = [self._run(c, k_classes + c, self.blend, seq, pools[c])
+                           for c, seq in enumerate(root.spawn(k_classes))]
+        self.runs = self.classes + self.blends
 
         self.rows_per_class = params.queries_per_step
         self.capacity = max(cfg.batch_images, self.rows_per_class)
         self.batches = (make_batch(oracle, self.capacity), make_batch(oracle, self.capacity))  # double-buffered
         self.sample_rows = (n_cand - 1) * params.batch_size
-        self.reserve = k_classes * len(self.held_x)  # kept for measuring every trigger on held-out images
+        self.reserve = len(self.runs) * len(self.held_x)  # kept for measuring every trigger on held-out images
         self._hits = np.empty(1, np.float64)
         self.step = 0
         self.stop_reason: str | None = None
         self._finished: tuple | None = None
         self.progress.emit(ScanStarted(k_classes, params.max_steps))
+
+    def _run(self, label: int, slot: int, search: TriggerSearch, seq: np.random.SeedSequence,
+             pool: np.ndarray) -> ClassSearch:
+        state = search.init(np.random.default_rng(seq), self.masks[slot], self.patterns[slot])
+        return ClassSearch(label, slot, search, state, pool, ce=np.empty(self.params.candidates - 1, np.float64))
 
     # ------------------------------------------------------------------ rounds
     def run(self) -> ScanOutput:
@@ -209,19 +248,19 @@ class ScanEngine:
         return self.result()
 
     def round(self, runner: ThreadPoolExecutor) -> bool:
-        """One step of every running class; False when none is left or a budget stopped the scan.
+        """One step of every running search; False when none is left or a budget stopped the scan.
 
         Many classes share a model call. Calls run in ``runner`` (ORT releases the GIL) while the next group
         is asked and stamped into the other buffer, so sampling and stamping hide behind inference.
         """
-        active = [r for r in self.classes if not r.state.done]
+        active = [r for r in self.runs if not r.state.done]
         if not active:
             return False
         reason = self.budget.blocks(self.rows_per_class * len(active) + self.reserve)
         if reason:
             self.stop_reason = reason
             for r in active:
-                self.search.stop(r.state, "budget")
+                r.search.stop(r.state, "budget")
             return False
         t0 = time.perf_counter()
         per_call = max(1, self.capacity // self.rows_per_class)
@@ -231,7 +270,7 @@ class ScanEngine:
             for r in group:
                 self._ask(r)
             batch = self.batches[gi % 2]
-            batch.add_classes(self.pool_x, np.array([r.label for r in group], np.int64), self.sample_idx,
+            batch.add_classes(self.pool_x, np.array([r.slot for r in group], np.int64), self.sample_idx,
                               self.eval_idx, self.masks, self.patterns)
             future = runner.submit(batch.run, True)  # log-probabilities
             if pending is not None:
@@ -254,18 +293,18 @@ class ScanEngine:
         return True
 
     def _ask(self, r: ClassSearch) -> None:
-        """The class's candidates (written into ``self.masks[c]``) and this step's images."""
+        """The search's candidates (written into ``self.masks[r.slot]``) and this step's images."""
         p = self.params
-        self.search.ask(r.state)
+        r.search.ask(r.state)
         rng = r.state.rng
-        self.sample_idx[r.label] = rng.choice(r.pool, p.batch_size, replace=len(r.pool) < p.batch_size)
+        self.sample_idx[r.slot] = rng.choice(r.pool, p.batch_size, replace=len(r.pool) < p.batch_size)
         if self.cfg.hard_examples and len(r.hard):  # images the current trigger just failed on
             n_hard = min(len(r.hard), p.batch_size // 2)
-            self.sample_idx[r.label, :n_hard] = r.hard[:n_hard]
-        self.eval_idx[r.label] = rng.choice(r.pool, p.eval_size, replace=len(r.pool) < p.eval_size)
+            self.sample_idx[r.slot, :n_hard] = r.hard[:n_hard]
+        self.eval_idx[r.slot] = rng.choice(r.pool, p.eval_size, replace=len(r.pool) < p.eval_size)
 
     def tell(self, log_probs: np.ndarray, group: list[ClassSearch]) -> None:
-        """Each class of ``group`` its candidates' losses and its trigger's success, from one call's rows."""
+        """Each search of ``group`` its candidates' losses and its trigger's success, from one call's rows."""
         p = self.params
         per = self.rows_per_class
         for g, r in enumerate(group):
@@ -273,33 +312,34 @@ class ScanEngine:
             group_cross_entropy(rows[:self.sample_rows], r.label, p.batch_size, r.ce)
             trigger_rows = rows[self.sample_rows:]
             group_hits(trigger_rows, r.label, p.eval_size, self._hits)
-            r.hard = self.eval_idx[r.label][trigger_rows.argmax(axis=1) != r.label]
-            self.search.tell(r.state, r.ce, float(self._hits[0]))
+            r.hard = self.eval_idx[r.slot][trigger_rows.argmax(axis=1) != r.label]
+            r.search.tell(r.state, r.ce, float(self._hits[0]))
             r.queries += per
 
     # ------------------------------------------------------------------ the end
     def finish(self) -> None:
-        """Measure each class's reversed trigger on the held-out images (and keep the report's examples)."""
-        triggers = [r.state.result_trigger() for r in self.classes]
-        masks = np.stack([t[0] for t in triggers]).astype(np.float32)
+        """Measure each reversed trigger (both modes') on the held-out images (and keep the report's examples,
+        of the patch triggers)."""
+        triggers = [r.state.result_trigger() for r in self.runs]
+        masks = np.stack([t[0] for t in triggers]).astype(np.float32)  # row i: self.runs[i]'s trigger
         patterns = np.stack([t[1] for t in triggers]).astype(np.float32)
-        asr: list[float | None] = [None] * len(self.classes)
+        asr: list[float | None] = [None] * len(self.runs)
         examples: dict[int, list[ExampleRow]] = {}
         n = len(self.held_x)
         batch = self.batches[0]
-        if n and self.budget.left() >= n * len(self.classes):
+        if n and self.budget.left() >= n * len(self.runs):
             per_call = max(1, batch.capacity // n)
-            for start in range(0, len(self.classes), per_call):
-                group = self.classes[start:start + per_call]
-                slots = [batch.add_stamped(self.held_x, masks[r.label:r.label + 1], patterns[r.label:r.label + 1])
-                         for r in group]
+            for start in range(0, len(self.runs), per_call):
+                group = range(start, min(start + per_call, len(self.runs)))
+                slots = [batch.add_stamped(self.held_x, masks[i:i + 1], patterns[i:i + 1]) for i in group]
                 probs = batch.run()
-                for r, rows in zip(group, slots, strict=True):
+                for i, rows in zip(group, slots, strict=True):
+                    r = self.runs[i]
                     keep = self.pred_held != r.label
                     pred = probs[rows].argmax(axis=1)
-                    asr[r.label] = float(np.mean(pred[keep] == r.label)) if keep.any() else None
+                    asr[i] = float(np.mean(pred[keep] == r.label)) if keep.any() else None
                     r.queries += n
-                    if self.examples_per_class:
+                    if self.examples_per_class and r.mode == "patch":
                         examples[r.label] = self._examples(r.label, keep, pred)
         self._finished = (masks, patterns, asr, examples)
 
@@ -318,6 +358,7 @@ class ScanEngine:
             raise RuntimeError("ScanEngine.result() before finish()")
         masks, patterns, asr, examples = self._finished
         h, w, _ = self.oracle.image_shape
+        k = len(self.classes)
         classes = []
         for r in self.classes:
             l1 = float(r.state.result_trigger()[2])
@@ -330,7 +371,7 @@ class ScanEngine:
             c.anomaly_index = finite_index(idx)
             c.p_value = None if np.isnan(pv) else float(pv)
             c.flagged = bool(flag)
-        k = len(classes)
+        blend = self._blend_results(classes, asr[k:]) if self.blends else None
         queries = self.budget.spent
         seconds = time.perf_counter() - self.t_start
         ort = self.oracle.ort_seconds - self.ort_start
@@ -354,9 +395,35 @@ class ScanEngine:
             seconds={"total": seconds, "scan": seconds, "synthesis": 0.0, "ort": ort,
                      "ort_fraction": ort / seconds if seconds > 0 else 0.0},
             tool={"name": "backdoor-gate", "version": __version__},
+            blend=blend,
         )
-        triggers = Triggers(np.arange(k), masks, patterns, np.array([c.flagged for c in classes]))
+        blend_triggers = {} if blend is None else {
+            "blend_amplitudes": np.array([c.blend_amplitude for c in classes], np.float32),
+            "blend_patterns": patterns[k:]}
+        triggers = Triggers(np.arange(k), masks[:k], patterns[:k], np.array([c.flagged for c in classes]),
+                            **blend_triggers)
         return ScanOutput(result, triggers, examples)
+
+    def _blend_results(self, classes: list[ClassResult], asr: list[float | None]) -> dict:
+        """The blend searches' outcomes into ``classes`` (flags: either mode's), and the blend summary."""
+        amplitudes = np.array([r.state.result_amplitude for r in self.blends])
+        out = blend_outliers(amplitudes, self.cfg.outliers)
+        for c, r, a, idx, pv, flag in zip(classes, self.blends, amplitudes, out.anomaly_index, out.p_values,
+                                          out.flagged, strict=True):
+            c.blend_amplitude = float(a)
+            c.blend_asr = asr[r.label]
+            c.blend_status = r.state.status
+            c.blend_steps = int(r.state.step)
+            c.blend_queries = int(r.queries)
+            c.blend_note = self.blend.explain(r.state)
+            c.blend_anomaly_index = finite_index(idx)
+            c.blend_p_value = None if np.isnan(pv) else float(pv)
+            c.blend_flagged = bool(flag)
+            c.patch_flagged = c.flagged
+            c.flagged = c.patch_flagged or c.blend_flagged
+            c.queries += int(r.queries)
+            c.seconds += float(r.seconds)
+        return blend_summary(self.cfg.blend_params, out)
 
 
 def scan(oracle: Oracle, images: ImageSet, cfg: ScanConfig = ScanConfig(), *, method: str = "b3d",

@@ -19,6 +19,7 @@ SECTION_TITLES = {
     "data": "data (policy section data)",
     "input": "model input spec (policy section input; detected when not given)",
     "search": "search (policy section search; defaults are the gate's query-efficient settings)",
+    "blend": "blend trigger search (policy section blend; runs with --blend)",
     "synthesis": "B3D-SS synthesis (policy section synthesis)",
     "outliers": "outliers (policy section outliers)",
     "budget": "budget (policy section budget)",
