@@ -11,16 +11,22 @@ channels, labels within the model's classes), else synthesises. Synthesis querie
 run's query budget; the scan gets what is left.
 
 The report's stamped examples are read off the scan's held-out pass (no query after the decision), and
-nothing changes the result once :func:`gate.decision.decide` has seen it.
+nothing changes the result once :func:`gate.decision.decide` has seen it. With a
+:class:`gate.checkpoint.Checkpoint` the scan's state is saved between rounds (and B3D-SS's images once
+made), and a resumed run continues from it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from gate.checkpoint import Checkpoint, fingerprint
 from gate.data import ImageSet, fit_to_model, load_images
 from gate.decision import Decision, decide
 from gate.errors import DataError, GateError, ModelError
@@ -29,7 +35,7 @@ from gate.oracle import Oracle
 from gate.policy import Policy
 from gate.progress import Progress, ScanFinished
 from gate.result import Example, ExampleRow, ScanResult, Triggers
-from gate.scan import scan
+from gate.scan import ScanEngine
 
 EXAMPLES_FOR_EVERY_CLASS = 100  # above this many classes, examples only for classes a finding names
 
@@ -43,9 +49,12 @@ class GateRun:
 
 
 def run_gate(oracle: Oracle, policy: Policy, *, images: ImageSet | None = None, examples: int = 0,
-             progress: Progress | None = None, log: Callable[[str], None] | None = None) -> GateRun:
+             progress: Progress | None = None, log: Callable[[str], None] | None = None,
+             checkpoint: Checkpoint | None = None, resume: bool = False) -> GateRun:
     """Scan ``oracle``'s model under ``policy`` and decide. ``images``: clean data given by the caller (the
-    policy's data section is then not consulted); ``examples``: stamped examples per class for the report."""
+    policy's data section is then not consulted); ``examples``: stamped examples per class for the report.
+    ``checkpoint``: where the scan's state is saved between rounds; with ``resume`` the run continues from
+    the checkpoint there (refused when it was made for another model, data or policy)."""
     progress = progress or Progress(enabled=False)
     log = log or (lambda _text: None)
     if oracle.num_classes < 2:
@@ -55,18 +64,51 @@ def run_gate(oracle: Oracle, policy: Policy, *, images: ImageSet | None = None, 
     if images is None:
         images = load_data(policy, oracle, log=log)
     if images is None:
-        images, synthesis = synthesize_data(policy, oracle, progress)
         method = "b3d-ss"
+        fp = fingerprint(oracle.sha256, policy.to_dict(), "synthetic", method)
+        saved = checkpoint.load_data(fp) if checkpoint is not None and resume else None
+        if saved is not None:
+            x, y, source, synthesis = saved
+            images = ImageSet(x, y, source)
+            log(f"resume: {len(x)} synthetic images from {checkpoint.out}")
+        else:
+            images, synthesis = synthesize_data(policy, oracle, progress)
+            if checkpoint is not None:
+                checkpoint.save_data(images.x, images.y, images.source, synthesis, fp)
     cfg = policy.scan_config()
     cfg = dataclasses.replace(cfg, batch_images=max(cfg.batch_images, oracle.max_batch))
     if synthesis is not None and cfg.max_queries is not None:  # the run's budget covers synthesis and scan
         cfg = dataclasses.replace(cfg, max_queries=max(0, cfg.max_queries - synthesis["queries"]))
-    out = scan(oracle, images, cfg, method=method, progress=progress, examples=examples)
+    engine = ScanEngine(oracle, images, cfg, method=method, progress=progress, examples=examples)
+    after_round = None
+    if checkpoint is not None:
+        fp = fingerprint(oracle.sha256, policy.to_dict(), _data_digest(images), method)
+        state = checkpoint.load(fp) if resume else None
+        if state is not None:
+            engine.restore(*state)
+            log(f"resume: from step {engine.step} ({engine.budget.spent:,} queries) of the checkpoint in "
+                f"{checkpoint.out}")
+
+        def after_round(e: ScanEngine) -> None:
+            if checkpoint.due():
+                checkpoint.save(*e.snapshot(), fp)
+
+    out = engine.run(after_round)
+    if checkpoint is not None:
+        checkpoint.clear()
     result = with_synthesis(out.result, synthesis)
     decision = decide(result, policy)
     progress.emit(ScanFinished(result.flagged, decision.outcome))
     shown = _example_images(images, out.triggers, out.examples, result, decision) if examples else None
     return GateRun(result, out.triggers, decision, shown)
+
+
+def _data_digest(images: ImageSet) -> str:
+    """What a checkpoint's data must match: the images' and labels' bytes."""
+    h = hashlib.sha256(np.ascontiguousarray(images.x).tobytes())
+    if images.y is not None:
+        h.update(np.ascontiguousarray(images.y).tobytes())
+    return h.hexdigest()
 
 
 def load_data(policy: Policy, oracle: Oracle, *, log: Callable[[str], None]) -> ImageSet | None:

@@ -32,6 +32,7 @@ The patch searches draw from the same random streams as without the blend mode.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -42,6 +43,7 @@ from gate.bandit import Bandit
 from gate.batches import make_batch
 from gate.blend import BlendParams, BlendSearch, BlendState, blend_outliers, blend_summary
 from gate.budget import QueryBudget
+from gate.checkpoint import restore_state, state_to_dict
 from gate.data import ImageSet
 from gate.errors import DataError, GateError
 from gate.kernels import group_cross_entropy, group_hits
@@ -236,12 +238,41 @@ class ScanEngine:
         state = search.init(np.random.default_rng(seq), self.masks[slot], self.patterns[slot])
         return ClassSearch(label, slot, search, state, pool, ce=np.empty(self.params.candidates - 1, np.float64))
 
+    # ------------------------------------------------------------------ checkpoints
+    def snapshot(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """Everything the next round depends on, as (JSON data, arrays): see :mod:`gate.checkpoint`."""
+        arrays: dict[str, np.ndarray] = {}
+        runs = []
+        for i, r in enumerate(self.runs):
+            arrays[f"r{i}.hard"] = r.hard
+            runs.append({"label": r.label, "slot": r.slot, "mode": r.mode, "queries": r.queries, "seconds": r.seconds,
+                         "state": state_to_dict(r.state, f"r{i}", arrays)})
+        meta = {"step": self.step, "spent": self.budget.spent, "elapsed": time.perf_counter() - self.budget.t_start,
+                "runs": runs}
+        return meta, arrays
+
+    def restore(self, meta: dict, arrays) -> None:
+        """Continue from a :meth:`snapshot` of an engine set up the same way (same model, data, settings)."""
+        saved = [(m["label"], m["slot"], m["mode"]) for m in meta["runs"]]
+        if saved != [(r.label, r.slot, r.mode) for r in self.runs]:
+            raise GateError("the checkpoint's searches do not match this scan's: start without --resume")
+        for i, (r, m) in enumerate(zip(self.runs, meta["runs"], strict=True)):
+            restore_state(r.state, m["state"], arrays)
+            r.queries, r.seconds = int(m["queries"]), float(m["seconds"])
+            r.hard = np.array(arrays[f"r{i}.hard"], dtype=np.int64)
+        self.step = int(meta["step"])
+        self.budget.q_start = self.oracle.queries - int(meta["spent"])
+        self.budget.t_start = time.perf_counter() - float(meta["elapsed"])
+
     # ------------------------------------------------------------------ rounds
-    def run(self) -> ScanOutput:
+    def run(self, after_round: Callable[[ScanEngine], None] | None = None) -> ScanOutput:
+        """All rounds, then :meth:`finish` and :meth:`result`; ``after_round(engine)`` runs between rounds
+        (where a checkpoint may be taken)."""
         runner = ThreadPoolExecutor(max_workers=1)  # one model call at a time, off the main thread
         try:
             while self.round(runner):
-                pass
+                if after_round is not None:
+                    after_round(self)
         finally:
             runner.shutdown()
         self.finish()

@@ -11,7 +11,8 @@ and metrics; nothing but a completed scan with no finding is ever an accept. The
 first (:func:`gate.report.begin_run`: earlier reports removed, report.json says ``running``, metrics say
 error until the run ends), so a run that is killed never leaves an earlier accept behind. SIGINT and
 SIGTERM end the run with fail-closed reports (reason "interrupted"). Without ``gate --debug`` no
-traceback is printed: one line names the cause.
+traceback is printed: one line names the cause. The scan checkpoints its state into OUT every
+``--checkpoint-every`` seconds; ``--resume`` continues an interrupted run from there (:mod:`gate.checkpoint`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
+from gate.checkpoint import CHECKPOINT_JSON, DATA_NPZ, Checkpoint
 from gate.commands.common import add_policy_args, add_runtime_args, open_oracle, policy_from_args
 from gate.decision import Decision, exit_code_help
 from gate.errors import GateError, UsageError
@@ -52,6 +54,11 @@ def add_gate_args(p: argparse.ArgumentParser, *, data_required: bool) -> None:
                                     "(default: the policy's data section)")
     src.add_argument("--synthetic", action="store_true", help="no clean data: synthesise samples (B3D-SS)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run whose checkpoint is in --out (same model, data and policy)")
+    p.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
+                   help="save the scan's state to --out this often (60; 0: after every round) so --resume can "
+                        "continue it")
     add_policy_args(p)
     add_runtime_args(p)
 
@@ -80,6 +87,10 @@ def execute(args: argparse.Namespace, *, renderers: bool) -> int:
     examples = getattr(args, "examples", 0) if renderers else 0
     if examples < 0:
         raise UsageError("--examples must be 0 or more")
+    if not args.checkpoint_every >= 0:
+        raise UsageError("--checkpoint-every must be 0 or more seconds")
+    if args.resume and not (out / CHECKPOINT_JSON).is_file() and not (out / DATA_NPZ).is_file():
+        raise UsageError(f"--resume: no checkpoint in {out} (nothing to continue)")
     policy_file = getattr(args, "policy", None)
     try:
         base = load_policy(policy_file) if policy_file else Policy()
@@ -98,8 +109,12 @@ def execute(args: argparse.Namespace, *, renderers: bool) -> int:
     previous = signal.signal(signal.SIGTERM, _terminated) if in_main else None
     try:
         _claim(out, args, policy, renderers)
+        checkpoint = Checkpoint(out, args.checkpoint_every)
+        if not args.resume:
+            checkpoint.clear()  # a fresh run: an earlier run's checkpoint is stale
         oracle = open_oracle(args, policy.spec_overrides())
-        run = run_gate(oracle, policy, examples=examples, progress=Progress(enabled=not args.quiet), log=log)
+        run = run_gate(oracle, policy, examples=examples, progress=Progress(enabled=not args.quiet), log=log,
+                       checkpoint=checkpoint, resume=args.resume)
         warning = _write(out, run, policy, source, provenance, args, renderers)
     except UsageError:
         raise
