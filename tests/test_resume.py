@@ -87,3 +87,49 @@ def test_resume_refuses_another_policy_and_needs_a_checkpoint(tmp_path, monkeypa
     assert code == 2
     assert "was made with another policy" in capsys.readouterr().out
     assert (out / "checkpoint.json").exists()  # kept: the right command can still resume it
+
+
+def test_b3d_ss_resumes_with_its_synthetic_images_and_the_same_result(tmp_path, monkeypatch):
+    """In-process: stop a B3D-SS scan after 3 rounds; the resumed run reuses the saved synthetic images
+    (no second synthesis) and ends with the result of the uninterrupted run."""
+    from gate import pipeline
+    from gate.checkpoint import Checkpoint
+    from gate.oracle import Oracle
+    from gate.policy import Policy
+    from gate.scan import ScanEngine
+    from tests.helpers import linear_model
+
+    linear_model(tmp_path / "m.onnx", size=8, classes=4, seed=2)
+    policy = Policy().override({"data.source": "synthetic", "data.synthetic_per_class": 4, "search.max_steps": 8,
+                                "search.k": 8, "search.batch_size": 2, "search.eval_size": 4, "synthesis.max_steps": 3})
+
+    def strip(result):
+        d = result.to_dict()
+        d.pop("seconds")
+        for c in d["classes"]:
+            c.pop("seconds")
+        d["synthesis"].pop("seconds", None)
+        return d
+
+    whole = pipeline.run_gate(Oracle(tmp_path / "m.onnx", device="cpu"), policy)
+
+    real_run = ScanEngine.run
+
+    def stop_after_3(self, after_round=None):
+        def hook(engine):
+            after_round(engine)
+            if engine.step == 3:
+                raise KeyboardInterrupt("test stop")
+        return real_run(self, hook)
+
+    monkeypatch.setattr(ScanEngine, "run", stop_after_3)
+    ck = Checkpoint(tmp_path / "out", every=0)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_gate(Oracle(tmp_path / "m.onnx", device="cpu"), policy, checkpoint=ck)
+    monkeypatch.setattr(ScanEngine, "run", real_run)
+    monkeypatch.setattr(pipeline, "synthesize_data", lambda *a: pytest.fail("synthesised again on resume"))
+    resumed = pipeline.run_gate(Oracle(tmp_path / "m.onnx", device="cpu"), policy, checkpoint=ck, resume=True)
+    assert strip(resumed.result) == strip(whole.result)
+    assert resumed.decision == whole.decision
+    assert not any((tmp_path / "out").iterdir())  # a finished run removes its checkpoint files
