@@ -16,7 +16,7 @@ from gate.errors import GateError, UsageError
 
 EXIT_ERROR = EXIT_CODES["error"]
 
-COMMANDS = ("scan", "synth", "run", "inspect", "proxy", "calibrate")
+COMMANDS = ("scan", "synth", "run", "verify", "inspect", "proxy", "calibrate")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = ["gate", *map(str, sys.argv[1:] if argv is None else argv)]  # for the attestation
     try:
         return int(args.handler(args))
     except UsageError as exc:

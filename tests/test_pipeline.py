@@ -67,7 +67,8 @@ def test_scan_and_run_share_the_decision_and_the_exit_codes(tmp_path, capsys):
     assert code == report["decision"]["exit_code"] == 3
     assert report["policy"]["search"]["max_steps"] == 3
     assert report["policy"]["rules"] == Policy().to_dict()["rules"]
-    assert sorted(p.name for p in out.iterdir()) == ["report.json", "triggers.npz"]
+    assert sorted(p.name for p in out.iterdir()) == ["exit_code", "outcome", "report.json", "triggers.npz"]
+    assert (out / "exit_code").read_text() == "3\n" and (out / "outcome").read_text() == "review\n"
 
 
 def test_every_policy_setting_has_one_flag_on_gate_run_and_gate_scan():

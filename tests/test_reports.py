@@ -119,6 +119,22 @@ def test_error_reports_remove_stale_triggers(tmp_path):
     assert {"report.json", "report.html", "report.sarif", "junit.xml"} <= names
 
 
+def test_begin_run_claims_the_folder_for_ci(tmp_path):
+    """The claim writes outcome "running" and removes an earlier run's exit code, attestation and signature."""
+    from gate.report import begin_run, write_exit_files
+
+    render_all(tmp_path)
+    write_exit_files(tmp_path, "reject", 1)
+    assert (tmp_path / "exit_code").read_text() == "1\n" and (tmp_path / "outcome").read_text() == "reject\n"
+    for name in ("attestation.json", "attestation.dsse.json"):
+        (tmp_path / name).write_text("{}")
+    begin_run(tmp_path, {"path": "m.onnx"}, None, started="now")
+    names = {p.name for p in tmp_path.iterdir()}
+    assert (tmp_path / "outcome").read_text() == "running\n"
+    assert not {"exit_code", "attestation.json", "attestation.dsse.json", "report.sarif"} & names
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir()), "no temp file left behind"
+
+
 # --------------------------------------------------------------------------- HTML
 class _Collect(HTMLParser):
     def __init__(self):
@@ -313,6 +329,35 @@ def test_sarif_validator_catches_a_broken_log(tmp_path):
     log = json.loads((out / "report.sarif").read_text())
     log["runs"][0]["results"][0]["level"] = "fatal"
     assert list(validator.iter_errors(log)), "the schema check must be able to fail"
+
+
+def test_sarif_rules_carry_security_severity_tags_and_help_and_the_run_an_automation_id(tmp_path):
+    out, _, _ = render_all(tmp_path)
+    run = json.loads((out / "report.sarif").read_text())["runs"][0]
+    assert run["automationDetails"] == {"id": "backdoor-gate/gtsrb_badnets3x3.onnx/" + "ab" * 6 + "/"}
+    rules = {r["id"]: r for r in run["tool"]["driver"]["rules"]}
+    severity = {k: r["properties"]["security-severity"] for k, r in rules.items()}
+    # BG001 and BG003 reject, BG004 is a failed scan, BG002 and BG005 ask for a review
+    assert severity == {"BG001": "9.0", "BG002": "5.0", "BG003": "9.0", "BG004": "7.0", "BG005": "5.0"}
+    for r in rules.values():
+        assert 0 < float(r["properties"]["security-severity"]) <= 10
+        assert r["properties"]["tags"][0] == "security" and len(set(r["properties"]["tags"])) > 1
+        assert r["help"]["text"] and r["help"]["markdown"].startswith(f"**{r['name']}** ({r['id']})")
+    assert "backdoor" in rules["BG001"]["properties"]["tags"]
+
+
+def test_sarif_severity_follows_the_outcome_of_the_findings():
+    """A flagged class of an incomplete scan asks for a review (provisional): its rule is 5.0 in that run."""
+    policy = Policy()
+    result = make_result(complete=False, stop_reason="query budget reached", policy=policy)
+    decision = decide(result, policy)
+    assert {(f.rule, f.outcome) for f in decision.findings} >= {("BG001", "review")}
+    log = sarif_log(decision, result.model)
+    assert not list(sarif_validator().iter_errors(log))
+    rules = {r["id"]: r["properties"]["security-severity"] for r in log["runs"][0]["tool"]["driver"]["rules"]}
+    assert rules["BG001"] == "5.0"
+    err = sarif_log(Decision.error("cannot read model"), {"path": "/abs/m.onnx"})
+    assert err["runs"][0]["automationDetails"]["id"] == "backdoor-gate/m.onnx/unknown/"
 
 
 # --------------------------------------------------------------------------- JUnit

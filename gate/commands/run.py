@@ -2,9 +2,11 @@
 
 What ``make gate`` runs: parse the command line into the effective policy, open the model, call
 :func:`gate.pipeline.run_gate`, render report.json, report.html, report.sarif, junit.xml, triggers.npz and
-trigger PNGs, write metrics.prom (and push), print one line, exit with the decision's code
+trigger PNGs and attestation.json (an in-toto Statement of the decision; signed into attestation.dsse.json
+with ``--sign-key``), write metrics.prom (and push), write ``OUT/exit_code`` and ``OUT/outcome`` (the CI
+contract, :func:`gate.report.write_exit_files`), print one line, exit with the decision's code
 (:data:`gate.decision.EXIT_CODES`). ``gate scan`` is the same command without the renderers
-(:func:`execute` with ``renderers=False``).
+(:func:`execute` with ``renderers=False``; it writes the exit_code and outcome files too).
 
 Any failure after the command line was understood still writes fail-closed reports (outcome ``error``)
 and metrics; nothing but a completed scan with no finding is ever an accept. The output folder is claimed
@@ -22,12 +24,13 @@ import signal
 import sys
 import threading
 import traceback
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from gate.checkpoint import CHECKPOINT_JSON, DATA_NPZ, Checkpoint
 from gate.commands.common import add_policy_args, add_runtime_args, open_oracle, policy_from_args
-from gate.decision import Decision, exit_code_help
+from gate.decision import EXIT_USAGE, Decision, exit_code_help
 from gate.errors import GateError, UsageError
 from gate.policy import Policy, load_policy
 
@@ -41,6 +44,9 @@ def register(sub) -> None:
     p.add_argument("--policy", required=True, help="policy YAML file (e.g. policies/default.yaml)")
     p.add_argument("--examples", type=int, default=3, metavar="N",
                    help="held-out images per class shown with the trigger stamped in report.html (3; 0: none)")
+    p.add_argument("--sign-key", metavar="PEM",
+                   help="ed25519 private key (PEM; passphrase in $GATE_SIGN_KEY_PASSWORD) that signs the "
+                        "attestation into attestation.dsse.json (a DSSE envelope; gate verify --key checks it)")
     add_gate_args(p, data_required=False)
     p.set_defaults(handler=lambda args: execute(args, renderers=True))
 
@@ -67,6 +73,25 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
+@dataclass(frozen=True)
+class _Invocation:
+    """What the attestation records about this run besides its result: when, how, and the signing key."""
+
+    started: datetime
+    command: list[str]
+    key: object | None  # an ed25519 private key, or None: the attestation is not signed
+
+
+def _signing_key(args: argparse.Namespace):
+    """The ``--sign-key`` private key, read before any query (a bad key is a usage error); None without it."""
+    path = getattr(args, "sign_key", None)
+    if not path:
+        return None
+    from gate.dsse import load_private_key
+
+    return load_private_key(path)
+
+
 def _model_facts(path: str) -> dict:
     facts: dict = {"path": path}
     try:
@@ -83,6 +108,7 @@ def execute(args: argparse.Namespace, *, renderers: bool) -> int:
     from gate.pipeline import run_gate
     from gate.progress import Progress
 
+    started = datetime.now(timezone.utc)
     out = Path(args.out)
     examples = getattr(args, "examples", 0) if renderers else 0
     if examples < 0:
@@ -91,11 +117,13 @@ def execute(args: argparse.Namespace, *, renderers: bool) -> int:
         raise UsageError("--checkpoint-every must be 0 or more seconds")
     if args.resume and not (out / CHECKPOINT_JSON).is_file() and not (out / DATA_NPZ).is_file():
         raise UsageError(f"--resume: no checkpoint in {out} (nothing to continue)")
+    run_info = _Invocation(started, list(getattr(args, "command_line", None) or ["gate", *sys.argv[1:]]),
+                           _signing_key(args))
     policy_file = getattr(args, "policy", None)
     try:
         base = load_policy(policy_file) if policy_file else Policy()
     except GateError as exc:
-        return _fail(out, args, str(exc), None, None, renderers=renderers)
+        return _fail(out, args, str(exc), None, None, run_info=run_info, renderers=renderers)
     policy, changes = policy_from_args(args, base)  # UsageError (exit 4) on a bad flag value
     source = (policy_file or "built-in defaults") + (
         f" + {len(changes)} command-line override{'s' if len(changes) > 1 else ''}" if changes else "")
@@ -107,27 +135,31 @@ def execute(args: argparse.Namespace, *, renderers: bool) -> int:
 
     in_main = threading.current_thread() is threading.main_thread()  # signals can only be caught there
     previous = signal.signal(signal.SIGTERM, _terminated) if in_main else None
+    claimed = False
     try:
         _claim(out, args, policy, renderers)
+        claimed = True
         checkpoint = Checkpoint(out, args.checkpoint_every)
         if not args.resume:
             checkpoint.clear()  # a fresh run: an earlier run's checkpoint is stale
         oracle = open_oracle(args, policy.spec_overrides())
         run = run_gate(oracle, policy, examples=examples, progress=Progress(enabled=not args.quiet), log=log,
                        checkpoint=checkpoint, resume=args.resume)
-        warning = _write(out, run, policy, source, provenance, args, renderers)
+        warning = _write(out, run, policy, source, provenance, args, run_info, renderers)
     except UsageError:
+        if claimed:  # the folder must not say "running" for ever
+            _exit_files(out, "usage", EXIT_USAGE, [])
         raise
     except KeyboardInterrupt as exc:
         return _fail(out, args, f"interrupted ({exc.args[0] if exc.args else 'SIGINT'}): the scan did not finish",
-                     policy, source, provenance, renderers=renderers)
+                     policy, source, provenance, run_info=run_info, renderers=renderers)
     except GateError as exc:
-        return _fail(out, args, str(exc), policy, source, provenance, renderers=renderers)
+        return _fail(out, args, str(exc), policy, source, provenance, run_info=run_info, renderers=renderers)
     except Exception as exc:  # a bug must not look like a verdict: fail closed
         if getattr(args, "debug", False):
             traceback.print_exc(file=sys.stderr)
         return _fail(out, args, f"internal error: {type(exc).__name__}: {exc}", policy, source, provenance,
-                     renderers=renderers)
+                     run_info=run_info, renderers=renderers)
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, previous)
@@ -155,33 +187,60 @@ def _claim(out: Path, args, policy: Policy, renderers: bool) -> None:
                str(args.model), None)
 
 
-def _write(out: Path, run, policy: Policy, source: str, provenance: dict, args, renderers: bool) -> str | None:
+def _write(out: Path, run, policy: Policy, source: str, provenance: dict, args, run_info: _Invocation,
+           renderers: bool) -> str | None:
+    """Every file of a finished run; the exit_code and outcome files last."""
     from gate.metrics import export
-    from gate.report import write_reports, write_scan_files
+    from gate.report import statement, write_attestation, write_exit_files, write_reports, write_scan_files
 
     if not renderers:
         write_scan_files(out, run.result, run.triggers, run.decision, policy.to_dict(), provenance=provenance)
+        write_exit_files(out, run.decision.outcome, run.decision.exit_code)
         return None
     write_reports(out, run.result, run.triggers, run.decision, policy.to_dict(), examples=run.examples,
                   policy_source=source, generated=_now(), provenance=provenance)
-    return export(out, run.result, run.decision, str(args.model), policy.metrics.pushgateway)
+    write_attestation(out, statement(run.decision, run.result.model, policy.to_dict(), result=run.result,
+                                     provenance=provenance, started=run_info.started,
+                                     finished=datetime.now(timezone.utc), command=run_info.command), run_info.key)
+    warning = export(out, run.result, run.decision, str(args.model), policy.metrics.pushgateway)
+    write_exit_files(out, run.decision.outcome, run.decision.exit_code)
+    return warning
+
+
+def _exit_files(out: Path, outcome: str, exit_code: int, problems: list[str]) -> None:
+    from gate.report import write_exit_files
+
+    try:
+        if out.is_dir():
+            write_exit_files(out, outcome, exit_code)
+    except OSError as exc:
+        problems.append(f"could not write {out / 'exit_code'}: {exc.strerror or exc}")
 
 
 def _fail(out: Path, args: argparse.Namespace, message: str, policy: Policy | None, source: str | None,
-          provenance: dict | None = None, *, renderers: bool) -> int:
-    """Fail closed: error reports (and metrics) where possible, one line, exit 2 (or 1 with on_error reject)."""
+          provenance: dict | None = None, *, run_info: _Invocation, renderers: bool) -> int:
+    """Fail closed: error reports, attestation and metrics where possible, then the exit_code and outcome
+    files, one line, exit 2 (or 1 with on_error reject)."""
     from gate.metrics import export
-    from gate.report import write_error_reports
+    from gate.report import statement, write_attestation, write_error_reports
 
     decision = Decision.error(message, policy.on_error if policy is not None else "error")
     provenance = provenance or {"policy_file": getattr(args, "policy", None), "overrides": {}}
-    problems = []
+    model = _model_facts(str(args.model))
+    policy_doc = policy.to_dict() if policy is not None else None
+    problems: list[str] = []
     try:
-        write_error_reports(out, decision, policy.to_dict() if policy is not None else None,
-                            _model_facts(str(args.model)), message, policy_source=source, generated=_now(),
+        write_error_reports(out, decision, policy_doc, model, message, policy_source=source, generated=_now(),
                             provenance=provenance, renderers=renderers)
     except Exception as exc:
         problems.append(f"could not write the error reports: {exc}")
+    if renderers and out.is_dir():
+        try:
+            write_attestation(out, statement(decision, model, policy_doc, provenance=provenance,
+                                             started=run_info.started, finished=datetime.now(timezone.utc),
+                                             command=run_info.command, error=message), run_info.key)
+        except Exception as exc:
+            problems.append(f"could not write the attestation: {exc}")
     if renderers:
         try:
             pushgateway = (policy.metrics.pushgateway if policy is not None
@@ -191,6 +250,7 @@ def _fail(out: Path, args: argparse.Namespace, message: str, policy: Policy | No
                 problems.append(warning)
         except Exception as exc:
             problems.append(f"could not write metrics: {exc}")
+    _exit_files(out, decision.outcome, decision.exit_code, problems)
     for p in problems:
         print(f"gate: warning: {p}", file=sys.stderr)
     print(f"{decision.summary} -> {out / 'report.json'}", flush=True)

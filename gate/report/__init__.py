@@ -8,6 +8,9 @@
     junit.xml      one test case per class                                (gate.report.junit)
     triggers.npz   every class's reversed trigger (Triggers.save), for the proxy
     trigger_<class>.png   mask x pattern of each flagged class, upscaled
+    attestation.json      in-toto Statement of the decision (gate.report.attestation; written by gate run,
+                          with attestation.dsse.json when it signs)
+    exit_code, outcome    the CI contract (write_exit_files): the exit code and the outcome word
 
 ``write_error_reports`` writes the same files (but triggers) for a run that failed, so a pipeline that
 looks for them finds a fail-closed verdict instead of nothing. Metrics are :mod:`gate.metrics`.
@@ -16,6 +19,11 @@ The output folder's contract: :func:`begin_run` checks the folder before any que
 run's reports and leaves a report.json whose outcome is ``running`` (exit code null); every file is then
 written atomically (temp + rename), so a reader sees a finished report, the running marker, or a
 fail-closed error report, never a stale accept or half a file.
+
+For CI, ``OUT/outcome`` holds one word (``running`` from the claim on; then accept, reject, review or error,
+or ``usage`` for a command line found wrong after the claim) and ``OUT/exit_code`` the process's exit code,
+each followed by a newline. The claim removes ``exit_code``; at the end ``exit_code`` is written first and
+``outcome`` last, so once ``outcome`` is not ``running`` the ``exit_code`` beside it is this run's.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from pathlib import Path
 from gate import __version__
 from gate.decision import Decision
 from gate.errors import GateError
+from gate.report.attestation import ATTESTATION, ENVELOPE, statement, write_attestation
 from gate.report.htmlpage import render_html
 from gate.report.images import png_bytes, trigger_views
 from gate.report.jsonfile import report_dict, strict_json, write_report_json
@@ -33,7 +42,8 @@ from gate.report.junit import junit_xml
 from gate.report.sarif import sarif_log
 from gate.result import SCHEMA_VERSION, Example, ScanResult, Triggers, atomic_write
 
-__all__ = ["begin_run", "write_reports", "write_scan_files", "write_error_reports"]
+__all__ = ["begin_run", "write_reports", "write_scan_files", "write_error_reports", "write_exit_files",
+           "statement", "write_attestation"]
 
 
 def _summary(result: ScanResult) -> dict:
@@ -68,7 +78,19 @@ def write_reports(out: str | Path, result: ScanResult, triggers: Triggers | None
     return files
 
 
-RUN_FILES = ("report.json", "report.html", "report.sarif", "junit.xml", "triggers.npz")
+EXIT_CODE_FILE = "exit_code"
+OUTCOME_FILE = "outcome"
+RUN_FILES = ("report.json", "report.html", "report.sarif", "junit.xml", "triggers.npz", ATTESTATION, ENVELOPE)
+
+
+def write_exit_files(out: str | Path, outcome: str, exit_code: int | None) -> None:
+    """``OUT/exit_code`` (unless None: then removed) and then ``OUT/outcome``, atomically (the module docstring)."""
+    out = Path(out)
+    if exit_code is None:
+        (out / EXIT_CODE_FILE).unlink(missing_ok=True)
+    else:
+        atomic_write(out / EXIT_CODE_FILE, f"{int(exit_code)}\n")
+    atomic_write(out / OUTCOME_FILE, f"{outcome}\n")
 
 
 def begin_run(out: str | Path, model: dict, policy: dict | None, *, started: str) -> Path:
@@ -78,7 +100,7 @@ def begin_run(out: str | Path, model: dict, policy: dict | None, *, started: str
         raise GateError(f"--out {out} is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        for name in RUN_FILES:
+        for name in (OUTCOME_FILE, EXIT_CODE_FILE, *RUN_FILES):  # the outcome first: no stale word beside no code
             (out / name).unlink(missing_ok=True)
         for old in out.glob("trigger_*.png"):
             old.unlink()
@@ -88,6 +110,7 @@ def begin_run(out: str | Path, model: dict, policy: dict | None, *, started: str
                             "reasons": [f"run started {started} and has not finished: no verdict yet"]},
                "policy": policy}
         write_report_json(out / "report.json", doc)
+        write_exit_files(out, "running", None)
     except OSError as exc:
         raise GateError(f"--out {out} cannot be written: {exc.strerror or exc}") from None
     return out
@@ -109,7 +132,8 @@ def write_error_reports(out: str | Path, decision: Decision, policy: dict | None
                         provenance: dict | None = None, renderers: bool = True) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for old in [*out.glob("trigger_*.png"), out / "triggers.npz"]:  # stale results must not survive a failure
+    # stale results must not survive a failure (gate run writes the error attestation after this)
+    for old in [*out.glob("trigger_*.png"), out / "triggers.npz", out / ATTESTATION, out / ENVELOPE]:
         if old.exists():
             old.unlink()
     files = {name: out / name for name in ("report.json", "report.html", "report.sarif", "junit.xml")}

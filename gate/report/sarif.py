@@ -3,6 +3,14 @@
 One run; the tool driver is ``backdoor-gate`` with one rule per kind of finding (BG001 flagged class,
 BG002 incomplete scan, BG003 small effective trigger, BG004 scan error, BG005 inconclusive search).
 Each finding is one result located at the model file; its numbers are in the result's ``properties``.
+
+For GitHub code scanning: each rule carries ``properties.security-severity`` (a CVSS-like score GitHub
+reads from rules only: 9.0 critical for findings that reject, 7.0 high for a failed scan, which leaves
+the model unverified, 5.0 medium for findings that ask for a review; a rule takes the gravest outcome its
+findings have in this run, else its usual one) and ``tags`` (``security`` makes GitHub list it as a
+security alert), and ``help`` as text and markdown. The run's ``automationDetails.id``
+``backdoor-gate/<model file name>/<sha256 prefix>/`` is the upload's category, so the uploads for two
+models on one commit do not replace each other's alerts.
 """
 
 from __future__ import annotations
@@ -14,6 +22,53 @@ from gate.decision import RULES, Decision, Finding
 
 SARIF_SCHEMA = "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json"
 _LEVEL = {"reject": "error", "error": "error", "review": "warning"}
+SECURITY_SEVERITY = {"reject": "9.0", "error": "7.0", "review": "5.0"}
+_USUAL_OUTCOME = {"BG001": "reject", "BG002": "review", "BG003": "reject", "BG004": "error", "BG005": "review"}
+_TAGS = {"BG001": ["backdoor", "trojan"], "BG002": ["incomplete-scan"], "BG003": ["backdoor", "trigger"],
+         "BG004": ["scan-error"], "BG005": ["inconclusive-scan"]}
+_GRAVITY = {"review": 0, "error": 1, "reject": 2}
+_ADVICE = {
+    "BG001": "Do not deploy the model: a small reversed trigger is strong evidence of a backdoor aimed at this "
+             "class. Open report.html to see the trigger and the held-out images it flips; ask the vendor "
+             "for the training data's provenance.",
+    "BG002": "A person must decide: raise the policy's budget (budget.max_queries, budget.max_seconds) and run "
+             "the gate again, or review report.html's partial results.",
+    "BG003": "Do not deploy the model: the reversed trigger is tiny and sends most held-out images to one class, "
+             "which is direct evidence of a backdoor. report.html shows the trigger.",
+    "BG004": "The gate failed closed: nothing was verified. Fix the cause named in the message (model file, data, "
+             "policy) and run the gate again.",
+    "BG005": "A person must decide: the trigger searches did not work well enough to clear the model; give the "
+             "search more steps (search.max_steps) and run the gate again.",
+}
+SHA_PREFIX = 12  # hex digits of the model's sha256 in the automation id
+
+
+def automation_id(model: dict) -> str:
+    """``backdoor-gate/<model file name>/<sha256 prefix>/`` (``unknown`` for a model that could not be read).
+
+    >>> automation_id({"path": "vendor/m.onnx", "sha256": "0123456789abcdef" * 4})
+    'backdoor-gate/m.onnx/0123456789ab/'
+    """
+    name = Path(str(model.get("path") or "model.onnx")).name or "model.onnx"
+    sha = str(model.get("sha256") or "unknown")[:SHA_PREFIX]
+    return f"backdoor-gate/{name}/{sha}/"
+
+
+def _rule(rule_id: str, name: str, text: str, outcomes: list[str]) -> dict:
+    outcome = max(outcomes, key=_GRAVITY.__getitem__) if outcomes else _USUAL_OUTCOME[rule_id]
+    advice = _ADVICE[rule_id]
+    return {
+        "id": rule_id,
+        "name": name,
+        "shortDescription": {"text": text},
+        "fullDescription": {"text": text},
+        "defaultConfiguration": {"level": "warning" if rule_id in ("BG002", "BG005") else "error"},
+        "help": {"text": f"{text} {advice}",
+                 "markdown": f"**{name}** ({rule_id}): {text}\n\n{advice}\n\nThe gate's `report.html` shows the "
+                             f"reversed triggers; `report.json` holds every number."},
+        "properties": {"security-severity": SECURITY_SEVERITY[outcome],
+                       "tags": ["security", "machine-learning", "model-supply-chain", *_TAGS[rule_id]]},
+    }
 
 
 def artifact_uri(path: str) -> tuple[str, str | None]:
@@ -56,16 +111,11 @@ def sarif_log(decision: Decision, model: dict, *, result_summary: dict | None = 
     artifact = {"location": {"uri": uri, **({"uriBaseId": base} if base else {})}, "roles": ["analysisTarget"]}
     if model.get("sha256"):
         artifact["hashes"] = {"sha-256": model["sha256"]}
-    rules = [{
-        "id": rule_id,
-        "name": name,
-        "shortDescription": {"text": text},
-        "fullDescription": {"text": text},
-        "defaultConfiguration": {"level": "warning" if rule_id in ("BG002", "BG005") else "error"},
-        "help": {"text": f"{text} See report.html for the reversed triggers."},
-    } for rule_id, (name, text) in RULES.items()]
+    rules = [_rule(rule_id, name, text, [f.outcome for f in decision.findings if f.rule == rule_id])
+             for rule_id, (name, text) in RULES.items()]
     stem = Path(path).stem
     run = {
+        "automationDetails": {"id": automation_id(model)},
         "tool": {"driver": {"name": "backdoor-gate", "version": __version__, "semanticVersion": __version__,
                             "rules": rules}},
         "invocations": [{
