@@ -123,6 +123,8 @@ def fingerprint(settings: Settings, method: str) -> dict:
         cfg = settings.scan_config()
         fp["scan"] = {**cfg.search.to_dict(), **cfg.to_dict(), "outliers": [cfg.outliers.anomaly_threshold,
                                                                           cfg.outliers.median_ratio]}
+        if not cfg.blend:  # added with the blend mode; off, the scan is what it was (records made before match)
+            fp["scan"].pop("blend")
         if method == "b3d-ss":
             fp["synth"] = settings.synth_config().to_dict()
     return json.loads(json.dumps(fp))  # as it reads back from JSON (tuples become lists)
