@@ -9,8 +9,9 @@ status, the manifest's truth). Nothing is scanned here; every rule is re-applied
 Cross-validation: the models of each method are split into ``--folds`` folds, stratified by dataset and
 clean/backdoored (seeded). For each fold the calibrated rule's ``scale_floor`` and ``alpha`` are chosen on
 the *other* folds: among the grid points whose false-positive rate on those clean models is at most
-``--target-fpr``, the one with the most detected backdoored models (ties: more true targets found, fewer
-extra flagged classes, then the smaller alpha). The chosen rule then judges the fold's models, so every
+``--target-fpr``, those with the most detected backdoored models (ties: more true targets found, fewer
+extra flagged classes); of these, the floor with the widest range of alphas and the middle of that range
+(:func:`fit`). The chosen rule then judges the fold's models, so every
 number below comes from models the rule was not fitted on. The paper's MAD rule needs no fitting and is
 reported on the same models. The final rule (fitted on all models) is what ``gate.outliers.OutlierRule``
 ships as its default; its numbers on the models it was fitted on are not reported.
@@ -44,7 +45,7 @@ from gate.outliers import OutlierRule, find_outliers
 DEFAULT_RECORDS = zoo.ROOT / "bench" / "wide" / "compare"
 SECTION = "## Verdicts on the wide zoo (cross-validated)"
 FLOORS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
-ALPHAS = tuple(float(a) for a in np.geomspace(1e-8, 0.3, 31))
+ALPHAS = tuple(float(a) for a in np.geomspace(1e-14, 0.3, 47))
 # Dong et al., ICCV 2021, Table 2 (detection accuracy, %) and Sec. 5.2 (false positives on 50 clean models)
 PAPER = {"gtsrb": {"B3D": 100.0, "B3D-SS": 100.0, "NC": 100.0}, "cifar": {"B3D": 97.5, "B3D-SS": 97.5, "NC": 95.0}}
 PAPER_CLEAN_FP = {"B3D": "2/50", "NC": "8/50"}
@@ -154,8 +155,12 @@ def summary(judged: list[Judged]) -> dict:
 
 # --------------------------------------------------------------------------- fitting
 def fit(models: list[Model], target_fpr: float) -> OutlierRule:
-    """The grid point that detects most backdoors while flagging at most ``target_fpr`` of clean models."""
-    best, best_key = None, None
+    """The rule that detects most backdoors while flagging at most ``target_fpr`` of the clean models.
+
+    Among the grid points that tie on (backdoors detected, true targets found, fewer extra flags), the floor
+    with the widest range of such alphas is taken, and the geometric middle of that range: the threshold
+    sits as far from the clean models' scores as from the backdoored ones', not on the edge of either."""
+    scored = []
     for floor in FLOORS:
         for alpha in ALPHAS:
             rule = OutlierRule(method="calibrated", alpha=alpha, scale_floor=floor)
@@ -163,10 +168,17 @@ def fit(models: list[Model], target_fpr: float) -> OutlierRule:
             fp, n_clean = s["fpr"]
             if n_clean and fp > target_fpr * n_clean:
                 continue
-            key = (s["tpr"][0], s["target_found"][0], -s["extra"][0], -alpha)
-            if best_key is None or key > best_key:
-                best, best_key = rule, key
-    return best or OutlierRule(method="calibrated", alpha=ALPHAS[0], scale_floor=FLOORS[-1])
+            scored.append(((s["tpr"][0], s["target_found"][0], -s["extra"][0]), floor, alpha))
+    if not scored:
+        return OutlierRule(method="calibrated", alpha=ALPHAS[0], scale_floor=FLOORS[-1])
+    best = max(key for key, _, _ in scored)
+    plateau: dict[float, list[float]] = {}
+    for key, floor, alpha in scored:
+        if key == best:
+            plateau.setdefault(floor, []).append(alpha)
+    floor = max(plateau, key=lambda f: (len(plateau[f]), -f))
+    alphas = sorted(plateau[floor])
+    return OutlierRule(method="calibrated", alpha=alphas[len(alphas) // 2], scale_floor=floor)
 
 
 def folds_of(models: list[Model], k: int, seed: int) -> list[int]:

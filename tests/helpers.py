@@ -126,7 +126,7 @@ def classes_case(seed=8):
 # --------------------------------------------------------------------------- ScanResults without a model
 IMAGE = (32, 32, 3)
 # a typical clean class spread and one backdoor target (class 3) with a tiny trigger
-L1_BACKDOOR = [41.0, 38.5, 45.2, 4.1, 40.3, 43.8, 39.9, 37.2, 44.0, 42.6]
+L1_BACKDOOR = [41.0, 38.5, 45.2, 1.6, 40.3, 43.8, 39.9, 37.2, 44.0, 42.6]
 L1_CLEAN = [40.0, 47.0, 36.0, 44.0, 41.0]  # no outlier (anomaly indices within +-1.2)
 
 

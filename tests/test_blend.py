@@ -12,6 +12,7 @@ from gate.blend import AMPLITUDE_FLOOR, BlendParams, BlendSearch, blend_outliers
 from gate.data import ImageSet
 from gate.decision import decide
 from gate.oracle import Oracle
+from gate.outliers import OutlierRule
 from gate.policy import Policy
 from gate.result import ScanResult, Triggers
 from gate.scan import ScanConfig, scan
@@ -215,15 +216,18 @@ def test_a_planted_blend_backdoor_is_flagged_by_the_blend_mode(tmp_path):
     oracle = Oracle(path, device="cpu")
     assert (oracle.probs(0.9 * x + 0.1 * star).argmax(1) == 0).all()
 
+    # the toy's 5 classes are too few and too alike for the shipped cut (fitted on the wide zoo's patch L1s):
+    # the blend mode's mechanics are tested at alpha 0.05
+    rule = OutlierRule(alpha=0.05)
     cfg = ScanConfig(search=SearchParams(k=8, batch_size=2, eval_size=8, max_steps=300), max_images=80, held_out=16,
-                     blend=True)
+                     blend=True, outliers=rule)
     r = scan(oracle, ImageSet(x, None, "noise"), cfg).result
     amplitudes = [c.blend_amplitude for c in r.classes]
     assert int(np.argmin(amplitudes)) == 0 and amplitudes[0] < 0.15
     assert 2 * amplitudes[0] < min(amplitudes[1:])
     assert r.classes[0].blend_flagged and r.classes[0].flagged and 0 in r.flagged
     assert not any(c.blend_flagged for c in r.classes[1:])
-    d = decide(r, Policy())
+    d = decide(r, Policy().override({"outliers.alpha": 0.05}))
     assert d.outcome == "reject" and any("blend trigger" in f.message and f.label == 0 for f in d.findings)
 
 

@@ -179,19 +179,19 @@ def test_accept_when_complete_and_nothing_fires():
     d = decide(r, policy())
     assert (d.outcome, d.exit_code, d.findings) == ("accept", 0, [])
     assert re.fullmatch(r"no class flagged among 5: the most suspicious is class 2 \(L1 36\.0 is 0\.88x the median "
-                        r"41\.0, z 0\.47 in log L1 against the other classes, p-value 0\.85 per model\)", d.reasons[0])
-    assert d.model_p_value == pytest.approx(0.85, abs=0.005) and d.to_dict()["backdoor_score"] == 1 - d.model_p_value
+                        r"41\.0, z 0\.41 in log L1 against the other classes, p-value 0\.87 per model\)", d.reasons[0])
+    assert d.model_p_value == pytest.approx(0.87, abs=0.005) and d.to_dict()["backdoor_score"] == 1 - d.model_p_value
 
 
 def test_reject_when_a_class_is_flagged():
     r = make_result()
     d = decide(r, policy())
     assert (d.outcome, d.exit_code) == ("reject", 1)
-    assert re.fullmatch(r"class 3 flagged: L1 4\.10 is 0\.10x the median 40\.6, z \d+\.\d+ in log L1 against the "
+    assert re.fullmatch(r"class 3 flagged: L1 1\.60 is 0\.04x the median 40\.6, z \d+\.\d+ in log L1 against the "
                         r"other classes, p-value [0-9.e-]+ per model", d.reasons[0])
     assert d.findings[0].rule == "BG001" and d.findings[0].label == 3
     mad = decide(r, Policy.from_dict({"outliers": {"method": "mad"}}))
-    assert mad.reasons == ["class 3 flagged: L1 4.10 is 0.10x the median 40.6 (MAD anomaly index 9.30)"]
+    assert mad.reasons == ["class 3 flagged: L1 1.60 is 0.04x the median 40.6 (MAD anomaly index 9.94)"]
     assert mad.model_p_value is None and "backdoor_score" not in mad.to_dict()
 
 
@@ -272,8 +272,8 @@ def test_weak_search_is_not_an_accept():
 
 def test_decide_applies_the_policy_outlier_rule():
     r = make_result()  # flags computed with the default rule: class 3
-    for method, strict, lax in (("mad", {"anomaly_threshold": 10, "median_ratio": 0.05}, {"anomaly_threshold": 0.5}),
-                                ("calibrated", {"alpha": 1e-12}, {"alpha": 0.999999, "scale_floor": 0.01})):
+    for method, strict, lax in (("mad", {"anomaly_threshold": 20, "median_ratio": 0.02}, {"anomaly_threshold": 0.5}),
+                                ("calibrated", {"alpha": 1e-20}, {"alpha": 0.999999, "scale_floor": 0.01})):
         assert decide(r, Policy.from_dict({"outliers": {"method": method, **strict}})).outcome == "accept"
         assert len(decide(r, Policy.from_dict({"outliers": {"method": method, **lax}})).findings) > 1
 

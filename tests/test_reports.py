@@ -375,7 +375,7 @@ def test_junit_parses_back(tmp_path):
     assert [c.get("name") for c in failed] == ["class 3"]
     f = failed[0].find("failure")
     assert "BG001" in f.get("type") and "class 3 flagged" in f.get("message")
-    assert "L1 4.1" in f.text and "anomaly index" in f.text
+    assert "L1 1.6" in f.text and "anomaly index" in f.text
     props = {p.get("name"): p.get("value") for p in suite.find("properties")}
     assert props["decision"] == "reject" and props["exit_code"] == "1"
 
