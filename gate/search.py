@@ -389,8 +389,8 @@ class TriggerSearch:
         why = (f"no trigger reached {self.params.success_threshold:.0%} success in {state.step} steps (best "
                f"{state.best_success:.0%} of a step's images)")
         if state.flat_steps:
-            why += (f"; in {state.flat_steps} steps every sample had the same loss: the model gave the class a "
-                    "probability of exactly 0 however the trigger varied (saturated outputs, no signal)")
+            why += (f"; in {state.flat_steps} steps every sample had the same loss: the model's probability for "
+                    "the class did not move however the trigger varied (exactly 0, or a constant output: no signal)")
         return why
 
     def stop(self, state: SearchState, status: str) -> None:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import yaml
 
@@ -219,6 +220,25 @@ def test_a_one_class_model_is_refused(tmp_path, capsys):
                  "--quiet"])
     out = capsys.readouterr().out
     assert code == 2 and "a backdoor scan needs at least 2 classes" in out and out.count("\n") == 1
+
+
+def test_a_constant_output_model_is_never_accepted_and_says_why(tmp_path, capsys):
+    """Whatever the input, the model says the same: no search gets a signal; review, with the reason."""
+    from onnx import numpy_helper
+
+    path = tmp_path / "const.onnx"
+    linear_model(path, size=8, classes=5, seed=1)
+    model = onnx.load(str(path))
+    for init in model.graph.initializer:
+        value = np.zeros((8 * 8 * 3, 5), np.float32) if init.name == "W" else np.array([0, 0, 5, 0, 0], np.float32)
+        init.CopyFrom(numpy_helper.from_array(value, init.name))
+    onnx.save(model, str(path))
+    np.savez(tmp_path / "d.npz", x=(np.random.default_rng(0).random((60, 8, 8, 3)) * 255).astype(np.uint8))
+    code = main(["scan", str(path), "--data", str(tmp_path / "d.npz"), "--max-steps", "10", "--out",
+                 str(tmp_path / "o"), "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 3 and out.startswith("REVIEW: search inconclusive: 4 of 5 classes found no working trigger")
+    assert "did not move however the trigger varied" in out and "1000000000" not in out
 
 
 def test_a_directory_as_the_model_says_so(tmp_path, capsys):

@@ -139,5 +139,5 @@ def test_saturated_outputs_still_give_the_search_a_signal(output, tmp_path):
     else:
         assert unreached, "class 2 gets probability 0 from every image of this model"
         for c in unreached:
-            assert "exactly 0" in c.note and c.l1 == 64.0
+            assert "did not move" in c.note and c.l1 == 64.0
     assert all(c.note == "" for c in classes if c.status != "not_reached")
