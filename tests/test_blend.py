@@ -218,7 +218,7 @@ def test_a_planted_blend_backdoor_is_flagged_by_the_blend_mode(tmp_path):
 
     # the toy's 5 classes are too few and too alike for the shipped cut (fitted on the wide zoo's patch L1s):
     # the blend mode's mechanics are tested at alpha 0.05
-    rule = OutlierRule(alpha=0.05)
+    rule = OutlierRule(alpha=0.05, scale_floor=0.35)
     cfg = ScanConfig(search=SearchParams(k=8, batch_size=2, eval_size=8, max_steps=300), max_images=80, held_out=16,
                      blend=True, outliers=rule)
     r = scan(oracle, ImageSet(x, None, "noise"), cfg).result
@@ -227,7 +227,7 @@ def test_a_planted_blend_backdoor_is_flagged_by_the_blend_mode(tmp_path):
     assert 2 * amplitudes[0] < min(amplitudes[1:])
     assert r.classes[0].blend_flagged and r.classes[0].flagged and 0 in r.flagged
     assert not any(c.blend_flagged for c in r.classes[1:])
-    d = decide(r, Policy().override({"outliers.alpha": 0.05}))
+    d = decide(r, Policy().override({"outliers.alpha": 0.05, "outliers.scale_floor": 0.35}))
     assert d.outcome == "reject" and any("blend trigger" in f.message and f.label == 0 for f in d.findings)
 
 

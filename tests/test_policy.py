@@ -179,8 +179,8 @@ def test_accept_when_complete_and_nothing_fires():
     d = decide(r, policy())
     assert (d.outcome, d.exit_code, d.findings) == ("accept", 0, [])
     assert re.fullmatch(r"no class flagged among 5: the most suspicious is class 2 \(L1 36\.0 is 0\.88x the median "
-                        r"41\.0, z 0\.41 in log L1 against the other classes, p-value 0\.87 per model\)", d.reasons[0])
-    assert d.model_p_value == pytest.approx(0.87, abs=0.005) and d.to_dict()["backdoor_score"] == 1 - d.model_p_value
+                        r"41\.0, z 0\.17 in log L1 against the other classes, p-value 0\.94 per model\)", d.reasons[0])
+    assert d.model_p_value == pytest.approx(0.94, abs=0.005) and d.to_dict()["backdoor_score"] == 1 - d.model_p_value
 
 
 def test_reject_when_a_class_is_flagged():

@@ -45,8 +45,9 @@ def test_backdoored_demo_is_rejected_with_the_true_target(backdoored_scan):
     assert target in report["flagged"]
     assert report["flagged"] == [target]  # the calibrated rule flags no natural class beside it
     cls = report["classes"][target]
-    assert cls["flagged"] and cls["l1"] < report["outliers"]["median_l1"] / 4 and cls["p_value"] < 1e-6
-    assert report["decision"]["backdoor_score"] > 0.999
+    assert cls["flagged"] and cls["l1"] < report["outliers"]["median_l1"] / 4
+    assert cls["p_value"] <= report["policy"]["outliers"]["alpha"] and cls["anomaly_index"] > 3
+    assert report["decision"]["backdoor_score"] == pytest.approx(1 - cls["p_value"])
     # the reversed trigger really works on held-out images (about 19 of them per class: 17/19 = 0.89)
     assert cls["trigger_asr"] >= 0.85
     assert triggers["masks"].shape == (43, 32, 32) and triggers["patterns"].shape == (43, 32, 32, 3)
