@@ -524,12 +524,12 @@ def run_model(name, methods, settings, zoo_dir, datasets_dir, out_dir, data_cach
     return records
 
 
-def write_results_section(md_path: Path, body: str, command: str) -> None:
-    """Replace (or append) only the detection section of RESULTS.md; other sections stay as they are."""
-    section = f"{SECTION}\n\nProduced by `{command}` ({time.strftime('%Y-%m-%d %H:%M')}).\n\n{body.strip()}\n"
+def write_results_section(md_path: Path, body: str, command: str, title: str = SECTION) -> None:
+    """Replace (or append) only the section ``title`` of RESULTS.md; other sections stay as they are."""
+    section = f"{title}\n\nProduced by `{command}` ({time.strftime('%Y-%m-%d %H:%M')}).\n\n{body.strip()}\n"
     text = md_path.read_text() if md_path.is_file() else "# Benchmark results\n"
     lines = text.splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == SECTION), None)
+    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == title), None)
     if start is None:
         new = text.rstrip("\n") + "\n\n" + section
     else:

@@ -33,7 +33,6 @@ import argparse
 import json
 import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -290,19 +289,6 @@ def report(models: list[Model], folds: int, target_fpr: float, min_asr: float, s
     return "\n".join(lines).strip() + "\n", data
 
 
-def write_section(md_path: Path, body: str, command: str) -> None:
-    section = f"{SECTION}\n\nProduced by `{command}` ({time.strftime('%Y-%m-%d %H:%M')}).\n\n{body.strip()}\n"
-    text = md_path.read_text() if md_path.is_file() else "# Benchmark results\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == SECTION), None)
-    if start is None:
-        md_path.write_text(text.rstrip("\n") + "\n\n" + section)
-        return
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    tail = "".join(lines[end:])
-    md_path.write_text("".join(lines[:start]) + section + ("\n" + tail if tail else ""))
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.verdicts", description=__doc__.split("\n\n")[0])
     ap.add_argument("--records", nargs="+", type=Path, default=[DEFAULT_RECORDS])
@@ -333,7 +319,9 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps(data, indent=1, default=float))
     if args.record:
         command = "python -m bench.verdicts " + " ".join(argv if argv is not None else sys.argv[1:])
-        write_section(args.results_md, text, command.strip())
+        from bench.compare import write_results_section
+
+        write_results_section(args.results_md, text, command.strip(), SECTION)
         print(f"recorded in {args.results_md}")
     return 0
 
