@@ -39,7 +39,7 @@ import numpy as np
 
 from gate.kernels import noisy_patterns
 from gate.outliers import OutlierRule, Outliers, find_outliers
-from gate.search import FLAT_FLOOR, Adam, SearchParams, TriggerSearch, g
+from gate.search import Adam, SearchParams, TriggerSearch, g
 from gate.settings import Settings, number, setting
 
 AMPLITUDE_FLOOR = 1.0 / 255  # the outlier rule takes logs of max(a, this): one grey level of an 8-bit image
@@ -217,22 +217,7 @@ class BlendSearch(TriggerSearch):
                 state.best_pattern = np.empty(state.theta_p.shape, np.float32)
             state.best_pattern[...] = state.mean_pattern
 
-        samples = np.asarray(ce[:p.candidates - 1])
-        if p.flat_shrink > 0 and success < p.success_threshold and np.ptp(samples) == 0.0:
-            state.flat_steps += 1  # no signal: show more of the image, as the patch search does
-            np.maximum(state.theta_a - p.flat_shrink, FLAT_FLOOR, out=state.theta_a)
-        else:
-            grad_a, grad_p = self.gradients(state, ce)
-            state.adam_a.step(state.theta_a, grad_a)
-            state.adam_p.step(state.theta_p, grad_p)
-
-        self._schedule(state, success)
-        state.step += 1
-        if state.done:
-            return
-        if state.step >= p.max_steps:
-            state.done = True
-            state.status = "max_steps" if state.best_amplitude is not None else "not_reached"
+        self._advance(state, ce, success, state.theta_a, state.adam_a, found=state.best_amplitude is not None)
 
     def gradients(self, state: BlendState, ce: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """NES estimates of d/d(theta_a) (shape (1,)) and d/d(theta_p) of F from the last ask's losses ``ce``.

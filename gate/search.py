@@ -258,24 +258,27 @@ class TriggerSearch:
                 state.best_mask[...] = prob
                 state.best_pattern[...] = state.mean_pattern
 
-        # 2. NES gradient estimates (paper Eq. 5, 6) and Adam; a flat loss has no gradient to follow
+        self._advance(state, ce, success, state.theta_m, state.adam_m, found=state.best_mask is not None)
+
+    def _advance(self, state, ce: np.ndarray, success: float, size_logits: np.ndarray, size_adam: Adam, *,
+                 found: bool) -> None:
+        """The rest of a step, shared with :class:`gate.blend.BlendSearch` (whose trigger size is an amplitude
+        logit, not mask logits): NES estimates and Adam, or, when every sample lost the same (no signal),
+        ``size_logits`` lowered by ``flat_shrink``; then the lambda schedule and the step limit."""
+        p = self.params
         samples = np.asarray(ce[:p.candidates - 1])
         if p.flat_shrink > 0 and success < p.success_threshold and np.ptp(samples) == 0.0:
             state.flat_steps += 1
-            np.maximum(state.theta_m - p.flat_shrink, FLAT_FLOOR, out=state.theta_m)
+            np.maximum(size_logits - p.flat_shrink, FLAT_FLOOR, out=size_logits)
         else:
-            grad_m, grad_p = self.gradients(state, ce)
-            state.adam_m.step(state.theta_m, grad_m)
+            grad_size, grad_p = self.gradients(state, ce)
+            size_adam.step(size_logits, grad_size)
             state.adam_p.step(state.theta_p, grad_p)
-
-        # 3. lambda schedule (Neural Cleanse)
-        self._schedule(state, success)
+        self._schedule(state, success)  # Neural Cleanse's lambda schedule
         state.step += 1
-        if state.done:
-            return
-        if state.step >= p.max_steps:
+        if not state.done and state.step >= p.max_steps:
             state.done = True
-            state.status = "max_steps" if state.best_mask is not None else "not_reached"
+            state.status = "max_steps" if found else "not_reached"
 
     def gradients(self, state: SearchState, ce: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """NES estimates of d/d(theta_m) and d/d(theta_p) of E[F] from the last ask's losses ``ce``.
