@@ -3,6 +3,10 @@
 Everything else in the gate queries the model through :class:`Oracle`. It validates the ONNX file,
 resolves the input contract (:mod:`gate.spec`), counts every image it sends (``queries``), enforces an
 optional hard query budget, and always answers with class probabilities.
+
+:class:`QueryOracle` is what every oracle shares (the spec, encoding, counting, the budget, probabilities
+from raw outputs); :class:`gate.remote_oracle.RemoteOracle` is its sibling for a model behind an Open
+Inference Protocol endpoint.
 """
 
 from __future__ import annotations
@@ -61,87 +65,22 @@ def looks_like_probs(out: np.ndarray, tol: float = 1e-3) -> bool:
     return bool(out.min() >= -tol and out.max() <= 1 + tol and np.allclose(out.sum(axis=1), 1.0, atol=tol))
 
 
-class Oracle:
-    """Query-only access to an ONNX image classifier.
+class QueryOracle:
+    """Query-only access to an image classifier: what every oracle shares.
 
-    ``device``: "auto" (CUDA when ORT really gets it, else CPU), "cpu" or "cuda".
+    A subclass opens its model, setting ``input_shape`` (rank 4), ``_dtype`` (the input's numpy dtype) and
+    ``_declared_classes`` (None when the output does not say), then calls :meth:`_resolve_spec`; it
+    implements :meth:`_run_raw` (raw outputs of an encoded batch, uncounted) and :meth:`describe`.
     ``max_queries``: hard budget on images sent; exceeding it raises :class:`QueryBudgetExceeded`.
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        overrides: SpecOverrides | None = None,
-        *,
-        device: str = "auto",
-        max_batch: int = 4096,
-        max_queries: int | None = None,
-        threads: int = 0,
-    ) -> None:
-        self.path = Path(path)
-        overrides = overrides or SpecOverrides()
+    on_cuda = False
+
+    def __init__(self, max_batch: int, max_queries: int | None) -> None:
         self.max_batch = int(max_batch)
         self.max_queries = None if max_queries is None else int(max_queries)
         self.queries = 0
-        self.ort_seconds = 0.0
-        self._open(device, threads)
-        self.spec = self._resolve_spec(overrides)
-        self._scale, self._offset = self.spec.affine()
-
-    # ------------------------------------------------------------------ opening and checking
-    def _open(self, device: str, threads: int) -> None:
-        import onnx
-
-        if self.path.is_dir():
-            raise ModelError(f"model path is a directory, not an ONNX file: {self.path}")
-        if not self.path.is_file():
-            raise ModelError(f"model file not found: {self.path}")
-        try:
-            model = onnx.load(str(self.path))
-            onnx.checker.check_model(model, full_check=True)
-        except Exception as exc:  # onnx raises DecodeError, ValidationError, ... for broken files
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"{self.path} is not a valid ONNX model: {first}") from None
-        self.sha256 = file_sha256(self.path)
-        graph_inputs = {i.name for i in model.graph.initializer}
-        real_inputs = [i for i in model.graph.input if i.name not in graph_inputs]
-        if len(real_inputs) != 1:
-            raise ModelError(f"model must have exactly one input, found {len(real_inputs)}: "
-                             f"{[i.name for i in real_inputs]}")
-        del model
-
-        ort = _ort()
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 4
-        # No busy-waiting between runs: the stamping kernels run on the same cores right after each call.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads:
-            opts.intra_op_num_threads = int(threads)
-        wanted = ["CPUExecutionProvider"]
-        if device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-            wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=wanted)
-        except Exception as exc:
-            raise ModelError(f"onnxruntime cannot load {self.path}: {str(exc).splitlines()[0]}") from None
-        # onnxruntime-gpu lists CUDA even with no GPU: what counts is what the session really got.
-        self.providers = list(self.session.get_providers())
-        self.on_cuda = self.providers[0] == "CUDAExecutionProvider"
-        if device == "cuda" and not self.on_cuda:
-            raise ModelError("device 'cuda' requested but onnxruntime could not use a CUDA GPU")
-
-        inp = self.session.get_inputs()[0]
-        out = self.session.get_outputs()[0]
-        self.input_name, self.output_name = inp.name, out.name
-        self.input_shape = list(inp.shape)
-        if len(self.input_shape) != 4:
-            raise ModelError(f"model input must be rank 4 (a batch of images), got shape {self.input_shape}")
-        if inp.type not in _DTYPES:
-            raise ModelError(f"unsupported input dtype {inp.type}; supported: float32, float16, float64")
-        self._dtype = _DTYPES[inp.type]
-        if len(out.shape) != 2:
-            raise ModelError(f"model output must be rank 2 (batch, classes), got shape {list(out.shape)}")
-        self._declared_classes = out.shape[1] if isinstance(out.shape[1], int) else None
+        self.ort_seconds = 0.0  # seconds spent waiting for the model's answers
 
     def _resolve_spec(self, o: SpecOverrides) -> InputSpec:
         layout, h, w, c, layout_detected = resolve_layout(self.input_shape, o.layout)
@@ -252,6 +191,101 @@ class Oracle:
         return np.log(np.maximum(raw, np.float32(PROB_FLOOR)))
 
     def _run_raw(self, batch: np.ndarray) -> np.ndarray:
+        """Raw model outputs (N, K) for an encoded batch; not counted (the public methods count)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _checked(raw: np.ndarray) -> np.ndarray:
+        if raw.ndim != 2:
+            raise ModelError(f"model output must be rank 2 (batch, classes), got shape {raw.shape}")
+        if not np.all(np.isfinite(raw)):
+            raise ModelError("model returned non-finite outputs (NaN or inf)")
+        return raw
+
+    def describe(self) -> dict:
+        raise NotImplementedError
+
+
+class Oracle(QueryOracle):
+    """Query-only access to an ONNX image classifier.
+
+    ``device``: "auto" (CUDA when ORT really gets it, else CPU), "cpu" or "cuda".
+    ``max_queries``: hard budget on images sent; exceeding it raises :class:`QueryBudgetExceeded`.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        overrides: SpecOverrides | None = None,
+        *,
+        device: str = "auto",
+        max_batch: int = 4096,
+        max_queries: int | None = None,
+        threads: int = 0,
+    ) -> None:
+        super().__init__(max_batch, max_queries)
+        self.path = Path(path)
+        overrides = overrides or SpecOverrides()
+        self._open(device, threads)
+        self.spec = self._resolve_spec(overrides)
+        self._scale, self._offset = self.spec.affine()
+
+    # ------------------------------------------------------------------ opening and checking
+    def _open(self, device: str, threads: int) -> None:
+        import onnx
+
+        if self.path.is_dir():
+            raise ModelError(f"model path is a directory, not an ONNX file: {self.path}")
+        if not self.path.is_file():
+            raise ModelError(f"model file not found: {self.path}")
+        try:
+            model = onnx.load(str(self.path))
+            onnx.checker.check_model(model, full_check=True)
+        except Exception as exc:  # onnx raises DecodeError, ValidationError, ... for broken files
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"{self.path} is not a valid ONNX model: {first}") from None
+        self.sha256 = file_sha256(self.path)
+        graph_inputs = {i.name for i in model.graph.initializer}
+        real_inputs = [i for i in model.graph.input if i.name not in graph_inputs]
+        if len(real_inputs) != 1:
+            raise ModelError(f"model must have exactly one input, found {len(real_inputs)}: "
+                             f"{[i.name for i in real_inputs]}")
+        del model
+
+        ort = _ort()
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 4
+        # No busy-waiting between runs: the stamping kernels run on the same cores right after each call.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+        wanted = ["CPUExecutionProvider"]
+        if device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+            wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=wanted)
+        except Exception as exc:
+            raise ModelError(f"onnxruntime cannot load {self.path}: {str(exc).splitlines()[0]}") from None
+        # onnxruntime-gpu lists CUDA even with no GPU: what counts is what the session really got.
+        self.providers = list(self.session.get_providers())
+        self.on_cuda = self.providers[0] == "CUDAExecutionProvider"
+        if device == "cuda" and not self.on_cuda:
+            raise ModelError("device 'cuda' requested but onnxruntime could not use a CUDA GPU")
+
+        inp = self.session.get_inputs()[0]
+        out = self.session.get_outputs()[0]
+        self.input_name, self.output_name = inp.name, out.name
+        self.input_shape = list(inp.shape)
+        if len(self.input_shape) != 4:
+            raise ModelError(f"model input must be rank 4 (a batch of images), got shape {self.input_shape}")
+        if inp.type not in _DTYPES:
+            raise ModelError(f"unsupported input dtype {inp.type}; supported: float32, float16, float64")
+        self._dtype = _DTYPES[inp.type]
+        if len(out.shape) != 2:
+            raise ModelError(f"model output must be rank 2 (batch, classes), got shape {list(out.shape)}")
+        self._declared_classes = out.shape[1] if isinstance(out.shape[1], int) else None
+
+    def _run_raw(self, batch: np.ndarray) -> np.ndarray:
         """Raw model outputs; splits into the model's fixed batch size when it has one."""
         if batch.dtype != self._dtype:
             batch = batch.astype(self._dtype)
@@ -269,12 +303,7 @@ class Oracle:
                     chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - n, axis=0)])
                 outs.append(self.session.run([self.output_name], {self.input_name: chunk})[0][:n])
         self.ort_seconds += time.perf_counter() - t0
-        raw = np.concatenate(outs) if len(outs) != 1 else outs[0]
-        if raw.ndim != 2:
-            raise ModelError(f"model output must be rank 2 (batch, classes), got shape {raw.shape}")
-        if not np.all(np.isfinite(raw)):
-            raise ModelError("model returned non-finite outputs (NaN or inf)")
-        return raw
+        return self._checked(np.concatenate(outs) if len(outs) != 1 else outs[0])
 
     # ------------------------------------------------------------------ CUDA path
     def run_device(self, ptr: int, n: int, log: bool = False) -> np.ndarray:
