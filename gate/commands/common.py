@@ -34,6 +34,47 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch", type=int, default=2048, help="images per model call (default 2048)")
 
 
+def add_remote_args(p: argparse.ArgumentParser) -> None:
+    """A model behind an Open Inference Protocol (V2) server instead of a file (:mod:`gate.remote_oracle`);
+    the model's name there is ``--model-name``, which the command defines."""
+    g = p.add_argument_group("remote model (instead of a file: a model served over the Open Inference Protocol)")
+    g.add_argument("--remote", metavar="URL",
+                   help="scan the model --model-name served by this Open Inference Protocol (KServe V2) REST server "
+                        "(Triton, KServe, MLServer, gate proxy --no-shield), e.g. http://HOST:PORT; no model file")
+    g.add_argument("--model-version", metavar="V", help="the model's version on the server (default: its choice)")
+    g.add_argument("--max-qps", type=float, metavar="N", help="images sent to the server per second at most "
+                   "(default: no limit)")
+    g.add_argument("--remote-concurrency", type=int, metavar="N", help="requests in flight at once (default 4)")
+    g.add_argument("--remote-batch", type=int, metavar="N", help="images per request (default: what fits in 4 MiB, "
+                   "at most 256; a fixed-batch model: its batch)")
+    g.add_argument("--remote-retries", type=int, metavar="N", help="tries again after a connection error, timeout, "
+                   "HTTP 429 or 5xx, with exponential back-off from 0.5 s (default 5)")
+    g.add_argument("--remote-timeout", type=float, metavar="SECONDS", help="per request (default 60)")
+
+
+REMOTE_ONLY = ("model_version", "max_qps", "remote_concurrency", "remote_batch", "remote_retries", "remote_timeout")
+
+
+def check_model_source(args: argparse.Namespace) -> None:
+    """Exactly one model: a file, or ``--remote URL --model-name NAME``; for a remote one ``args.model``
+    becomes the model's URL (what the reports and metrics name). UsageError otherwise."""
+    remote = getattr(args, "remote", None)
+    if remote is None:
+        if args.model is None:
+            raise UsageError("no model: give an ONNX file, or --remote URL --model-name NAME")
+        given_flags = [f"--{k.replace('_', '-')}" for k in REMOTE_ONLY if getattr(args, k, None) is not None]
+        if given_flags:
+            raise UsageError(f"{', '.join(given_flags)} only with --remote")
+        return
+    from gate.remote_oracle import check_endpoint, model_url
+
+    if args.model is not None:
+        raise UsageError(f"give a model file or --remote, not both ({args.model} and --remote {remote})")
+    if not getattr(args, "model_name", None):
+        raise UsageError("--remote needs --model-name: the model's name on the server")
+    args.model = model_url(check_endpoint(remote), args.model_name, args.model_version)
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """The input-spec flags and the runtime flags, for commands without a policy."""
     add_flags(p, SpecOverrides.settings(), SECTION_TITLES["input"])
@@ -49,8 +90,18 @@ def spec_from_args(args: argparse.Namespace) -> SpecOverrides:
 
 def open_oracle(args: argparse.Namespace, overrides: SpecOverrides | None = None,
                 max_queries: int | None = None) -> Oracle:
+    """The model file's oracle, or with ``--remote`` a :class:`gate.remote_oracle.RemoteOracle` (its hard
+    budget ``max_queries``: every image sent counts, the spec's probe included)."""
     if args.max_batch < 1:
         raise UsageError("--max-batch must be at least 1")
+    if getattr(args, "remote", None):
+        from gate.remote_oracle import RemoteOracle
+
+        options = {"model_version": "model_version", "max_qps": "max_qps", "request_images": "remote_batch",
+                   "concurrency": "remote_concurrency", "retries": "remote_retries", "timeout": "remote_timeout"}
+        stated = {k: getattr(args, flag) for k, flag in options.items() if getattr(args, flag, None) is not None}
+        return RemoteOracle(args.remote, args.model_name, overrides if overrides is not None else spec_from_args(args),
+                            max_batch=args.max_batch, max_queries=max_queries, **stated)
     return Oracle(args.model, overrides if overrides is not None else spec_from_args(args), device=args.device,
                   max_batch=args.max_batch, max_queries=max_queries)
 

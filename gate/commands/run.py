@@ -15,6 +15,8 @@ error until the run ends), so a run that is killed never leaves an earlier accep
 SIGTERM end the run with fail-closed reports (reason "interrupted"). Without ``gate --debug`` no
 traceback is printed: one line names the cause. The scan checkpoints its state into OUT every
 ``--checkpoint-every`` seconds; ``--resume`` continues an interrupted run from there (:mod:`gate.checkpoint`).
+With ``--remote URL --model-name NAME`` the model is the one a V2 server serves (:mod:`gate.remote_oracle`),
+named by its URL where a file's path would be.
 """
 
 from __future__ import annotations
@@ -29,7 +31,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from gate.checkpoint import CHECKPOINT_JSON, DATA_NPZ, Checkpoint
-from gate.commands.common import add_policy_args, add_runtime_args, open_oracle, policy_from_args
+from gate.commands.common import (
+    add_policy_args,
+    add_remote_args,
+    add_runtime_args,
+    check_model_source,
+    open_oracle,
+    policy_from_args,
+)
 from gate.decision import EXIT_USAGE, Decision, exit_code_help
 from gate.errors import GateError, UsageError
 from gate.policy import Policy, load_policy
@@ -53,7 +62,7 @@ def register(sub) -> None:
 
 def add_gate_args(p: argparse.ArgumentParser, *, data_required: bool) -> None:
     """What ``gate run`` and ``gate scan`` share: the model, the output folder, the data and every policy flag."""
-    p.add_argument("model", help="ONNX model file")
+    p.add_argument("model", nargs="?", help="ONNX model file (or --remote URL --model-name NAME)")
     p.add_argument("--out", required=True, help="output folder for the reports")
     src = p.add_mutually_exclusive_group(required=data_required)
     src.add_argument("--data", help="clean images: .npz (x, optional y) or a folder of images "
@@ -67,6 +76,7 @@ def add_gate_args(p: argparse.ArgumentParser, *, data_required: bool) -> None:
                         "continue it")
     add_policy_args(p)
     add_runtime_args(p)
+    add_remote_args(p)
 
 
 def _now() -> str:
@@ -93,6 +103,10 @@ def _signing_key(args: argparse.Namespace):
 
 
 def _model_facts(path: str) -> dict:
+    if path.startswith(("http://", "https://")):  # --remote: the model's URL, no file and no sha256
+        from gate.remote_oracle import endpoint_facts
+
+        return endpoint_facts(path)
     facts: dict = {"path": path}
     try:
         from gate.oracle import file_sha256
@@ -113,6 +127,7 @@ def execute(args: argparse.Namespace, *, renderers: bool) -> int:
     examples = getattr(args, "examples", 0) if renderers else 0
     if examples < 0:
         raise UsageError("--examples must be 0 or more")
+    check_model_source(args)  # a remote model: args.model is its URL from here on
     if not args.checkpoint_every >= 0:
         raise UsageError("--checkpoint-every must be 0 or more seconds")
     if args.resume and not (out / CHECKPOINT_JSON).is_file() and not (out / DATA_NPZ).is_file():
@@ -142,7 +157,8 @@ def execute(args: argparse.Namespace, *, renderers: bool) -> int:
         checkpoint = Checkpoint(out, args.checkpoint_every)
         if not args.resume:
             checkpoint.clear()  # a fresh run: an earlier run's checkpoint is stale
-        oracle = open_oracle(args, policy.spec_overrides())
+        # a remote model's own budget counts every image sent (the spec's probe too): none beyond --max-queries
+        oracle = open_oracle(args, policy.spec_overrides(), policy.budget.max_queries if args.remote else None)
         run = run_gate(oracle, policy, examples=examples, progress=Progress(enabled=not args.quiet), log=log,
                        checkpoint=checkpoint, resume=args.resume)
         warning = _write(out, run, policy, source, provenance, args, run_info, renderers)

@@ -11,10 +11,14 @@
                    "run": {started, finished, command}, ["error": message]}}
 
 A run that failed writes the same statement with outcome ``error``, no classes and the error message (the
-subject's digest is empty when the model file could not be read). ``policy.sha256`` is the sha256 of
-:func:`canonical_json` of the effective policy (the ``policy`` block of report.json). The file's bytes are
-exactly the payload that ``--sign-key`` signs into ``attestation.dsse.json`` (a DSSE envelope, payload type
-``application/vnd.in-toto+json``, :mod:`gate.dsse`), so ``gate verify`` can compare the two.
+subject's digest is empty when the model file could not be read). A model scanned behind an inference
+endpoint (``--remote``; there is no file) is the subject ``{"name": "<model name>", "uri": "<model URL>",
+"digest": {"sha256": "<endpoint_sha256>"}}``: the digest is of the canonical JSON of the URL and the
+server's and model's metadata (:mod:`gate.remote_oracle`), what the server declared, not its weights.
+``policy.sha256`` is the sha256 of :func:`canonical_json` of the effective policy (the ``policy`` block of
+report.json). The file's bytes are exactly the payload that ``--sign-key`` signs into ``attestation.dsse.json``
+(a DSSE envelope, payload type ``application/vnd.in-toto+json``, :mod:`gate.dsse`), so ``gate verify`` can
+compare the two.
 """
 
 from __future__ import annotations
@@ -129,6 +133,11 @@ def statement(decision: Decision, model: dict, policy: dict | None, *, result: S
     model = dict(result.model if result is not None else model)
     sha = model.get("sha256")
     path = str(model.get("path") or "model.onnx")
+    subject = {"name": Path(path).name, "digest": {"sha256": sha} if sha else {}}
+    if model.get("endpoint"):  # a remote model: named by its URL, digest of what its server declared
+        digest = model.get("endpoint_sha256")
+        subject = {"name": str(model.get("model_name") or path), "uri": path,
+                   "digest": {"sha256": digest} if digest else {}}
     verdict = {"outcome": decision.outcome, "exit_code": decision.exit_code, "reasons": list(decision.reasons)}
     if decision.model_p_value is not None:
         verdict.update(model_p_value=decision.model_p_value, backdoor_score=decision.backdoor_score)
@@ -151,7 +160,7 @@ def statement(decision: Decision, model: dict, policy: dict | None, *, result: S
         predicate["error"] = error
     return {
         "_type": STATEMENT_TYPE,
-        "subject": [{"name": Path(path).name, "digest": {"sha256": sha} if sha else {}}],
+        "subject": [subject],
         "predicateType": PREDICATE_TYPE,
         "predicate": predicate,
     }
