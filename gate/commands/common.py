@@ -36,11 +36,15 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 def add_remote_args(p: argparse.ArgumentParser) -> None:
     """A model behind an Open Inference Protocol (V2) server instead of a file (:mod:`gate.remote_oracle`);
-    the model's name there is ``--model-name``, which the command defines."""
+    the model's name there is ``--model-name`` (added here unless the command has one)."""
     g = p.add_argument_group("remote model (instead of a file: a model served over the Open Inference Protocol)")
     g.add_argument("--remote", metavar="URL",
                    help="scan the model --model-name served by this Open Inference Protocol (KServe V2) REST server "
                         "(Triton, KServe, MLServer, gate proxy --no-shield), e.g. http://HOST:PORT; no model file")
+    try:
+        g.add_argument("--model-name", metavar="NAME", help="with --remote: the model's name on the server")
+    except argparse.ArgumentError:  # the command has its own --model-name (gate run: the metrics label, too)
+        pass
     g.add_argument("--model-version", metavar="V", help="the model's version on the server (default: its choice)")
     g.add_argument("--max-qps", type=float, metavar="N", help="images sent to the server per second at most "
                    "(default: no limit)")

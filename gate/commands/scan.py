@@ -16,6 +16,5 @@ def register(sub) -> None:
                                    "trigger is an outlier and decide as `gate run` does, writing report.json and "
                                    f"triggers.npz. Exit {exit_code_help()}.")
     p.add_argument("--policy", help="policy YAML file (default: the built-in defaults)")
-    p.add_argument("--model-name", metavar="NAME", help="with --remote: the model's name on the server")
     add_gate_args(p, data_required=True)
     p.set_defaults(handler=lambda args: execute(args, renderers=False))
