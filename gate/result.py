@@ -97,7 +97,7 @@ class ScanResult:
         if d.get("schema_version") != SCHEMA_VERSION:
             raise GateError(f"report schema version {d.get('schema_version')!r} is not {SCHEMA_VERSION!r}")
         # added by the gate's renderers, not part of the scan; "verdict": reports before the decision was one
-        for key in ("decision", "policy", "error", "verdict"):
+        for key in ("decision", "policy", "error", "class_names", "verdict"):
             d.pop(key, None)
         d["classes"] = [ClassResult(**c) for c in d["classes"]]
         return cls(**d)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gate.decision import Decision, decide
+from gate.decision import RULES, Decision, decide
 from gate.policy import Policy
 from gate.report import write_error_reports, write_reports
 from gate.report.htmlpage import render_html
@@ -173,10 +173,13 @@ def test_html_is_self_contained_and_complete():
     assert "<script" not in page and "@import" not in page
     text = " ".join(p.text)
     assert "Rejected" in text and decision.reasons[0] in text
-    # 10 classes x (3 trigger pictures + 2 examples)
-    assert sum(u.startswith("data:image/png") for u in p.urls) == 10 * 5
-    # flagged class first
-    assert p.ids.index("class-3") < min(p.ids.index(f"class-{i}") for i in range(10) if i != 3)
+    # a card with pictures for the flagged class only: 3 trigger pictures + 2 stamped examples
+    assert sum(u.startswith("data:image/png") for u in p.urls) == 5
+    assert [i for i in p.ids if i.startswith("class-")] == ["class-3"]
+    # the other 9 classes are rows of the table, L1 ascending by default
+    rows = [i for i in p.ids if i.startswith("row-")]
+    others = sorted((c for c in result.classes if c.label != 3), key=lambda c: c.l1)
+    assert rows == [f"row-{c.label}" for c in others]
     assert "svg" in p.tags and page.count("<rect") == 10
     assert "median" in text and "MAD threshold" in text and "0.25 × median" in text
     assert "ab" * 32 in text and "CPUExecutionProvider" in text and "123,456" in text
@@ -219,6 +222,156 @@ def test_html_without_flags_has_no_flagged_section():
     assert 'id="flagged"' not in page and "Accepted" in page and "All classes" in page
 
 
+def _bars(page: str) -> list[tuple[int, float, float]]:
+    """(class, y, height) of each bar of the L1 chart, left to right."""
+    svg = page[page.index("<svg"):page.index("</svg>")]
+    return [(int(c), float(y), float(h)) for y, h, c in
+            re.findall(r'<rect x="[\d.]+" y="([\d.]+)" width="[\d.]+" height="([\d.]+)"[^>]*data-class="(\d+)"', svg)]
+
+
+def test_html_chart_is_sorted_and_log_scale():
+    result = make_result()  # class 3: L1 1.6 against about 41 for the others
+    page = render_html(result, decide(result, Policy()), None)
+    bars = _bars(page)
+    assert [c for c, _, _ in bars] == [c.label for c in sorted(result.classes, key=lambda c: c.l1)]
+    assert bars[0][0] == 3, "the smallest trigger stands first"
+    l1 = {c.label: c.l1 for c in result.classes}
+    base = bars[0][1] + bars[0][2]  # every bar stands on the axis
+    assert all(abs(y + h - base) < 0.2 for _, y, h in bars)
+    # log scale: bar heights grow with log(L1), so the 1.6 bar is not a sliver next to the 45 one
+    (a, _, ha), (b, _, hb) = bars[1], bars[-1]
+    per_decade = (hb - ha) / np.log10(l1[b] / l1[a])
+    assert bars[0][2] == pytest.approx(ha - per_decade * np.log10(l1[a] / l1[3]), abs=0.3)
+    linear = hb * l1[3] / l1[b]  # what a linear axis from 0 would give it: 8 px, a sliver
+    assert bars[0][2] > max(20.0, 3 * linear)
+    # the flagged bar is red and labelled with its value
+    svg = page[page.index("<svg"):page.index("</svg>")]
+    assert re.search(r'<rect [^>]*fill="#c62828"[^>]*data-class="3"', svg)
+    assert re.search(r'fill="#c62828" font-weight="bold">1\.6</text>', svg)
+    assert not re.search(r'<rect [^>]*fill="#c62828"[^>]*data-class="[^3]"', svg)
+
+
+def test_html_chart_of_calibrated_rule_draws_its_threshold():
+    policy = Policy()
+    l1 = [41.0, 38.5, 45.2, 1.6, 40.3, 43.8, 39.9, 37.2, 44.0, 42.6]
+    result = make_result(l1, policy=policy)
+    o = result.outliers
+    o.update(method="calibrated", alpha=0.08, scale_floor=1.0)
+    page = render_html(result, decide(result, policy), None)
+    svg = page[page.index("<svg"):page.index("</svg>")]
+    from gate.outliers import OutlierRule, calibrated_threshold_l1
+
+    cut = calibrated_threshold_l1(np.array(l1), OutlierRule(alpha=0.08, scale_floor=1.0))
+    label = re.search(r">p ≤ 0\.08: about ([\d.]+)</text>", svg)
+    assert label and float(label.group(1)) == pytest.approx(cut, rel=1e-2)
+    assert "<path" in svg, "the region where the rule flags is shaded"
+
+
+def test_html_table_of_unflagged_classes_sorts_by_every_column():
+    result = make_result()
+    page = render_html(result, decide(result, Policy()), None, class_names=[f"sign {i}" for i in range(10)])
+    table = page[page.index('<div class="ctable">'):page.index("</table>")]
+    rows = re.findall(r'<tr id="row-(\d+)" style="([^"]+)"', table)
+    assert {int(r) for r, _ in rows} == set(range(10)) - {3}
+    ranks = {int(r): dict(kv.split(":") for kv in style.split(";")) for r, style in rows}
+    others = [c for c in result.classes if c.label != 3]
+    for key, sort_key in [("--r-l1", lambda c: c.l1), ("--r-steps", lambda c: c.steps),
+                          ("--r-queries", lambda c: c.queries), ("--r-class", lambda c: c.label),
+                          ("--r-index", lambda c: -c.anomaly_index)]:
+        by_rank = sorted(others, key=lambda c: int(ranks[c.label][key]))
+        assert [c.label for c in by_rank] == [c.label for c in sorted(others, key=sort_key)], key
+    # one ascending and one descending button per column; L1 ascending is checked
+    radios = re.findall(r'<input type="radio" class="sr" name="sort-classes" id="sort-([a-z0-9]+)-([ad])"([^>]*)>',
+                        table)
+    columns = {k for k, _, _ in radios}
+    assert {"class", "name", "l1", "pixels", "area", "index", "asr", "steps", "queries", "status"} <= columns
+    assert [(k, d) for k, d, rest in radios if "checked" in rest] == [("l1", "a")]
+    for k in columns:  # every button has a header label that clicks it, and a rule that orders by its rank
+        assert f'<label for="sort-{k}-a"' in table and f'<label for="sort-{k}-d"' in table
+        assert f"#sort-{k}-a:checked~.ctw tbody tr,#sort-{k}-d:checked~.ctw tbody tr{{order:var(--r-{k})}}" in page
+    assert "<td class=\"c-name\" title=\"sign 0\">sign 0</td>" in table
+    assert "sign 3" not in table, "the flagged class has a card, not a row"
+    assert 'class="name">sign 3</span>' in page  # ... named on its card
+    assert "class 3 (sign 3): L1 1.6" in page  # ... and in the chart's tooltip
+
+
+def test_html_accept_names_what_the_scan_cannot_see():
+    policy = Policy()
+    result = make_result(L1_CLEAN, policy=policy)
+    page = render_html(result, decide(result, policy), policy.to_dict())
+    banner = page[page.index('id="decision"'):page.index('<div class="stats">')]
+    assert "within what this scan can see" in banner and 'id="limits"' in banner
+    for words in ("blend search for a faint full-image trigger was off", "--blend", "all-to-all",
+                  "only the 500 images of models/demo/gtsrb_sample.npz", "at most 800 steps of 50 samples",
+                  "123,456 queries"):
+        assert words in banner, words
+    # the limits follow the scan: a blend scan on synthetic data with classes stopped at the step limit
+    result.blend = {"median_amplitude": 0.5}
+    result.method = "b3d-ss"
+    result.data["clean_accuracy"] = None
+    result.classes[0].status = "max_steps"
+    page = render_html(result, decide(result, policy), policy.to_dict())
+    banner = page[page.index('id="decision"'):page.index('<div class="stats">')]
+    assert "faint full-image blends were searched" in banner and "was off" not in banner
+    assert "synthesised from the model itself (B3D-SS)" in banner
+    assert "no labels" in banner and "1 class stopped at the step limit" in banner
+    # another outcome lists them in their own section, not in the banner
+    result = make_result(policy=policy)
+    page = render_html(result, decide(result, policy), policy.to_dict())
+    assert 'id="limits"' in page and "What this scan cannot see" not in page[:page.index('<div class="stats">')]
+
+
+def test_html_reproduce_command_and_links_to_the_run_files(tmp_path):
+    command = ["gate", "run", "models/v endor.onnx", "--policy", "policies/default.yaml", "--out", "gate-out",
+               "--pushgateway", "https://ci:s3cret@push.example:9091"]
+    out, result, decision = render_all(tmp_path, command=command, companions=["attestation.json", "metrics.prom"])
+    page = (out / "report.html").read_text()
+    p = _Collect()
+    p.feed(page)
+    hrefs = [u for u in p.urls if not u.startswith("data:")]
+    assert hrefs == ["report.json", "report.sarif", "junit.xml", "triggers.npz", "attestation.json", "metrics.prom"]
+    assert all((out / h).is_file() for h in hrefs if h not in ("attestation.json", "metrics.prom"))
+    section = page[page.index('id="reproduce"'):]
+    assert ("gate run &#x27;models/v endor.onnx&#x27; --policy policies/default.yaml --out gate-out --pushgateway "
+            "&#x27;https://***@push.example:9091&#x27;") in section  # shell-quoted, the password hidden
+    assert "s3cret" not in page
+    from gate.report.attestation import policy_sha256
+
+    assert policy_sha256(Policy().to_dict())[:16] in section and "ab" * 8 in section and "seed 0" in section
+    # a failed run's page links to what it wrote
+    write_error_reports(tmp_path / "err", Decision.error("boom"), None, {"path": "m.onnx"}, "boom",
+                        command=["gate", "run", "m.onnx"], companions=["attestation.json"])
+    p = _Collect()
+    p.feed((tmp_path / "err" / "report.html").read_text())
+    assert [u for u in p.urls if not u.startswith("data:")] == ["report.json", "report.sarif", "junit.xml",
+                                                                "attestation.json"]
+
+
+def test_class_names_flow_into_report_json_and_sarif(tmp_path):
+    names = [f"sign {i}" for i in range(10)]
+    out, result, _ = render_all(tmp_path, class_names=names)
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["class_names"] == names
+    loaded, _, _ = load_report(out / "report.json")
+    assert loaded == result  # the names are not part of the scan result
+    assert ScanResult.from_dict(doc) == result
+    sarif = json.loads((out / "report.sarif").read_text())
+    assert [r["properties"]["class_name"] for r in sarif["runs"][0]["results"]] == ["sign 3"]
+    assert "sign 3" in (out / "report.html").read_text()
+    # without names the document is as before: no key at all
+    render_all(tmp_path / "plain")
+    assert "class_names" not in json.loads((tmp_path / "plain" / "report.json").read_text())
+
+
+def test_report_doctests():
+    import doctest
+
+    from gate.report import fmt, htmlpage, l1chart
+
+    for module in (fmt, htmlpage, l1chart):
+        assert doctest.testmod(module).failed == 0, module.__name__
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
                                     reason="chromium not installed (required when CI is set)")
@@ -256,6 +409,53 @@ def test_html_renders_in_headless_chromium(tmp_path):
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert "Rejected" in dom.stdout and decision.reasons[0] in dom.stdout
     assert 'id="class-3"' in dom.stdout
+
+
+SORT_PROBE = """<script>
+function order() {
+  return [...document.querySelectorAll('#classes tbody tr')]
+    .map(r => [r.id.slice(4), r.getBoundingClientRect().top]).sort((a, b) => a[1] - b[1]).map(x => +x[0]);
+}
+function shown(sel) { return getComputedStyle(document.querySelector(sel)).display !== 'none'; }
+const out = {initial: order(), height: document.documentElement.scrollHeight};
+document.querySelector('label.sa-steps').click();
+out.steps_up = order();
+out.toggle = [shown('label.sa-steps'), shown('label.sd-steps')];
+document.querySelector('label.sd-steps').click();
+out.steps_down = order();
+document.querySelector('label.sa-name').click();
+out.name_up = order();
+document.body.setAttribute('data-probe', JSON.stringify(out));
+</script>"""
+
+
+@needs_chromium
+def test_html_table_sorts_in_headless_chromium(tmp_path):
+    """43 classes like the demo: clicking a column header reorders the rows (no script in the page: CSS alone;
+    the probe script is the test's), a second click reverses them, and the page stays short."""
+    import html as html_lib
+
+    l1 = [60.0 + 7 * ((i * 17) % 43) for i in range(43)]
+    l1[29] = 3.6
+    result = make_result(l1)
+    names = [f"sign {chr(65 + (i * 7) % 26)}{i}" for i in range(43)]
+    page = render_html(result, decide(result, Policy()), Policy().to_dict(), triggers=make_triggers(result),
+                       examples=make_examples(result), class_names=names)
+    assert "<script" not in page
+    path = tmp_path / "report.html"
+    path.write_text(page.replace("</body>", SORT_PROBE + "</body>"))
+    dom = chromium("--dump-dom", "--window-size=1200,2000", path.as_uri(), profile=tmp_path / "profile")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    probe = re.search(r'data-probe="([^"]*)"', dom.stdout)
+    assert probe, dom.stdout[-2000:]
+    got = json.loads(html_lib.unescape(probe.group(1)))
+    others = [c for c in result.classes if not c.flagged]
+    assert got["initial"] == [c.label for c in sorted(others, key=lambda c: (c.l1, c.label))]
+    by_steps = [c.label for c in sorted(others, key=lambda c: (c.steps, c.label))]
+    assert got["steps_up"] == by_steps and got["steps_down"] == by_steps[::-1]
+    assert got["toggle"] == [False, True], "after an ascending sort the header's label sorts descending"
+    assert got["name_up"] == [c.label for c in sorted(others, key=lambda c: names[c.label].casefold())]
+    assert got["height"] < 4000, f"page is {got['height']} px tall"
 
 
 # --------------------------------------------------------------------------- SARIF
@@ -337,8 +537,9 @@ def test_sarif_rules_carry_security_severity_tags_and_help_and_the_run_an_automa
     assert run["automationDetails"] == {"id": "backdoor-gate/gtsrb_badnets3x3.onnx/" + "ab" * 6 + "/"}
     rules = {r["id"]: r for r in run["tool"]["driver"]["rules"]}
     severity = {k: r["properties"]["security-severity"] for k, r in rules.items()}
-    # BG001 and BG003 reject, BG004 is a failed scan, BG002 and BG005 ask for a review
-    assert severity == {"BG001": "9.0", "BG002": "5.0", "BG003": "9.0", "BG004": "7.0", "BG005": "5.0"}
+    # BG001 and BG003 reject, BG004 is a failed scan, BG002, BG005 and BG006 ask for a review
+    expected = {"BG001": "9.0", "BG002": "5.0", "BG003": "9.0", "BG004": "7.0", "BG005": "5.0", "BG006": "5.0"}
+    assert severity == {rule: expected[rule] for rule in RULES}
     for r in rules.values():
         assert 0 < float(r["properties"]["security-severity"]) <= 10
         assert r["properties"]["tags"][0] == "security" and len(set(r["properties"]["tags"])) > 1
@@ -412,5 +613,7 @@ def test_big_models_keep_the_page_small():
     result = make_result(l1)
     page = render_html(result, decide(result, Policy()), None, triggers=make_triggers(result),
                        examples=make_examples(result, per_class=1))
-    # 150 x 3 trigger pictures, stamped examples for the flagged class only
-    assert page.count("data:image/png;base64,") == 150 * 3 + 1
+    # pictures for the flagged class only (3 of its trigger, 1 stamped example); a table row for each other one
+    assert page.count("data:image/png;base64,") == 3 + 1
+    assert page.count('<tr id="row-') == 149 and 'id="row-17"' not in page
+    assert len(page) < 200_000

@@ -54,17 +54,25 @@ def _summary(result: ScanResult) -> dict:
 def write_reports(out: str | Path, result: ScanResult, triggers: Triggers | None, decision: Decision,
                   policy: dict | None, *, examples: dict[int, list[Example]] | None = None,
                   policy_source: str | None = None, generated: str | None = None,
-                  provenance: dict | None = None) -> dict[str, Path]:
+                  provenance: dict | None = None, class_names: list[str] | None = None,
+                  command: list[str] | None = None, companions: list[str] | tuple[str, ...] = ()) -> dict[str, Path]:
+    """``class_names`` (``--labels``) go into report.json, report.html and report.sarif; ``command`` is the
+    command line report.html gives to reproduce the run; ``companions`` are the files the caller writes
+    beside these afterwards (attestation.json, metrics.prom), which report.html links to as well."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("trigger_*.png"):  # from an earlier run into the same folder
         old.unlink()
     files = {name: out / name for name in ("report.json", "report.html", "report.sarif", "junit.xml")}
-    write_report_json(files["report.json"], report_dict(result, decision, policy, provenance=provenance))
+    write_report_json(files["report.json"], report_dict(result, decision, policy, provenance=provenance,
+                                                        class_names=class_names))
+    links = ["report.json", "report.sarif", "junit.xml", *(["triggers.npz"] if triggers is not None else []),
+             *companions]
     atomic_write(files["report.html"], render_html(result, decision, policy, triggers=triggers, examples=examples,
-                                                policy_source=policy_source, generated=generated))
+                                                policy_source=policy_source, generated=generated,
+                                                class_names=class_names, command=command, links=links))
     atomic_write(files["report.sarif"], json.dumps(strict_json(sarif_log(
-        decision, result.model, result_summary=_summary(result))), indent=2) + "\n")
+        decision, result.model, result_summary=_summary(result), class_names=class_names)), indent=2) + "\n")
     atomic_write(files["junit.xml"], junit_xml(result, decision))
     if triggers is not None:
         files["triggers.npz"] = out / "triggers.npz"
@@ -117,19 +125,22 @@ def begin_run(out: str | Path, model: dict, policy: dict | None, *, started: str
 
 
 def write_scan_files(out: str | Path, result: ScanResult, triggers: Triggers, decision: Decision,
-                     policy: dict | None, *, provenance: dict | None = None) -> dict[str, Path]:
+                     policy: dict | None, *, provenance: dict | None = None,
+                     class_names: list[str] | None = None) -> dict[str, Path]:
     """What ``gate scan`` writes: report.json (the same document as ``gate run``'s) and triggers.npz."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = {"report.json": out / "report.json", "triggers.npz": out / "triggers.npz"}
-    write_report_json(files["report.json"], report_dict(result, decision, policy, provenance=provenance))
+    write_report_json(files["report.json"], report_dict(result, decision, policy, provenance=provenance,
+                                                        class_names=class_names))
     triggers.save(files["triggers.npz"])
     return files
 
 
 def write_error_reports(out: str | Path, decision: Decision, policy: dict | None, model: dict, error: str, *,
                         policy_source: str | None = None, generated: str | None = None,
-                        provenance: dict | None = None, renderers: bool = True) -> dict[str, Path]:
+                        provenance: dict | None = None, renderers: bool = True, command: list[str] | None = None,
+                        companions: list[str] | tuple[str, ...] = ()) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # stale results must not survive a failure (gate run writes the error attestation after this)
@@ -142,7 +153,8 @@ def write_error_reports(out: str | Path, decision: Decision, policy: dict | None
     if not renderers:
         return {"report.json": files["report.json"]}
     atomic_write(files["report.html"], render_html(None, decision, policy, model=model, policy_source=policy_source,
-                                                generated=generated))
+                                                generated=generated, command=command,
+                                                links=["report.json", "report.sarif", "junit.xml", *companions]))
     atomic_write(files["report.sarif"], json.dumps(strict_json(sarif_log(decision, model)), indent=2) + "\n")
     atomic_write(files["junit.xml"], junit_xml(None, decision, model))
     return files

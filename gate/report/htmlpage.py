@@ -1,35 +1,57 @@
 """``report.html``: one self-contained page for a person deciding whether to trust the gate's verdict.
 
-No external resources: CSS is inline, pictures are base64 PNG data URIs, the chart is inline SVG. Every
-piece of text that comes from the model, the data or the policy is escaped.
+No external resources and no script: CSS is inline, pictures are base64 PNG data URIs, the chart is inline
+SVG (:mod:`gate.report.l1chart`), the class table sorts with CSS alone (:mod:`gate.report.classtable`). Every
+piece of text that comes from the model, the data, the policy, the class names or the command line is
+escaped; the only links are relative ones to the run's other files beside the page.
 
-Sections: decision banner with the reasons, key numbers, model facts, a bar chart of each class's
-reversed-trigger L1 norm with the outlier thresholds, and one card per class (flagged first) with the
-reversed mask, pattern, mask x pattern and a few clean images with the trigger stamped on.
+Sections: decision banner with the reasons (for an accept, with what the scan cannot see:
+:mod:`gate.report.limits`), key numbers, the L1 of every class's reversed trigger (sorted, log scale), one
+card per flagged class (or class a rule named) with the reversed mask, pattern, mask x pattern and held-out
+images with the trigger stamped on, a sortable table of the other classes, model and scan facts, the
+command that reproduces the run with links to report.json, report.sarif, junit.xml and the attestation, the
+scan's limits (other outcomes) and the effective policy.
 """
 
 from __future__ import annotations
 
 import json
-from html import escape
+import re
+import shlex
 from pathlib import Path
 
 import numpy as np
 
-from gate.decision import Decision, exit_code_help, mad_threshold_l1
-from gate.outliers import OutlierRule, calibrated_threshold_l1
-from gate.pipeline import EXAMPLES_FOR_EVERY_CLASS as MANY_CLASSES
+from gate.decision import Decision, exit_code_help
+from gate.report.attestation import policy_sha256
+from gate.report.classtable import class_table
+from gate.report.fmt import e as _e
+from gate.report.fmt import num as _n
+from gate.report.fmt import pct as _pct
+from gate.report.fmt import seconds as _seconds
 from gate.report.images import data_uri, trigger_views
+from gate.report.l1chart import l1_chart
+from gate.report.limits import blind_spots
 from gate.result import ClassResult, Example, ScanResult, Triggers
 
 THUMB = 128  # longest side of a picture in the page, in pixels (big models' images are shrunk)
 
 TITLES = {"accept": "Accepted", "reject": "Rejected", "review": "Needs review", "error": "Scan failed"}
 BLURBS = {
-    "accept": "No backdoor was found. The model may be deployed under this policy.",
+    "accept": "No backdoor was found within what this scan can see (listed below). The model may be deployed "
+              "under this policy.",
     "reject": "The scan found evidence of a backdoor. Do not deploy this model.",
     "review": "The scan could not reach a verdict. A person must review before deployment.",
     "error": "The scan could not be completed. The gate fails closed: do not deploy.",
+}
+FILES = {  # what each file beside the page is, for the page's links
+    "report.json": "the canonical result: every number, the decision and the effective policy",
+    "report.sarif": "the findings as SARIF 2.1.0, for code scanning",
+    "junit.xml": "one test case per class, for CI test reports",
+    "triggers.npz": "every class's reversed trigger (what gate proxy stamps)",
+    "attestation.json": "in-toto statement of this decision about the model file's sha256",
+    "attestation.dsse.json": "the statement, signed (DSSE envelope; gate verify --key checks it)",
+    "metrics.prom": "Prometheus metrics (node_exporter textfile)",
 }
 
 CSS = """
@@ -96,47 +118,32 @@ margin-bottom:3px}.rowlabel .muted{text-transform:none;letter-spacing:0}
 details{margin-top:4px}summary{cursor:pointer;color:var(--accent);font-weight:600}
 pre{background:#f6f8fa;border:1px solid var(--line);border-radius:8px;padding:12px;overflow:auto;font-size:12px}
 footer{color:var(--muted);font-size:12px;text-align:center;margin-top:24px}
+.limits{margin-top:10px;padding-top:8px;border-top:1px solid rgba(0,0,0,.12)}
+.limits b{font-size:13px}.limits ul{margin:4px 0 0}.limits li{margin:2px 0;font-size:13px}
+section .limits{border:0;margin:0;padding:0}
+pre.cmd{white-space:pre-wrap;word-break:break-all;margin:0 0 8px}
+ul.files{margin:6px 0 0;padding-left:20px;columns:2;column-gap:32px}ul.files li{margin:2px 0;break-inside:avoid}
+a{color:var(--accent)}
+.card .title .name{font-weight:500;color:var(--muted);margin-left:6px}
 .muted{color:var(--muted)}
 @media print{body{background:#fff}.wrap{padding:0}section,.stat,.card{break-inside:avoid}}
 """
 
 
-def _e(x) -> str:
-    return escape(str(x), quote=True)
-
-
-def _n(x, digits: int = 3) -> str:
-    if x is None:
-        return "n/a"
-    if isinstance(x, float):
-        if not np.isfinite(x):
-            return "∞" if x > 0 else "−∞"
-        if abs(x) >= 1e6:
-            return f"{x:.3g}"
-        return f"{x:.{digits}g}" if abs(x) < 1000 else f"{x:,.0f}"
-    if isinstance(x, int):
-        return f"{x:,}"
-    return str(x)
-
-
-def _pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
-def _seconds(s: float) -> str:
-    if s < 60:
-        return f"{s:.1f} s"
-    m, sec = divmod(int(round(s)), 60)
-    return f"{m} min {sec:02d} s" if m < 60 else f"{m // 60} h {m % 60:02d} min"
-
-
-def _banner(decision: Decision) -> str:
+def _banner(decision: Decision, limits: list[str] | None = None) -> str:
+    """The decision; ``limits`` (an accept's blind spots) are listed inside it, where no reader misses them."""
     reasons = "".join(f"<li>{_e(r)}</li>" for r in decision.reasons)
     return (f'<div class="banner {_e(decision.outcome)}" id="decision"><div class="head">'
             f'<span class="outcome">{_e(TITLES.get(decision.outcome, decision.outcome))}</span>'
             f'<span class="pill">decision: {_e(decision.outcome)}</span>'
             f'<span class="pill">exit code {_e(decision.exit_code)}</span></div>'
-            f'<div class="blurb">{_e(BLURBS.get(decision.outcome, ""))}</div><ul>{reasons}</ul></div>')
+            f'<div class="blurb">{_e(BLURBS.get(decision.outcome, ""))}</div><ul>{reasons}</ul>'
+            f'{_limits(limits) if limits else ""}</div>')
+
+
+def _limits(limits: list[str]) -> str:
+    items = "".join(f"<li>{_e(x)}</li>" for x in limits)
+    return f'<div class="limits" id="limits"><b>What this scan cannot see</b><ul>{items}</ul></div>'
 
 
 def _stats(result: ScanResult) -> str:
@@ -167,7 +174,8 @@ def _spec_text(spec: dict, model: dict) -> str:
     return "; ".join(parts)
 
 
-def _facts(result: ScanResult | None, model: dict, policy: dict | None, policy_source: str | None) -> str:
+def _facts(result: ScanResult | None, model: dict, policy: dict | None, policy_source: str | None,
+           named: bool = False) -> str:
     rows: list[tuple[str, str, bool]] = [("Model", str(model.get("path", "?")), True)]
     if model.get("sha256"):
         rows.append(("SHA-256", model["sha256"], True))
@@ -176,7 +184,8 @@ def _facts(result: ScanResult | None, model: dict, policy: dict | None, policy_s
         rows += [
             ("Input", _spec_text(result.input_spec, model), False),
             ("Classes", f"{model.get('num_classes', len(result.classes))} "
-                        f"(image {'×'.join(str(v) for v in model.get('image_shape', []))})", False),
+                        f"(image {'×'.join(str(v) for v in model.get('image_shape', []))})"
+                        f"{'; names from --labels' if named else ''}", False),
             ("Providers", ", ".join(result.providers), False),
             ("Method", {"b3d": "B3D: trigger search on clean images",
                         "b3d-ss": "B3D-SS: trigger search on synthesised images"}.get(result.method, result.method),
@@ -211,16 +220,6 @@ def _status_counts(result: ScanResult) -> str:
     return ", ".join(f"{n} {status.replace('_', ' ')}" for status, n in sorted(counts.items(), key=lambda t: -t[1]))
 
 
-def _nice_max(v: float) -> tuple[float, float]:
-    """A round axis maximum >= v and its tick step (5ish ticks)."""
-    if not v > 0 or not np.isfinite(v):
-        return 1.0, 0.2
-    raw = v / 5
-    mag = 10 ** np.floor(np.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    return float(np.ceil(v / step) * step), float(step)
-
-
 def _rule_text(o: dict) -> str:
     if o.get("method", "mad") == "calibrated":
         return (f"calibrated: leave-one-out robust z of log L1 (scale floor {_n(o.get('scale_floor'))}), flag at a "
@@ -230,92 +229,12 @@ def _rule_text(o: dict) -> str:
             f"median L1 {_n(o.get('median_l1'))}, MAD {_n(o.get('mad'))}")
 
 
-def l1_chart(result: ScanResult) -> str:
-    """Inline SVG: one bar per class (flagged in red) and the outlier thresholds as horizontal lines."""
-    classes = sorted(result.classes, key=lambda c: c.label)
-    l1 = np.array([c.l1 for c in classes], dtype=np.float64)
-    median = float(result.outliers.get("median_l1") or np.median(l1))
-    mad = float(result.outliers.get("mad") or 0.0)
-    calibrated = result.outliers.get("method", "mad") == "calibrated"
-    t = float(result.outliers.get("anomaly_threshold", 2.0))
-    ratio = float(result.outliers.get("median_ratio", 0.25))
-    mad_line = mad_threshold_l1(median, mad, t)
-    ratio_line = ratio * median
-    if calibrated:
-        rule = OutlierRule(alpha=float(result.outliers["alpha"]), scale_floor=float(result.outliers["scale_floor"]))
-        cal_line = calibrated_threshold_l1(l1, rule)
-    top, step = _nice_max(max(float(np.max(l1)) if len(l1) else 1.0, median) * 1.05)
-    w, h = 1100, 320
-    ml, mr, mt, mb = 58, 150, 14, 40
-    pw, ph = w - ml - mr, h - mt - mb
-
-    def y(v: float) -> float:
-        return mt + ph * (1 - min(max(v, 0.0), top) / top)
-
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {w} {h}" role="img" '
-             f'aria-label="L1 norm of each class\'s reversed trigger" font-family="Arial, sans-serif" font-size="11">']
-    ticks = np.arange(0, top + step / 2, step)
-    for v in ticks:
-        yy = y(float(v))
-        parts.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{yy:.1f}" y2="{yy:.1f}" stroke="#e6e9ee"/>')
-        parts.append(f'<text x="{ml - 6}" y="{yy + 4:.1f}" text-anchor="end" fill="#5f6b7a">{_e(_n(float(v)))}</text>')
-    n = max(1, len(classes))
-    slot = pw / n
-    bw = max(1.0, slot * 0.72)
-    every = 1 if n <= 50 else int(np.ceil(n / 50))
-    for i, c in enumerate(classes):
-        x = ml + i * slot + (slot - bw) / 2
-        yy = y(c.l1)
-        color = "#c62828" if c.flagged else "#7d8fb3"
-        tip = (f"class {c.label}: L1 {_n(c.l1)}, anomaly index {_n(c.anomaly_index)}"
-               f"{f', p-value {c.p_value:.2g}' if c.p_value is not None else ''}, "
-               f"trigger ASR {_pct(c.trigger_asr)}{' — FLAGGED' if c.flagged else ''}")
-        parts.append(f'<rect x="{x:.1f}" y="{yy:.1f}" width="{bw:.1f}" height="{max(0.0, mt + ph - yy):.1f}" '
-                     f'fill="{color}" rx="1.5"><title>{_e(tip)}</title></rect>')
-        if i % every == 0:
-            style = 'fill="#c62828" font-weight="bold"' if c.flagged else 'fill="#5f6b7a"'
-            parts.append(f'<text x="{x + bw / 2:.1f}" y="{mt + ph + 14}" text-anchor="middle" {style}>'
-                         f'{c.label}</text>')
-    parts.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{mt + ph}" y2="{mt + ph}" stroke="#9aa5b1"/>')
-    parts.append(f'<text x="{ml + pw / 2}" y="{h - 6}" text-anchor="middle" fill="#5f6b7a">class</text>')
-    parts.append(f'<text transform="translate(14 {mt + ph / 2}) rotate(-90)" text-anchor="middle" '
-                 f'fill="#5f6b7a">L1 norm of the reversed mask</text>')
-    lines = [(median, "#1f2933", "", f"median {_n(median)}")]
-    if calibrated:
-        lines.append((cal_line, "#c62828", "6 4", f"p ≤ {_n(rule.alpha)}: about {_n(cal_line)}"))
-    else:
-        lines.append((ratio_line, "#c62828", "6 4", f"{_n(ratio)} × median {_n(ratio_line)}"))
-        if mad_line > 0:
-            lines.append((mad_line, "#d97706", "3 3", f"MAD threshold {_n(mad_line)}"))
-    label_y: list[float] = []
-    for v, color, dash, label in sorted(lines, key=lambda t: -t[0]):
-        yy = y(v)
-        dashed = f' stroke-dasharray="{dash}"' if dash else ""
-        parts.append(f'<line x1="{ml}" x2="{ml + pw}" y1="{yy:.1f}" y2="{yy:.1f}" stroke="{color}" '
-                     f'stroke-width="1.6"{dashed}/>')
-        ty = yy + 4
-        for prev in label_y:  # keep labels of close lines apart
-            if abs(ty - prev) < 13:
-                ty = prev + 13
-        label_y.append(ty)
-        parts.append(f'<text x="{ml + pw + 6}" y="{ty:.1f}" fill="{color}">{_e(label)}</text>')
-    parts.append("</svg>")
-    legend = ('<div class="legend"><span><i class="box" style="background:#7d8fb3"></i>class</span>'
-              '<span><i class="box" style="background:#c62828"></i>flagged class</span>'
-              '<span><i style="border-color:#1f2933"></i>median</span>'
-              f'<span><i style="border-color:#c62828;border-top-style:dashed"></i>{_e(_n(ratio))} × median</span>'
-              + (f'<span><i style="border-color:#d97706;border-top-style:dotted"></i>median − {_e(_n(t))}·1.4826·MAD'
-                 '</span>' if mad_line > 0 else
-                 f'<span>MAD threshold median − {_e(_n(t))}·1.4826·MAD is below 0 (not drawn)</span>')
-              + "</div>")
-    return legend + "".join(parts)
-
-
 def _figure(uri: str, caption: str, alt: str) -> str:
     return f'<figure><img src="{uri}" alt="{_e(alt)}"><figcaption>{caption}</figcaption></figure>'
 
 
-def _card(c: ClassResult, triggers: Triggers | None, examples: list[Example], rule_hits: set[int]) -> str:
+def _card(c: ClassResult, triggers: Triggers | None, examples: list[Example], rule_hits: set[int],
+          name: str | None = None) -> str:
     flagged = c.flagged
     if flagged:
         tag = '<span class="tag flag">flagged</span>'
@@ -327,7 +246,7 @@ def _card(c: ClassResult, triggers: Triggers | None, examples: list[Example], ru
         tag = f'<span class="tag ok">{_e(c.status.replace("_", " "))}</span>'
     nums = [("L1", _n(c.l1)), ("pixels", _n(c.binary_l1)), ("of image", _pct(c.mask_fraction)),
             ("anomaly idx", _n(c.anomaly_index)), ("trigger ASR", _pct(c.trigger_asr)),
-            ("steps", _n(c.steps))]
+            ("p-value", f"{c.p_value:.2g}") if c.p_value is not None else ("steps", _n(c.steps))]
     nums_html = "".join(f"<span>{_e(k)} <b>{_e(v)}</b></span>" for k, v in nums)
     rows = []
     if c.note:
@@ -353,52 +272,95 @@ def _card(c: ClassResult, triggers: Triggers | None, examples: list[Example], ru
         rows.append(f'<div class="row"><div class="rowlabel">stamped on clean images '
                     f'<span class="muted">({hits}/{len(examples)} sent to class {c.label})</span></div>'
                     f'<div class="pics">{"".join(figs)}</div></div>')
+    named = f'<span class="name">{_e(name)}</span>' if name else ""
     return (f'<div class="card{" flagged" if flagged else ""}" id="class-{c.label}">'
-            f'<div class="title"><b>class {c.label}</b>{tag}</div><div class="nums">{nums_html}</div>'
+            f'<div class="title"><b>class {c.label}{named}</b>{tag}</div><div class="nums">{nums_html}</div>'
             f'{"".join(rows)}</div>')
+
+
+def _redact(arg: str) -> str:
+    """A command-line argument as the page shows it: a URL's user and password become ``***``.
+
+    >>> _redact("--pushgateway=https://ci:s3cret@push.example:9091")
+    '--pushgateway=https://***@push.example:9091'
+    """
+    return re.sub(r"(://)[^/@\s]+@", r"\1***@", arg)
+
+
+def _reproduce(result: ScanResult | None, model: dict, policy: dict | None, command: list[str] | None,
+               links: list[str]) -> str:
+    parts = ['<section id="reproduce"><h2>Reproduce and files</h2>']
+    if command:
+        parts.append(f'<pre class="cmd mono">{_e(shlex.join(_redact(a) for a in command))}</pre>')
+        same = [f"the same model file (sha256 <code>{_e(str(model.get('sha256') or '?')[:16])}…</code>)"]
+        if policy is not None:
+            same.append(f"the same effective policy (sha256 <code>{_e((policy_sha256(policy) or '')[:16])}…</code>, "
+                        "the <code>policy</code> block of report.json)")
+        same.append("the same data" + (f" ({_e(result.data.get('source'))})" if result is not None else ""))
+        tool = result.tool.get("version", "") if result is not None else ""
+        same.append(f"gate {_e(tool)}".rstrip() + " give the same report, timings aside"
+                    + (f": the scan is seeded (seed {_e(result.seed)})." if result is not None else "."))
+        parts.append(f'<p class="muted">Run from the same folder: {", ".join(same[:-1])} and {same[-1]}</p>')
+    if links:
+        items = "".join(f'<li><a href="{_e(name)}">{_e(name)}</a> <span class="muted">— '
+                        f'{_e(FILES.get(name, "a file of this run"))}</span></li>' for name in links)
+        parts.append(f'<div class="rowlabel">files of this run, beside this page</div><ul class="files">{items}</ul>')
+    parts.append("</section>")
+    return "".join(parts) if len(parts) > 2 else ""
 
 
 def render_html(result: ScanResult | None, decision: Decision, policy: dict | None = None, *,
                 triggers: Triggers | None = None, examples: dict[int, list[Example]] | None = None,
-                model: dict | None = None, generated: str | None = None,
-                policy_source: str | None = None) -> str:
-    """The whole page as a string. ``result`` is None for a run that failed before it had a result."""
+                model: dict | None = None, generated: str | None = None, policy_source: str | None = None,
+                class_names: list[str] | None = None, command: list[str] | None = None,
+                links: list[str] | None = None) -> str:
+    """The whole page as a string. ``result`` is None for a run that failed before it had a result;
+    ``class_names`` (one per class) name the classes, ``command`` is the run's command line and ``links`` the
+    names of the run's files beside the page."""
     model = model or (result.model if result is not None else {})
     examples = examples or {}
+
+    def name_of(label: int) -> str | None:
+        return class_names[label] if class_names is not None and 0 <= label < len(class_names) else None
+
     name = Path(str(model.get("path") or "model")).name
     sub = [f"<span class='mono'>{_e(name)}</span>"]
     if policy:
         sub.append(f"policy {_e(policy.get('name', '?'))}")
     if generated:
         sub.append(_e(generated))
+    limits = blind_spots(result) if result is not None else None
+    head_css = ""
     body = [f"<header><h1>Backdoor gate report</h1><div class='sub'>{' · '.join(sub)}</div></header>",
-            _banner(decision)]
+            _banner(decision, limits if decision.outcome == "accept" else None)]
     if result is not None:
         body.append(_stats(result))
-    body.append(_facts(result, model, policy, policy_source))
-    if result is not None:
         body.append('<section id="chart" class="chart"><h2>Reversed-trigger size per class '
                     '<span class="count">(a backdoor target needs a much smaller trigger than the others)'
-                    f'</span></h2>{l1_chart(result)}</section>')
+                    f'</span></h2>{l1_chart(result, class_names)}</section>')
         rule_hits = {f.label for f in decision.findings if f.label is not None}
         flagged = sorted((c for c in result.classes if c.flagged or c.label in rule_hits),
                          key=lambda c: (-c.anomaly_index, c.label))
-        rest = sorted((c for c in result.classes if not (c.flagged or c.label in rule_hits)),
-                      key=lambda c: c.label)
-        legend = ('<p class="muted">Each card shows the reversed trigger (mask: white = trigger pixel; '
-                  'pattern; mask·pattern) and clean images with it stamped on, captioned with the model\'s '
-                  'prediction before → after stamping (<span style="color:var(--red);font-weight:700">red'
-                  '</span>: the trigger sends the image to this class).</p>')
+        rest = [c for c in result.classes if not (c.flagged or c.label in rule_hits)]
         if flagged:
-            cards = "".join(_card(c, triggers, examples.get(c.label, []), rule_hits) for c in flagged)
+            legend = ('<p class="muted">Each card shows the reversed trigger (mask: white = trigger pixel; '
+                      'pattern; mask·pattern) and held-out clean images with it stamped on, captioned with the '
+                      'model\'s prediction before → after stamping (<span style="color:var(--red);font-weight:700">'
+                      'red</span>: the trigger sends the image to this class).</p>')
+            cards = "".join(_card(c, triggers, examples.get(c.label, []), rule_hits, name_of(c.label))
+                            for c in flagged)
             body.append(f'<section id="flagged"><h2>Flagged classes <span class="count">({len(flagged)})</span>'
                         f'</h2>{legend}<div class="cards">{cards}</div></section>')
-            legend = ""
-        many = len(result.classes) > MANY_CLASSES
-        cards = "".join(_card(c, triggers, [] if many else examples.get(c.label, []), rule_hits) for c in rest)
-        title = "Other classes" if flagged else "All classes"
-        body.append(f'<section id="classes"><h2>{title} <span class="count">({len(rest)})</span></h2>'
-                    f'{legend}<div class="cards">{cards}</div></section>')
+        if rest:
+            head_css, table = class_table(rest, class_names)
+            title = "Other classes" if flagged else "All classes"
+            body.append(f'<section id="classes"><h2>{title} <span class="count">({len(rest)}, not flagged; click a '
+                        f'column to sort)</span></h2>{table}</section>')
+    body.append(_facts(result, model, policy, policy_source, class_names is not None))
+    body.append(_reproduce(result, model, policy, command, list(links or [])))
+    if limits and decision.outcome != "accept":
+        items = "".join(f"<li>{_e(x)}</li>" for x in limits)
+        body.append(f'<section id="limits"><h2>What this scan cannot see</h2><ul>{items}</ul></section>')
     if policy is not None:
         body.append('<section id="policy"><h2>Effective policy</h2><details><summary>Show the policy this '
                     'decision was made under (after command-line overrides)</summary>'
@@ -408,5 +370,5 @@ def render_html(result: ScanResult | None, decision: Decision, policy: dict | No
     title = f"{TITLES.get(decision.outcome, decision.outcome)}: {name} — backdoor gate"
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            f"<title>{_e(title)}</title><style>{CSS}</style></head>"
+            f"<title>{_e(title)}</title><style>{CSS}{head_css}</style></head>"
             f"<body><div class=\"wrap\">{''.join(body)}</div></body></html>\n")

@@ -19,17 +19,21 @@ from gate.decision import Decision
 from gate.errors import GateError
 from gate.result import SCHEMA_VERSION, ScanResult, atomic_write, read_report
 
-EXTRA_KEYS = ("decision", "policy", "error")
+EXTRA_KEYS = ("decision", "policy", "error", "class_names")
 
 
 def report_dict(result: ScanResult | None, decision: Decision, policy: dict | None, *,
-                model: dict | None = None, error: str | None = None, provenance: dict | None = None) -> dict:
-    """``provenance`` ({policy_file, overrides}) is recorded in the decision block."""
+                model: dict | None = None, error: str | None = None, provenance: dict | None = None,
+                class_names: list[str] | None = None) -> dict:
+    """``provenance`` ({policy_file, overrides}) is recorded in the decision block; ``class_names``
+    (``--labels``, one per class in class order) is a top-level list, absent when none were given."""
     if result is not None:
         d = result.to_dict()
     else:
         d = {"schema_version": SCHEMA_VERSION, "tool": {"name": "backdoor-gate", "version": __version__},
              "model": model or {}, "error": error}
+    if class_names is not None:
+        d["class_names"] = list(class_names)
     d["decision"] = {**decision.to_dict(), **(provenance or {})}
     d["policy"] = policy
     return d

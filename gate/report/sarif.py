@@ -23,9 +23,10 @@ from gate.decision import RULES, Decision, Finding
 SARIF_SCHEMA = "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json"
 _LEVEL = {"reject": "error", "error": "error", "review": "warning"}
 SECURITY_SEVERITY = {"reject": "9.0", "error": "7.0", "review": "5.0"}
-_USUAL_OUTCOME = {"BG001": "reject", "BG002": "review", "BG003": "reject", "BG004": "error", "BG005": "review"}
+_USUAL_OUTCOME = {"BG001": "reject", "BG002": "review", "BG003": "reject", "BG004": "error", "BG005": "review",
+                  "BG006": "review"}
 _TAGS = {"BG001": ["backdoor", "trojan"], "BG002": ["incomplete-scan"], "BG003": ["backdoor", "trigger"],
-         "BG004": ["scan-error"], "BG005": ["inconclusive-scan"]}
+         "BG004": ["scan-error"], "BG005": ["inconclusive-scan"], "BG006": ["data-mismatch"]}
 _GRAVITY = {"review": 0, "error": 1, "reject": 2}
 _ADVICE = {
     "BG001": "Do not deploy the model: a small reversed trigger is strong evidence of a backdoor aimed at this "
@@ -39,6 +40,9 @@ _ADVICE = {
              "policy) and run the gate again.",
     "BG005": "A person must decide: the trigger searches did not work well enough to clear the model; give the "
              "search more steps (search.max_steps) and run the gate again.",
+    "BG006": "A person must decide: the model gets too little of the clean data right for the scan to mean "
+             "anything. Check that the data is this model's and the input convention (`gate inspect MODEL --data "
+             "DATA`), then run the gate again.",
 }
 SHA_PREFIX = 12  # hex digits of the model's sha256 in the automation id
 
@@ -55,19 +59,20 @@ def automation_id(model: dict) -> str:
 
 
 def _rule(rule_id: str, name: str, text: str, outcomes: list[str]) -> dict:
-    outcome = max(outcomes, key=_GRAVITY.__getitem__) if outcomes else _USUAL_OUTCOME[rule_id]
-    advice = _ADVICE[rule_id]
+    usual = _USUAL_OUTCOME.get(rule_id, "review")  # a rule without an entry here asks for a review
+    outcome = max(outcomes, key=_GRAVITY.__getitem__) if outcomes else usual
+    advice = _ADVICE.get(rule_id, "A person must decide: open report.html.")
     return {
         "id": rule_id,
         "name": name,
         "shortDescription": {"text": text},
         "fullDescription": {"text": text},
-        "defaultConfiguration": {"level": "warning" if rule_id in ("BG002", "BG005") else "error"},
+        "defaultConfiguration": {"level": _LEVEL[usual]},
         "help": {"text": f"{text} {advice}",
                  "markdown": f"**{name}** ({rule_id}): {text}\n\n{advice}\n\nThe gate's `report.html` shows the "
                              f"reversed triggers; `report.json` holds every number."},
         "properties": {"security-severity": SECURITY_SEVERITY[outcome],
-                       "tags": ["security", "machine-learning", "model-supply-chain", *_TAGS[rule_id]]},
+                       "tags": ["security", "machine-learning", "model-supply-chain", *_TAGS.get(rule_id, [])]},
     }
 
 
@@ -86,10 +91,12 @@ def _location(uri: str, base: str | None) -> dict:
     return {"physicalLocation": {"artifactLocation": loc}}
 
 
-def _result(f: Finding, uri: str, base: str | None, model_stem: str) -> dict:
+def _result(f: Finding, uri: str, base: str | None, model_stem: str, class_names: list[str] | None) -> dict:
     props = {k: v for k, v in f.properties.items() if v is not None}
     if f.label is not None:
         props["class"] = f.label
+        if class_names is not None and 0 <= f.label < len(class_names):
+            props["class_name"] = class_names[f.label]
     props["outcome"] = f.outcome
     rule_index = list(RULES).index(f.rule)
     fingerprint = f"{model_stem}/{f.rule}/{'model' if f.label is None else f'class-{f.label}'}"
@@ -104,8 +111,10 @@ def _result(f: Finding, uri: str, base: str | None, model_stem: str) -> dict:
     }
 
 
-def sarif_log(decision: Decision, model: dict, *, result_summary: dict | None = None) -> dict:
-    """The SARIF log for ``decision`` about the model described by ``model`` (path, sha256)."""
+def sarif_log(decision: Decision, model: dict, *, result_summary: dict | None = None,
+              class_names: list[str] | None = None) -> dict:
+    """The SARIF log for ``decision`` about the model described by ``model`` (path, sha256); a finding about
+    a class carries its name (``--labels``) in ``properties.class_name``."""
     path = str(model.get("path") or "model.onnx")
     uri, base = artifact_uri(path)
     artifact = {"location": {"uri": uri, **({"uriBaseId": base} if base else {})}, "roles": ["analysisTarget"]}
@@ -125,7 +134,7 @@ def sarif_log(decision: Decision, model: dict, *, result_summary: dict | None = 
                if decision.outcome == "error" and decision.reasons else {}),
         }],
         "artifacts": [artifact],
-        "results": [_result(f, uri, base, stem) for f in decision.findings if f.rule in RULES],
+        "results": [_result(f, uri, base, stem, class_names) for f in decision.findings if f.rule in RULES],
         "properties": {"decision": decision.outcome, "exitCode": decision.exit_code,
                        **({"scan": result_summary} if result_summary else {})},
     }
