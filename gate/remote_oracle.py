@@ -185,10 +185,9 @@ class RemoteOracle(QueryOracle):
     # ------------------------------------------------------------------ opening and checking
     def _open(self) -> None:
         where = f"model '{self.model_name}' at {self.url}"
-        self.server_metadata = self._call(lambda c: c.get_server_metadata(), f"{self.url} server metadata",
-                                          opening=True)
+        self.server_metadata = self._call(lambda c: c.get_server_metadata(), f"GET {self.url}/v2", opening=True)
         self.metadata = self._call(lambda c: c.get_model_metadata(self.model_name, self.model_version),
-                                   f"{where}: model metadata", opening=True)
+                                   f"GET {self.path}", opening=True)
         try:
             config = self._call(lambda c: c.get_model_config(self.model_name, self.model_version), "config",
                                 opening=True, retries=0)
@@ -278,8 +277,8 @@ class RemoteOracle(QueryOracle):
         except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out, closed mid-answer
             text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             if isinstance(exc, socket.gaierror) or (opening and isinstance(exc, ConnectionRefusedError)):
-                raise ModelError(f"cannot reach the model server {self.url}: {text}") from None
-            raise Transient(f"connection to {self.url} failed: {text}") from None
+                raise ModelError(f"cannot reach the model server: {text}") from None
+            raise Transient(f"the connection failed: {text}") from None
 
     def _infer(self, chunk: np.ndarray, abort: threading.Event) -> np.ndarray:
         """The raw output of one request (``chunk``: images in the model's format and dtype), checked."""
@@ -299,7 +298,7 @@ class RemoteOracle(QueryOracle):
                 self.stats["images_sent"] += len(chunk)
             return send(client)
 
-        result = self._call(attempt, f"model '{self.model_name}' at {self.url}", abort=abort)
+        result = self._call(attempt, f"POST {self.path}/infer", abort=abort)
         try:
             raw = result.as_numpy(self.output_name)
         except Exception as exc:  # tritonclient's parsing raises KeyError, ValueError, ... for bad bodies
