@@ -344,6 +344,12 @@ def test_model_source_usage_errors_exit_4(args, message, tmp_path, capsys):
     assert code == 4 and message in err
 
 
+def test_gate_run_without_a_model_is_a_usage_error(tmp_path, capsys):
+    code, _, err = gate(capsys, "run", "--policy", "policies/default.yaml", "--out", tmp_path / "out")
+    assert code == 4 and "no model: give an ONNX file, or --remote URL --model-name NAME" in err
+    assert not (tmp_path / "out").exists()  # refused before the folder is claimed
+
+
 def test_usage_errors_of_the_oracle():
     with pytest.raises(UsageError, match="--max-qps must be positive"):
         RemoteOracle("http://127.0.0.1:1", "m", max_qps=0)

@@ -211,7 +211,6 @@ def test_a_crash_is_an_error_not_a_verdict(assets, tmp_path, capsys, monkeypatch
 @pytest.mark.parametrize("args", [
     ["run", "m.onnx", "--out", "o"],  # no --policy
     ["run", "m.onnx", "--policy", "p.yaml"],  # no --out
-    ["run", "--policy", "p.yaml", "--out", "o"],  # no model
     ["run", "m.onnx", "--policy", "p.yaml", "--out", "o", "--k", "six"],
     ["run", "m.onnx", "--policy", "p.yaml", "--out", "o", "--bogus"],
     ["run", "m.onnx", "--policy", "p.yaml", "--out", "o", "--data", "d.npz", "--synthetic"],
