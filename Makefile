@@ -4,8 +4,11 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-MODEL  ?= models/demo/gtsrb_badnets3x3.onnx
-DATA   ?=
+DEMO   := models/demo/gtsrb_badnets3x3.onnx
+MODEL  ?= $(DEMO)
+# The demo's own clean images go with the demo model only: another MODEL needs DATA=... (or
+# GATE_ARGS=--synthetic for B3D-SS); without either the gate stops with a usage error (exit 4).
+DATA   ?= $(if $(filter $(DEMO),$(MODEL)),models/demo/gtsrb_sample.npz)
 POLICY ?= policies/default.yaml
 OUT    ?= gate-out
 GATE_ARGS ?=

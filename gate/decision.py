@@ -15,7 +15,9 @@ This table (:data:`EXIT_CODES`, :data:`EXIT_USAGE`) is the only one: every comma
 Rules (SARIF ids): BG001 a class is flagged by the outlier rule (on its patch trigger's L1, or, when the
 scan ran the blend mode, on its blend trigger's amplitude: one finding per mode); BG003 a small reversed
 trigger sends most held-out images to its class; BG005 the searches did not work (too many classes without
-a working trigger, or masks that never shrank); BG002 a budget cut the scan short. Flags of an incomplete
+a working trigger, or masks that never shrank); BG002 a budget cut the scan short; BG006 the model
+misclassifies its labelled clean data (below ``rules.min_clean_accuracy``: not this model's data, or the
+wrong input convention). Flags of an incomplete
 or inconclusive scan are provisional (outcome ``rules.incomplete``); BG003 is direct evidence and always
 rejects. Every rule outcome is reject or review, so no policy turns a finding into an accept.
 """
@@ -46,6 +48,7 @@ RULE_INCOMPLETE = "BG002"
 RULE_SMALL_TRIGGER = "BG003"
 RULE_ERROR = "BG004"
 RULE_WEAK_SEARCH = "BG005"
+RULE_LOW_ACCURACY = "BG006"
 RULES = {
     RULE_FLAGGED: ("backdoor-class-flagged",
                    "A class's reversed trigger is an outlier: much smaller than the other classes' triggers."),
@@ -55,6 +58,8 @@ RULES = {
     RULE_ERROR: ("scan-error", "The scan could not be run."),
     RULE_WEAK_SEARCH: ("search-inconclusive",
                        "The trigger searches did not work well enough for the outlier test to clear the model."),
+    RULE_LOW_ACCURACY: ("clean-accuracy-low",
+                        "The model misclassifies too much of the labelled clean data for the scan to clear it."),
 }
 UNREACHED = "not_reached"  # search status: no trigger reached the success threshold
 
@@ -190,7 +195,7 @@ def decide(result: ScanResult, policy) -> Decision:
                     f"to it (at least {_pct(small.min_asr)})",
                     c.label, {"l1": c.l1, "trigger_asr": c.trigger_asr, "mask_fraction": c.mask_fraction}))
 
-    findings += weak
+    findings += weak + _low_accuracy(result, rules)
     if not result.complete:
         cut = [c.label for c in classes if c.status == "budget"]
         what = f"; {len(cut)} of {len(classes)} classes were cut short" if cut else ""
@@ -255,6 +260,21 @@ def _weak_search(classes: list, rules) -> list[Finding]:
             f"image (more than {_pct(weak.max_median_mask_fraction)}); the masks did not shrink",
             None, {"median_mask_fraction": median_mask}))
     return found
+
+
+def _low_accuracy(result: ScanResult, rules) -> list[Finding]:
+    """A finding when the model classifies too little of the labelled clean data correctly (B3D only: B3D-SS's
+    labels are the classes its images were synthesised for)."""
+    least = rules.min_clean_accuracy
+    accuracy = result.data.get("clean_accuracy")
+    if least is None or accuracy is None or result.method != "b3d" or accuracy >= least:
+        return []
+    return [Finding(
+        RULE_LOW_ACCURACY, rules.incomplete,
+        f"clean accuracy {_pct(accuracy, 1)} on {result.data.get('source')} is below {_pct(least)} "
+        f"(rules.min_clean_accuracy): the data is not this model's, or its input convention (range, layout, "
+        f"mean/std) is wrong; `gate inspect MODEL --data DATA` compares the conventions",
+        None, {"clean_accuracy": accuracy, "min_clean_accuracy": least})]
 
 
 def mad_threshold_l1(median: float, mad: float, anomaly_threshold: float) -> float:

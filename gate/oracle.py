@@ -11,6 +11,7 @@ Inference Protocol endpoint.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import time
@@ -110,6 +111,15 @@ class QueryOracle:
         raw = self._run_raw(self.encode(probe))
         kind = "probs" if looks_like_probs(raw) else "logits"
         return replace(spec, output_kind=kind, detected=spec.detected + ("output_kind",))
+
+    def with_spec(self, overrides: SpecOverrides) -> Oracle:
+        """The same session under another input spec (``gate inspect`` tries the common conventions on it);
+        the copy counts its own queries."""
+        other = copy.copy(self)
+        other.queries = 0
+        other.spec = other._resolve_spec(overrides)
+        other._scale, other._offset = other.spec.affine()
+        return other
 
     # ------------------------------------------------------------------ queries
     @property

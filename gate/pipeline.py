@@ -5,10 +5,11 @@ all call it)::
 
     oracle -> data (the policy's data section, or images given) -> [synthesis, B3D-SS] -> scan -> decide
 
-Data (policy ``data.source``): ``file`` requires ``data.path``; ``synthetic`` synthesises samples from
-the model (B3D-SS); ``auto`` uses ``data.path`` when that file exists and fits the model (image size,
-channels, labels within the model's classes), else synthesises. Synthesis queries count against the
-run's query budget; the scan gets what is left.
+Data (policy ``data.source``): ``file`` requires ``data.path`` (the default: no data is an error, never a
+silent change of method); ``synthetic`` synthesises samples from the model (B3D-SS); ``auto`` uses
+``data.path`` when that file exists and fits the model (image size, channels, labels within the model's
+classes), else synthesises: an opt-in fallback, whose reason the result's ``data.fallback`` states.
+Synthesis queries count against the run's query budget; the scan gets what is left.
 
 The report's stamped examples are read off the scan's held-out pass (no query after the decision), and
 nothing changes the result once :func:`gate.decision.decide` has seen it. With a
@@ -60,9 +61,11 @@ def run_gate(oracle: Oracle, policy: Policy, *, images: ImageSet | None = None, 
     if oracle.num_classes < 2:
         raise ModelError(f"{oracle.path}: the model has {oracle.num_classes} output; a backdoor scan needs at least "
                          f"2 classes")
-    method, synthesis = "b3d", None
+    method, synthesis, fallback = "b3d", None, None
     if images is None:
-        images = load_data(policy, oracle, log=log)
+        images, fallback = load_data(policy, oracle)
+        if fallback:
+            log(f"warning: {fallback}")
     if images is None:
         method = "b3d-ss"
         fp = fingerprint(oracle.sha256, policy.to_dict(), "synthetic", method)
@@ -97,6 +100,8 @@ def run_gate(oracle: Oracle, policy: Policy, *, images: ImageSet | None = None, 
     if checkpoint is not None:
         checkpoint.clear()
     result = with_synthesis(out.result, synthesis)
+    if fallback:
+        result = dataclasses.replace(result, data={**result.data, "fallback": fallback})
     decision = decide(result, policy)
     progress.emit(ScanFinished(result.flagged, decision.outcome))
     shown = _example_images(images, out.triggers, out.examples, result, decision) if examples else None
@@ -111,20 +116,28 @@ def _data_digest(images: ImageSet) -> str:
     return h.hexdigest()
 
 
-def load_data(policy: Policy, oracle: Oracle, *, log: Callable[[str], None]) -> ImageSet | None:
-    """Clean images following the policy's data section, or None: synthesise them."""
+NO_DATA = ("no clean data given: pass --data FILE|DIR (clean images from the model's domain), or --synthetic to "
+           "synthesise samples from the model itself (B3D-SS; data.source synthetic or auto in a policy)")
+
+
+def load_data(policy: Policy, oracle: Oracle) -> tuple[ImageSet | None, str | None]:
+    """Clean images following the policy's data section, or None: synthesise them. The second value says why
+    an ``auto`` source fell back to synthetic samples (None: no fallback)."""
     d = policy.data
     if d.source == "file":
-        return _fitting(load_images(d.path), oracle, d.path)
-    if d.source == "auto" and d.path is not None:
-        if not Path(d.path).exists():
-            log(f"data: {d.path} not found; synthesising samples instead (B3D-SS)")
-            return None
-        try:
-            return _fitting(load_images(d.path), oracle, d.path)
-        except DataError as exc:
-            log(f"data: {exc}; synthesising samples instead (B3D-SS)")
-    return None
+        if d.path is None:
+            raise DataError(NO_DATA)
+        return _fitting(load_images(d.path), oracle, d.path), None
+    if d.source != "auto":
+        return None, None
+    if d.path is None:
+        return None, "no clean data given (data.source auto): the scan uses synthetic samples (B3D-SS)"
+    if not Path(d.path).exists():
+        return None, f"data {d.path} not found (data.source auto): the scan uses synthetic samples (B3D-SS)"
+    try:
+        return _fitting(load_images(d.path), oracle, d.path), None
+    except DataError as exc:
+        return None, f"data: {exc} (data.source auto): the scan uses synthetic samples (B3D-SS)"
 
 
 def _fitting(images: ImageSet, oracle: Oracle, where: str) -> ImageSet:

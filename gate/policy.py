@@ -24,6 +24,7 @@ policy (:meth:`Policy.to_dict`) is what reports record. :data:`PAPER` is the pap
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -65,16 +66,12 @@ ON_ERROR = ("error", "reject")
 class DataSource(Settings):
     SECTION = "data"
 
-    source: str = setting("auto", choice(*DATA_SOURCES),
-                          "auto: --data, else `path` if it fits the model, else synthetic | file | synthetic",
-                          flag=False)
-    path: str | None = setting(None, optional(text), "clean images (.npz or image folder), relative to the cwd",
-                               flag=False)
+    source: str = setting("file", choice(*DATA_SOURCES),
+                          "file: --data or `path`, none given is a usage error | synthetic: B3D-SS | auto: `path` if "
+                          "it fits the model, else synthetic (the opt-in fallback)", flag=False)
+    path: str | None = setting(None, optional(text), "clean images (.npz or image folder), relative to the policy "
+                               "file", flag=False)
     seed_images: str | None = setting(None, optional(text), "unlabelled images synthesis starts from instead of noise")
-
-    def validate(self) -> None:
-        if self.source == "file" and self.path is None:
-            raise Bad("data.path is required when data.source is file")
 
 
 @dataclass(frozen=True)
@@ -141,6 +138,9 @@ class RulesPolicy(Settings):
     small_trigger: SmallTriggerRule | None = _section(SmallTriggerRule, "reject tiny effective triggers", True)
     weak_search: WeakSearchRule | None = _section(WeakSearchRule, "no accept on searches that did not work", True)
     incomplete: str = setting("review", choice(*NON_ACCEPT), "outcome when a budget cut the scan short", flag=False)
+    min_clean_accuracy: float | None = setting(0.5, optional(number(0, 1)), "labelled clean data: the model's "
+                                               "accuracy on it at least this, else the incomplete outcome",
+                                               flag=False)
 
 
 @dataclass(frozen=True)
@@ -327,15 +327,47 @@ def parse_policy(text_: str, where: str = "policy", source: str | None = None) -
 
 
 def load_policy(path: str | Path) -> Policy:
+    """The policy in ``path``; its relative data paths (``data.path``, ``data.seed_images``) are resolved against
+    the file's folder, so a policy means the same data from any working directory."""
     path = Path(path)
     where = f"policy {path}"
     try:
         content = path.read_text()
     except FileNotFoundError:
         raise PolicyError(f"{where}: file not found") from None
+    except IsADirectoryError:
+        raise PolicyError(f"{where}: is a folder, not a policy file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise PolicyError(f"{where}: cannot read: {exc}") from None
-    return parse_policy(content, where=where, source=str(path))
+    return resolve_paths(parse_policy(content, where=where, source=str(path)), path.parent)
+
+
+PATH_FIELDS = ("path", "seed_images")  # the data section's fields that name files
+
+
+def resolve_paths(policy: Policy, folder: str | Path) -> Policy:
+    """``policy`` with its relative data paths joined to ``folder``.
+
+    >>> resolve_paths(Policy().override({"data.path": "../data/clean.npz"}), "policies").data.path
+    'data/clean.npz'
+    """
+    changes = {}
+    for name in PATH_FIELDS:
+        value = getattr(policy.data, name)
+        if value is not None and not os.path.isabs(value):
+            changes[f"data.{name}"] = os.path.normpath(os.path.join(folder, value))
+    return policy.override(changes) if changes else policy
+
+
+BUILT_IN = "default"  # the policy `gate run` and `gate scan` use without --policy: gate/policies/default.yaml
+
+
+def builtin_policy(name: str = BUILT_IN) -> Policy:
+    """A policy shipped inside the package (``gate/policies/NAME.yaml``; policies/default.yaml is that file)."""
+    from importlib.resources import files
+
+    resource = files("gate") / "policies" / f"{name}.yaml"
+    return parse_policy(resource.read_text(), where=f"built-in policy {name}", source=f"built-in:{name}")
 
 
 def field_docs(cls: type = Policy, prefix: str = "") -> dict[str, str]:

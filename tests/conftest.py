@@ -13,3 +13,10 @@ def demo_scan(tmp_path_factory):
     code = main(["scan", str(DEMO / "gtsrb_badnets3x3.onnx"), "--data", str(DEMO / "gtsrb_sample.npz"),
                  "--out", str(out), "--quiet"])
     return code, out
+
+
+@pytest.fixture(autouse=True)
+def no_verdict_cache(monkeypatch):
+    """Every test scans for real (and keeps nothing in ~/.cache) unless it names a --cache-dir itself:
+    tests/test_cache.py does."""
+    monkeypatch.setenv("BACKDOOR_GATE_CACHE", "off")

@@ -2,7 +2,8 @@
 
 ``tests/golden/*.report.json`` are report.json files written by ``gate run`` with::
 
-    gate run models/demo/MODEL.onnx --policy policies/default.yaml --out OUT --max-steps 25 --max-images 150
+    gate run models/demo/MODEL.onnx --policy policies/default.yaml --data models/demo/gtsrb_sample.npz \
+        --out OUT --max-steps 25 --max-images 150
 
 The same command today must give the same report, timings aside. A change that is meant to move scan results
 regenerates the files with the command above and says so in its commit (last: the calibrated outlier rule
@@ -21,7 +22,8 @@ from gate.synth import SynthConfig
 from tests.helpers import DEMO, ROOT
 
 GOLDEN = ROOT / "tests" / "golden"
-SMALL = ["--policy", "policies/default.yaml", "--max-steps", "25", "--max-images", "150", "--quiet"]
+SMALL = ["--policy", "policies/default.yaml", "--data", "models/demo/gtsrb_sample.npz", "--max-steps", "25",
+         "--max-images", "150", "--quiet"]
 
 
 def _without_timings(d):
@@ -35,7 +37,7 @@ def _without_timings(d):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["gtsrb_clean", "gtsrb_badnets3x3"])
 def test_gate_run_gives_the_golden_report(name, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(ROOT)  # the policy's data.path is relative to the working directory
+    monkeypatch.chdir(ROOT)  # --data and the model are relative to the working directory
     code = main(["run", str(DEMO / f"{name}.onnx").replace(str(ROOT) + "/", ""), "--out", str(tmp_path), *SMALL])
     before = _without_timings(json.loads((GOLDEN / f"{name}.report.json").read_text()))
     after = _without_timings(json.loads((tmp_path / "report.json").read_text()))
@@ -101,6 +103,10 @@ def test_a_policy_written_before_the_settings_moved_still_loads(name):
              "blend.init", "blend.sigma"}
     defaults = {s.place: s.default for s in policy_settings() if s.place in added}
     assert len(defaults) == len(added)
+    defaults["rules.min_clean_accuracy"] = Policy().rules.min_clean_accuracy
+    # since then the shipped policies name no demo data, and a policy's relative paths are its folder's
+    assert old.data.source == "auto" and old.data.path == str(GOLDEN / "models" / "demo" / "gtsrb_sample.npz")
+    defaults.update({"data.source": "auto", "data.path": old.data.path})
     assert old == load_policy(ROOT / "policies" / f"{name}.yaml").override(defaults)
     assert old.search.k == 50 and old.data.synthetic_grid == 4
 

@@ -25,9 +25,9 @@ from tests.helpers import DEMO, linear_model
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--k", "6", "--batch-size", "4", "--max-steps", "15", "--max-images", "100", "--quiet"]
 # no rule can fire: what decides the outcome is completeness alone (15-step searches do not converge, so
-# the weak-search rule is off too)
+# the weak-search rule is off too, and the data's labels are random, so is the clean-accuracy rule)
 NO_FLAGS = {"outliers": {"anomaly_threshold": 1.0e6, "median_ratio": 0.0},
-            "rules": {"small_trigger": None, "weak_search": None}}
+            "rules": {"small_trigger": None, "weak_search": None, "min_clean_accuracy": None}}
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +99,9 @@ def test_accept_exit_0_writes_every_report(assets, tmp_path, capsys):
 
 def test_reject_exit_1(assets, tmp_path, capsys):
     # any reversed trigger with measured attack success and a mask under 100% of the image -> reject
-    pol = write_policy(tmp_path / "p.yaml", {**NO_FLAGS, "rules": {"weak_search": None, "small_trigger": {
-        "min_asr": 0.0, "max_mask_fraction": 1.0}}})
+    pol = write_policy(tmp_path / "p.yaml", {**NO_FLAGS, "rules": {"weak_search": None, "min_clean_accuracy": None,
+                                                                   "small_trigger": {"min_asr": 0.0,
+                                                                                     "max_mask_fraction": 1.0}}})
     out = tmp_path / "out"
     code, stdout, _ = run_gate(capsys, "run", assets / "tiny.onnx", "--policy", pol, "--out", out,
                            "--data", assets / "data.npz", *FAST)
@@ -184,7 +185,8 @@ def test_bad_policy_is_an_error_naming_the_field(assets, tmp_path, capsys):
 
 def test_on_error_reject_exits_1_but_reports_error(assets, tmp_path, capsys):
     pol = write_policy(tmp_path / "p.yaml", {"on_error": "reject"})
-    code, stdout, _ = run_gate(capsys, "run", assets / "missing.onnx", "--policy", pol, "--out", tmp_path / "o", *FAST)
+    code, stdout, _ = run_gate(capsys, "run", assets / "missing.onnx", "--policy", pol, "--out", tmp_path / "o",
+                               "--data", assets / "data.npz", *FAST)
     assert code == 1 and stdout.startswith("ERROR:")
     assert report(tmp_path / "o")["decision"] | {"reasons": None, "findings": None} == {
         "outcome": "error", "exit_code": 1, "reasons": None, "findings": None,
@@ -209,7 +211,6 @@ def test_a_crash_is_an_error_not_a_verdict(assets, tmp_path, capsys, monkeypatch
 
 # --------------------------------------------------------------------------- usage errors: exit 4
 @pytest.mark.parametrize("args", [
-    ["run", "m.onnx", "--out", "o"],  # no --policy
     ["run", "m.onnx", "--policy", "p.yaml"],  # no --out
     ["run", "m.onnx", "--policy", "p.yaml", "--out", "o", "--k", "six"],
     ["run", "m.onnx", "--policy", "p.yaml", "--out", "o", "--bogus"],
@@ -330,13 +331,13 @@ def test_synthesis_from_seed_images_on_a_chosen_grid(assets, tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.skipif(not (DEMO / "gtsrb_badnets3x3.onnx").is_file(), reason="demo models not built yet")
 def test_make_gate_defaults_on_the_demo_model(tmp_path, capsys, monkeypatch):
-    """The default policy with the default data resolves the shipped sample and produces every report."""
+    """What `make gate` runs: the default policy with the demo data passed explicitly produces every report."""
     monkeypatch.chdir(ROOT)
     out = tmp_path / "out"
     code, stdout, _ = run_gate(capsys, "run", DEMO / "gtsrb_badnets3x3.onnx", "--policy", "policies/default.yaml",
-                           "--out", out, *FAST, "--examples", "1")
+                               "--data", DEMO / "gtsrb_sample.npz", "--out", out, *FAST, "--examples", "1")
     doc = report(out)
     assert code == doc["decision"]["exit_code"] and stdout.count("\n") == 1
-    assert doc["data"]["source"] == "models/demo/gtsrb_sample.npz" and doc["method"] == "b3d"
+    assert doc["data"]["source"] == str(DEMO / "gtsrb_sample.npz") and doc["method"] == "b3d"
     assert doc["model"]["num_classes"] == 43 and len(doc["classes"]) == 43
     assert doc["decision"]["outcome"] in ("accept", "reject", "review")

@@ -39,9 +39,11 @@ from gate.commands.common import (
     open_oracle,
     policy_from_args,
 )
+from gate.commands.verdict_cache import CacheUse, add_cache_args
 from gate.decision import EXIT_USAGE, Decision, exit_code_help
 from gate.errors import GateError, UsageError
-from gate.policy import Policy, load_policy
+from gate.policy import Policy, builtin_policy, load_policy
+from gate.progress import HEARTBEAT_SECONDS, say
 
 
 def register(sub) -> None:
@@ -50,7 +52,8 @@ def register(sub) -> None:
         description="Scan MODEL for backdoors under a policy, decide, and write report.json, report.html, "
                     "report.sarif, junit.xml, triggers.npz and metrics.prom into --out. Flags override the "
                     f"policy. Exit {exit_code_help()} (fail closed).")
-    p.add_argument("--policy", required=True, help="policy YAML file (e.g. policies/default.yaml)")
+    p.add_argument("--policy", help="policy YAML file (default: the built-in default policy, "
+                                    "gate/policies/default.yaml = policies/default.yaml)")
     p.add_argument("--examples", type=int, default=3, metavar="N",
                    help="held-out images per class shown with the trigger stamped in report.html (3; 0: none)")
     p.add_argument("--sign-key", metavar="PEM",
@@ -65,15 +68,19 @@ def add_gate_args(p: argparse.ArgumentParser, *, data_required: bool) -> None:
     p.add_argument("model", nargs="?", help="ONNX model file (or --remote URL --model-name NAME)")
     p.add_argument("--out", required=True, help="output folder for the reports")
     src = p.add_mutually_exclusive_group(required=data_required)
-    src.add_argument("--data", help="clean images: .npz (x, optional y) or a folder of images "
-                                    "(default: the policy's data section)")
+    src.add_argument("--data", help="clean images: .npz (x, optional y) or a folder of images (default: the "
+                                    "policy's data.path; without either, give --synthetic)")
     src.add_argument("--synthetic", action="store_true", help="no clean data: synthesise samples (B3D-SS)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--progress-every", type=float, default=HEARTBEAT_SECONDS, metavar="SECONDS",
+                   help=f"without a terminal: a timestamped heartbeat line on stderr this often "
+                        f"({HEARTBEAT_SECONDS:g}; 0: none). On a terminal a live bar shows the progress")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted run whose checkpoint is in --out (same model, data and policy)")
     p.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
                    help="save the scan's state to --out this often (60; 0: after every round) so --resume can "
                         "continue it")
+    add_cache_args(p)
     add_policy_args(p)
     add_runtime_args(p)
     add_remote_args(p)
@@ -119,8 +126,10 @@ def _model_facts(path: str) -> dict:
 
 
 def execute(args: argparse.Namespace, *, renderers: bool) -> int:
-    from gate.pipeline import run_gate
+    from gate.pipeline import NO_DATA, run_gate
     from gate.progress import Progress
+    from gate.report.attestation import policy_sha256
+    from gate.report.notes import run_notes
 
     started = datetime.now(timezone.utc)
     out = Path(args.out)
@@ -130,23 +139,30 @@ def execute(args: argparse.Namespace, *, renderers: bool) -> int:
     check_model_source(args)  # a remote model: args.model is its URL from here on
     if not args.checkpoint_every >= 0:
         raise UsageError("--checkpoint-every must be 0 or more seconds")
+    if not args.progress_every >= 0:
+        raise UsageError("--progress-every must be 0 or more seconds")
     if args.resume and not (out / CHECKPOINT_JSON).is_file() and not (out / DATA_NPZ).is_file():
         raise UsageError(f"--resume: no checkpoint in {out} (nothing to continue)")
     run_info = _Invocation(started, list(getattr(args, "command_line", None) or ["gate", *sys.argv[1:]]),
                            _signing_key(args))
     policy_file = getattr(args, "policy", None)
     try:
-        base = load_policy(policy_file) if policy_file else Policy()
+        base = load_policy(policy_file) if policy_file else builtin_policy()
     except GateError as exc:
         return _fail(out, args, str(exc), None, None, run_info=run_info, renderers=renderers)
     policy, changes = policy_from_args(args, base)  # UsageError (exit 4) on a bad flag value
-    source = (policy_file or "built-in defaults") + (
+    if policy.data.source == "file" and policy.data.path is None:
+        raise UsageError(NO_DATA)  # before any query and before the claim: synthetic samples are opt-in
+    source = (policy_file or "built-in default policy") + (
         f" + {len(changes)} command-line override{'s' if len(changes) > 1 else ''}" if changes else "")
     provenance = {"policy_file": str(policy_file) if policy_file else None, "overrides": changes}
 
     def log(text: str) -> None:
         if not args.quiet:
-            print(f"gate: {text}", file=sys.stderr, flush=True)
+            say(f"gate: {text}")
+
+    policy_hash = policy_sha256(policy.to_dict())
+    cache = CacheUse.open(args, policy, policy_hash, examples, warn=lambda text: say(f"gate: warning: {text}"))
 
     in_main = threading.current_thread() is threading.main_thread()  # signals can only be caught there
     previous = signal.signal(signal.SIGTERM, _terminated) if in_main else None
@@ -157,10 +173,21 @@ def execute(args: argparse.Namespace, *, renderers: bool) -> int:
         checkpoint = Checkpoint(out, args.checkpoint_every)
         if not args.resume:
             checkpoint.clear()  # a fresh run: an earlier run's checkpoint is stale
-        # a remote model's own budget counts every image sent (the spec's probe too): none beyond --max-queries
-        oracle = open_oracle(args, policy.spec_overrides(), policy.budget.max_queries if args.remote else None)
-        run = run_gate(oracle, policy, examples=examples, progress=Progress(enabled=not args.quiet), log=log,
-                       checkpoint=checkpoint, resume=args.resume)
+        run = cache.lookup(policy)
+        if run is not None:
+            checkpoint.clear()  # the run is answered: nothing is left to resume
+            log(f"answered from the cache ({cache.record['entry']}): no query sent; --no-cache scans again")
+        else:
+            # a remote model's own budget counts every image sent (the spec's probe too): none beyond --max-queries
+            oracle = open_oracle(args, policy.spec_overrides(), policy.budget.max_queries if args.remote else None)
+            with Progress(enabled=not args.quiet, heartbeat=args.progress_every) as progress:
+                run = run_gate(oracle, policy, examples=examples, progress=progress, log=log, checkpoint=checkpoint,
+                               resume=args.resume)
+            cache.remember(run, policy, policy_hash)
+        provenance["cache"] = cache.record
+        notes = run_notes(run.result, cache.record)
+        if notes:
+            provenance["notes"] = notes
         warning = _write(out, run, policy, source, provenance, args, run_info, renderers)
     except UsageError:
         if claimed:  # the folder must not say "running" for ever
@@ -180,11 +207,14 @@ def execute(args: argparse.Namespace, *, renderers: bool) -> int:
         if in_main:
             signal.signal(signal.SIGTERM, previous)
     if warning:
-        print(f"gate: warning: {warning}", file=sys.stderr)
+        say(f"gate: warning: {warning}")
+    for note in notes:
+        say(f"gate: note: {note}")
     result, decision = run.result, run.decision
     target = out / ("report.html" if renderers else "report.json")
-    print(f"{decision.summary} ({result.queries['total']:,} queries, {result.seconds['total']:.1f} s) -> {target}",
-          flush=True)
+    cost = (f"from the cache: 0 queries now, {result.queries['total']:,} when scanned at {cache.record['scanned']}"
+            if cache.hit else f"{result.queries['total']:,} queries, {result.seconds['total']:.1f} s")
+    print(f"{decision.summary} ({cost}) -> {target}", flush=True)
     return decision.exit_code
 
 
@@ -208,6 +238,7 @@ def _write(out: Path, run, policy: Policy, source: str, provenance: dict, args, 
     """Every file of a finished run; the exit_code and outcome files last."""
     from gate.metrics import export
     from gate.report import statement, write_attestation, write_exit_files, write_reports, write_scan_files
+    from gate.report.notes import add_notes
 
     if not renderers:
         write_scan_files(out, run.result, run.triggers, run.decision, policy.to_dict(), provenance=provenance)
@@ -215,9 +246,11 @@ def _write(out: Path, run, policy: Policy, source: str, provenance: dict, args, 
         return None
     write_reports(out, run.result, run.triggers, run.decision, policy.to_dict(), examples=run.examples,
                   policy_source=source, generated=_now(), provenance=provenance)
-    write_attestation(out, statement(run.decision, run.result.model, policy.to_dict(), result=run.result,
-                                     provenance=provenance, started=run_info.started,
-                                     finished=datetime.now(timezone.utc), command=run_info.command), run_info.key)
+    add_notes(out / "report.html", provenance.get("notes", []))
+    attested = statement(run.decision, run.result.model, policy.to_dict(), result=run.result, provenance=provenance,
+                         started=run_info.started, finished=datetime.now(timezone.utc), command=run_info.command)
+    attested["predicate"]["cache"] = provenance.get("cache")
+    write_attestation(out, attested, run_info.key)
     warning = export(out, run.result, run.decision, str(args.model), policy.metrics.pushgateway)
     write_exit_files(out, run.decision.outcome, run.decision.exit_code)
     return warning

@@ -1,6 +1,6 @@
 """``gate scan MODEL --data FILE|DIR --out DIR``: ``gate run`` without the report renderers.
 
-Same policy (``--policy``, default the built-in one), same pipeline, same decision and exit codes; writes
+Same policy (``--policy``, default the built-in default policy), same pipeline, same decision and exit codes; writes
 report.json and triggers.npz only.
 """
 
@@ -15,6 +15,7 @@ def register(sub) -> None:
                        description="Reverse-engineer a trigger for every class with queries only, flag classes whose "
                                    "trigger is an outlier and decide as `gate run` does, writing report.json and "
                                    f"triggers.npz. Exit {exit_code_help()}.")
-    p.add_argument("--policy", help="policy YAML file (default: the built-in defaults)")
+    p.add_argument("--policy", help="policy YAML file (default: the built-in default policy, "
+                                    "gate/policies/default.yaml)")
     add_gate_args(p, data_required=True)
     p.set_defaults(handler=lambda args: execute(args, renderers=False))
