@@ -35,12 +35,13 @@ import hashlib
 import http.client
 import json
 import math
+import queue
 import random
 import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, wait
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -135,6 +136,56 @@ class RateLimiter:
             self._sleep(start - now)
 
 
+class Workers:
+    """``n`` daemon threads running submitted calls. Daemons, and :meth:`gather` waits in short slices, so that
+    a request hanging on a dead server holds up neither Ctrl-C / SIGTERM (a signal's handler runs only when the
+    main thread runs Python) nor the process's exit."""
+
+    def __init__(self, n: int, name: str, on_exit: Callable[[], None] = lambda: None) -> None:
+        self._on_exit = on_exit  # run in each thread as it stops (what it holds is its own to close)
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(n)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn, args = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as exc:  # handed to the waiting thread, which raises it
+                    future.set_exception(exc)
+        self._on_exit()
+
+    @staticmethod
+    def gather(futures: list[Future], abort: threading.Event) -> list:
+        """The results in order; the first exception (or a KeyboardInterrupt while waiting) sets ``abort``,
+        cancels what has not started and is raised."""
+        try:
+            while True:
+                done, pending = wait(futures, timeout=0.2, return_when=FIRST_EXCEPTION)
+                for f in done:
+                    if f.exception() is not None:
+                        raise f.exception()
+                if not pending:
+                    return [f.result() for f in futures]
+        except BaseException:
+            abort.set()
+            for f in futures:
+                f.cancel()
+            raise
+
+    def shutdown(self) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+
+
 class RemoteOracle(QueryOracle):
     """Query-only access to an image classifier behind an Open Inference Protocol (V2) endpoint.
 
@@ -171,10 +222,9 @@ class RemoteOracle(QueryOracle):
         self._limiter = RateLimiter(max_qps) if max_qps else None
         self._jitter = random.Random()  # spreads the retries of parallel requests; never touches the scan's rng
         self._local = threading.local()
-        self._clients: list = []
         self._lock = threading.Lock()
-        self._pool = (ThreadPoolExecutor(self.concurrency, thread_name_prefix="gate-remote")
-                      if self.concurrency > 1 else None)
+        # every request runs in a worker, never in the caller; each worker has its own client
+        self._workers = Workers(self.concurrency, "gate-remote", on_exit=self._close_client)
         self.stats = {"requests": 0, "images_sent": 0, "retries": 0, "seconds": 0.0}
         self._tc, self._tc_error = _tritonclient()
         self._open()
@@ -185,12 +235,12 @@ class RemoteOracle(QueryOracle):
     # ------------------------------------------------------------------ opening and checking
     def _open(self) -> None:
         where = f"model '{self.model_name}' at {self.url}"
-        self.server_metadata = self._call(lambda c: c.get_server_metadata(), f"GET {self.url}/v2", opening=True)
-        self.metadata = self._call(lambda c: c.get_model_metadata(self.model_name, self.model_version),
-                                   f"GET {self.path}", opening=True)
+        self.server_metadata = self._ask(lambda c: c.get_server_metadata(), f"GET {self.url}/v2")
+        self.metadata = self._ask(lambda c: c.get_model_metadata(self.model_name, self.model_version),
+                                  f"GET {self.path}")
         try:
-            config = self._call(lambda c: c.get_model_config(self.model_name, self.model_version), "config",
-                                opening=True, retries=0)
+            config = self._ask(lambda c: c.get_model_config(self.model_name, self.model_version), "config",
+                               retries=0)
             self._server_max_batch = int(config.get("max_batch_size") or 0)
         except (ModelError, TypeError, ValueError, AttributeError):  # only Triton has /config: optional
             self._server_max_batch = 0
@@ -235,11 +285,23 @@ class RemoteOracle(QueryOracle):
             client = self._tc.InferenceServerClient(parts.netloc + parts.path, ssl=parts.scheme == "https",
                                                     connection_timeout=self.timeout, network_timeout=self.timeout)
             self._local.client = client
-            with self._lock:
-                self._clients.append(client)
         return client
 
-    def _call(self, fn, what: str, *, opening: bool = False, retries: int | None = None,
+    def _close_client(self) -> None:
+        client = getattr(self._local, "client", None)
+        if client is not None:
+            self._local.client = None
+            try:
+                client.close()
+            except Exception:
+                pass
+
+    def _ask(self, fn, what: str, retries: int | None = None):
+        """``fn(client)`` at opening time (a refused connection is not retried), in a worker thread."""
+        abort = threading.Event()
+        return Workers.gather([self._workers.submit(self._call, fn, what, True, retries, abort)], abort)[0]
+
+    def _call(self, fn, what: str, opening: bool = False, retries: int | None = None,
               abort: threading.Event | None = None):
         """``fn(client)``, tried again after transient failures; a one-line ModelError when it cannot be done."""
         retries = self.retries if retries is None else retries
@@ -330,21 +392,8 @@ class RemoteOracle(QueryOracle):
         abort = threading.Event()
         t0 = time.perf_counter()
         try:
-            if self._pool is None or len(chunks) == 1:
-                outs = [self._infer(c, abort)[:n] for c, n in chunks]
-            else:
-                futures = [self._pool.submit(self._infer, c, abort) for c, _ in chunks]
-                try:
-                    done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-                    for f in futures:
-                        if f.done() and f.exception() is not None:
-                            raise f.exception()
-                except BaseException:  # a failed request or Ctrl-C: the others stop retrying, queued ones go
-                    abort.set()
-                    for f in futures:
-                        f.cancel()
-                    raise
-                outs = [f.result()[:n] for f, (_, n) in zip(futures, chunks, strict=True)]
+            raws = Workers.gather([self._workers.submit(self._infer, c, abort) for c, _ in chunks], abort)
+            outs = [raw[:n] for raw, (_, n) in zip(raws, chunks, strict=True)]
         finally:
             seconds = time.perf_counter() - t0
             self.ort_seconds += seconds
@@ -354,15 +403,8 @@ class RemoteOracle(QueryOracle):
         return self._checked(np.concatenate(outs) if len(outs) != 1 else outs[0])
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-        with self._lock:
-            clients, self._clients = self._clients, []
-        for client in clients:
-            try:
-                client.close()
-            except Exception:
-                pass
+        """Stop the workers (each closes its connections); the oracle answers no more queries."""
+        self._workers.shutdown()
 
     def describe(self) -> dict:
         return {

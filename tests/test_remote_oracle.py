@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from datetime import datetime, timezone
@@ -27,7 +30,7 @@ from gate.errors import ModelError, QueryBudgetExceeded, UsageError
 from gate.oracle import softmax
 from gate.remote_oracle import RateLimiter, RemoteOracle
 from gate.report.attestation import statement
-from tests.helpers import DEMO, DEMO_MODEL
+from tests.helpers import DEMO, DEMO_MODEL, ROOT
 
 pytestmark = pytest.mark.skipif(not DEMO_MODEL.exists(), reason=f"demo model {DEMO_MODEL} not built")
 
@@ -135,16 +138,19 @@ class FakeV2:
     """A V2 REST server on 127.0.0.1 in a background thread: metadata of a [-1, 3, 2, 2] FP32 model and
     /infer answering x @ W (JSON outputs) to binary-data requests. ``fail``: answers before the real ones
     ("503", "close": drop the connection); ``outputs`` / ``answer``: what the metadata says and the
-    inference answers (to play a labels-only server); ``delay``: seconds each inference takes."""
+    inference answers (to play a labels-only server); ``delay``: seconds each inference takes from the
+    ``delay_from``-th one on (0: the first)."""
 
     def __init__(self, *, fail: list[str] | None = None, outputs: list | None = None, answer=None,
-                 delay: float = 0.0) -> None:
-        self.fail, self.delay = list(fail or []), delay
+                 delay: float = 0.0, delay_from: int = 0) -> None:
+        self.fail, self.delay, self.delay_from = list(fail or []), delay, delay_from
+        self.posts = 0
         self.outputs = outputs or [{"name": "logits", "datatype": "FP32", "shape": [-1, 3]}]
         self.answer = answer
         self.images = 0  # images answered
         self.requests: list[dict] = []  # each inference request's JSON header
         self.in_flight = self.most_in_flight = 0
+        self.posted = threading.Event()  # an inference request arrived
         self.lock = threading.Lock()
         fake = self
 
@@ -176,6 +182,10 @@ class FakeV2:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 with fake.lock:
                     failure = fake.fail.pop(0) if fake.fail else None
+                    delay = fake.delay if fake.posts >= fake.delay_from else 0.0
+                    fake.posts += 1
+                    if delay:
+                        fake.posted.set()
                 if failure == "close":
                     self.close_connection = True
                     return
@@ -188,7 +198,7 @@ class FakeV2:
                     fake.requests.append(head)
                     fake.in_flight += 1
                     fake.most_in_flight = max(fake.most_in_flight, fake.in_flight)
-                time.sleep(fake.delay)
+                time.sleep(delay)
                 out = fake.answer(x) if fake.answer else {"name": "logits", "datatype": "FP32",
                                                           "shape": [len(x), 3], "data": (logits(x)).ravel().tolist()}
                 with fake.lock:
@@ -197,6 +207,7 @@ class FakeV2:
                 self.send(200, {"model_name": "m", "outputs": [out]})
 
         self.server = ThreadingHTTPServer((HOST, 0), Handler)
+        self.server.daemon_threads, self.server.block_on_close = True, False  # a hanging answer holds nothing up
         self.url = f"http://{HOST}:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -309,6 +320,31 @@ def test_a_server_that_answers_labels_despite_its_metadata_is_refused():
 
     with FakeV2(answer=label) as server, pytest.raises(ModelError, match="not a score for each of 3 classes"):
         RemoteOracle(server.url, "m")
+
+
+def test_sigterm_ends_a_scan_waiting_on_a_hung_server_at_once(tmp_path):
+    """The requests run in daemon worker threads and the scan waits in short slices: SIGTERM is handled within
+    seconds although the server never answers (and the request's timeout is a minute). The probe is answered;
+    the clean images' predictions (30 images in 3 requests, in parallel) hang."""
+    np.savez(tmp_path / "d.npz", x=(images(30) * 255).astype(np.uint8))
+    with FakeV2(delay=120, delay_from=1) as server:
+        proc = subprocess.Popen([sys.executable, "-m", "gate", "scan", "--remote", server.url, "--model-name", "m",
+                                 "--remote-batch", "10", "--data", str(tmp_path / "d.npz"), "--out",
+                                 str(tmp_path / "out"), *FAST],
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            assert server.posted.wait(60), "the scan never queried the server"
+            time.sleep(0.5)
+            t0 = time.perf_counter()
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=30)
+            took = time.perf_counter() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 2 and "interrupted (SIGTERM)" in out and took < 5
+    assert report(tmp_path / "out")["decision"]["outcome"] == "error"
 
 
 def test_an_unreachable_endpoint_is_one_line_and_exit_2(tmp_path, capsys):
