@@ -89,12 +89,14 @@ def test_accept_exit_0_writes_every_report(assets, tmp_path, capsys):
     assert eff.data.source == "file" and eff.data.path == str(assets / "data.npz")
     assert doc["decision"]["overrides"]["search.k"] == 6 and doc["decision"]["policy_file"] == str(pol)
     assert doc["search"]["k"] == 6  # and the scan really ran with them
-    assert metric(out, "backdoor_gate_decision", outcome="accept", model="tiny") == 1
-    assert metric(out, "backdoor_gate_queries_total", model="tiny") == doc["queries"]["total"]
+    label = "sha256-" + doc["model"]["sha256"][:12]  # the metrics' model label: the sha256, not the file stem
+    assert metric(out, "backdoor_gate_decision", outcome="accept", model=label) == 1
+    assert metric(out, "backdoor_gate_last_run_queries", model=label) == doc["queries"]["total"]
     q = doc["queries"]  # the HTML report's stamped examples come from the scan's held-out pass: no extra query
     assert "report" not in q and q["total"] == q["scan"] + q["synthesis"]
     html = (out / "report.html").read_text()
-    assert "Accepted" in html and html.count("data:image/png;base64,") == 5 * (3 + 3)
+    # nothing flagged: no cards with pictures, a table row per class
+    assert "Accepted" in html and html.count("data:image/png;base64,") == 0 and html.count('<tr id="row-') == 5
 
 
 def test_reject_exit_1(assets, tmp_path, capsys):

@@ -11,7 +11,7 @@ contract, :func:`gate.report.write_exit_files`), print one line, exit with the d
 Any failure after the command line was understood still writes fail-closed reports (outcome ``error``)
 and metrics; nothing but a completed scan with no finding is ever an accept. The output folder is claimed
 first (:func:`gate.report.begin_run`: earlier reports removed, report.json says ``running``, metrics say
-error until the run ends), so a run that is killed never leaves an earlier accept behind. SIGINT and
+running until the run ends), so a run that is killed never leaves an earlier accept behind. SIGINT and
 SIGTERM end the run with fail-closed reports (reason "interrupted"). Without ``gate --debug`` no
 traceback is printed: one line names the cause. The scan checkpoints its state into OUT every
 ``--checkpoint-every`` seconds; ``--resume`` continues an interrupted run from there (:mod:`gate.checkpoint`).
@@ -42,6 +42,7 @@ from gate.commands.common import (
 from gate.commands.verdict_cache import CacheUse, add_cache_args
 from gate.decision import EXIT_USAGE, Decision, exit_code_help
 from gate.errors import GateError, UsageError
+from gate.labels import check_count, read_class_names
 from gate.policy import Policy, builtin_policy, load_policy
 from gate.progress import HEARTBEAT_SECONDS, say
 
@@ -59,6 +60,9 @@ def register(sub) -> None:
     p.add_argument("--sign-key", metavar="PEM",
                    help="ed25519 private key (PEM; passphrase in $GATE_SIGN_KEY_PASSWORD) that signs the "
                         "attestation into attestation.dsse.json (a DSSE envelope; gate verify --key checks it)")
+    p.add_argument("--model-name", metavar="NAME",
+                   help="the metrics' model label, stable across versions of one model (e.g. vendor-a/resnet; "
+                        "default: sha256- and the model file's first 12 sha256 hex digits)")
     add_gate_args(p, data_required=False)
     p.set_defaults(handler=lambda args: execute(args, renderers=True))
 
@@ -71,6 +75,8 @@ def add_gate_args(p: argparse.ArgumentParser, *, data_required: bool) -> None:
     src.add_argument("--data", help="clean images: .npz (x, optional y) or a folder of images (default: the "
                                     "policy's data.path; without either, give --synthetic)")
     src.add_argument("--synthetic", action="store_true", help="no clean data: synthesise samples (B3D-SS)")
+    p.add_argument("--labels", metavar="FILE",
+                   help="class names for the reports: one per line in class order, or a JSON list of strings")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--progress-every", type=float, default=HEARTBEAT_SECONDS, metavar="SECONDS",
                    help=f"without a terminal: a timestamped heartbeat line on stderr this often "
@@ -143,6 +149,11 @@ def execute(args: argparse.Namespace, *, renderers: bool) -> int:
         raise UsageError("--progress-every must be 0 or more seconds")
     if args.resume and not (out / CHECKPOINT_JSON).is_file() and not (out / DATA_NPZ).is_file():
         raise UsageError(f"--resume: no checkpoint in {out} (nothing to continue)")
+    class_names = read_class_names(args.labels) if getattr(args, "labels", None) else None
+    if getattr(args, "model_name", None) is not None:
+        from gate.metrics import check_model_name
+
+        check_model_name(args.model_name)
     run_info = _Invocation(started, list(getattr(args, "command_line", None) or ["gate", *sys.argv[1:]]),
                            _signing_key(args))
     policy_file = getattr(args, "policy", None)
@@ -176,10 +187,14 @@ def execute(args: argparse.Namespace, *, renderers: bool) -> int:
         run = cache.lookup(policy)
         if run is not None:
             checkpoint.clear()  # the run is answered: nothing is left to resume
+            if class_names is not None:
+                check_count(class_names, len(run.result.classes), args.labels)
             log(f"answered from the cache ({cache.record['entry']}): no query sent; --no-cache scans again")
         else:
             # a remote model's own budget counts every image sent (the spec's probe too): none beyond --max-queries
             oracle = open_oracle(args, policy.spec_overrides(), policy.budget.max_queries if args.remote else None)
+            if class_names is not None:
+                check_count(class_names, oracle.num_classes, args.labels)
             with Progress(enabled=not args.quiet, heartbeat=args.progress_every) as progress:
                 run = run_gate(oracle, policy, examples=examples, progress=progress, log=log, checkpoint=checkpoint,
                                resume=args.resume)
@@ -188,7 +203,7 @@ def execute(args: argparse.Namespace, *, renderers: bool) -> int:
         notes = run_notes(run.result, cache.record)
         if notes:
             provenance["notes"] = notes
-        warning = _write(out, run, policy, source, provenance, args, run_info, renderers)
+        warning = _write(out, run, policy, source, provenance, args, run_info, renderers, class_names)
     except UsageError:
         if claimed:  # the folder must not say "running" for ever
             _exit_files(out, "usage", EXIT_USAGE, [])
@@ -224,36 +239,45 @@ def _terminated(signum, frame) -> None:
 
 def _claim(out: Path, args, policy: Policy, renderers: bool) -> None:
     """Before any query: the output folder marks this run as running, and the metrics as not finished."""
-    from gate.metrics import export
+    from gate.metrics import mark_running
     from gate.report import begin_run
 
     begin_run(out, _model_facts(str(args.model)), policy.to_dict(), started=_now())
     if renderers:
-        export(out, None, Decision.error("run in progress: it has not finished (yet)", policy.on_error),
-               str(args.model), None)
+        mark_running(out, str(args.model), model_name=getattr(args, "model_name", None), policy=policy.to_dict())
 
 
 def _write(out: Path, run, policy: Policy, source: str, provenance: dict, args, run_info: _Invocation,
-           renderers: bool) -> str | None:
+           renderers: bool, class_names: list[str] | None = None) -> str | None:
     """Every file of a finished run; the exit_code and outcome files last."""
     from gate.metrics import export
     from gate.report import statement, write_attestation, write_exit_files, write_reports, write_scan_files
     from gate.report.notes import add_notes
 
     if not renderers:
-        write_scan_files(out, run.result, run.triggers, run.decision, policy.to_dict(), provenance=provenance)
+        write_scan_files(out, run.result, run.triggers, run.decision, policy.to_dict(), provenance=provenance,
+                         class_names=class_names)
         write_exit_files(out, run.decision.outcome, run.decision.exit_code)
         return None
     write_reports(out, run.result, run.triggers, run.decision, policy.to_dict(), examples=run.examples,
-                  policy_source=source, generated=_now(), provenance=provenance)
+                  policy_source=source, generated=_now(), provenance=provenance, class_names=class_names,
+                  command=run_info.command, companions=_companions(run_info))
     add_notes(out / "report.html", provenance.get("notes", []))
     attested = statement(run.decision, run.result.model, policy.to_dict(), result=run.result, provenance=provenance,
                          started=run_info.started, finished=datetime.now(timezone.utc), command=run_info.command)
     attested["predicate"]["cache"] = provenance.get("cache")
     write_attestation(out, attested, run_info.key)
-    warning = export(out, run.result, run.decision, str(args.model), policy.metrics.pushgateway)
+    warning = export(out, run.result, run.decision, str(args.model), policy.metrics.pushgateway,
+                     model_name=getattr(args, "model_name", None), policy=policy.to_dict())
     write_exit_files(out, run.decision.outcome, run.decision.exit_code)
     return warning
+
+
+def _companions(run_info: _Invocation) -> list[str]:
+    """The files gate run writes beside the reports after them (report.html links to them)."""
+    from gate.report import ATTESTATION, ENVELOPE
+
+    return [ATTESTATION, *([ENVELOPE] if run_info.key is not None else []), "metrics.prom"]
 
 
 def _exit_files(out: Path, outcome: str, exit_code: int, problems: list[str]) -> None:
@@ -280,7 +304,8 @@ def _fail(out: Path, args: argparse.Namespace, message: str, policy: Policy | No
     problems: list[str] = []
     try:
         write_error_reports(out, decision, policy_doc, model, message, policy_source=source, generated=_now(),
-                            provenance=provenance, renderers=renderers)
+                            provenance=provenance, renderers=renderers, command=run_info.command,
+                            companions=_companions(run_info))
     except Exception as exc:
         problems.append(f"could not write the error reports: {exc}")
     if renderers and out.is_dir():
@@ -294,7 +319,8 @@ def _fail(out: Path, args: argparse.Namespace, message: str, policy: Policy | No
         try:
             pushgateway = (policy.metrics.pushgateway if policy is not None
                            else getattr(args, "metrics__pushgateway", None))
-            warning = export(out, None, decision, str(args.model), pushgateway)
+            warning = export(out, None, decision, str(args.model), pushgateway,
+                             model_name=getattr(args, "model_name", None), policy=policy_doc)
             if warning:
                 problems.append(warning)
         except Exception as exc:

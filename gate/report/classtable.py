@@ -26,7 +26,7 @@ class Column:
     title: str
     cell: Callable[[ClassResult], str]  # the text shown
     sort: Callable[[ClassResult], Any]  # the sort key (None sorts last)
-    track: str = "minmax(64px, 1fr)"  # its CSS grid track
+    track: str = "minmax(52px, .8fr)"  # its CSS grid track
     numeric: bool = True
     tip: str = ""
 
@@ -43,30 +43,31 @@ def columns(classes: list[ClassResult], class_names: list[str] | None) -> list[C
     """The columns for these classes: a name column with ``class_names``, p-values and blend amplitudes
     only when the scan has them."""
     name = (lambda c: class_names[c.label] if 0 <= c.label < len(class_names) else "") if class_names else None
-    cols = [Column("class", "class", lambda c: str(c.label), lambda c: c.label, "minmax(52px, .6fr)")]
+    cols = [Column("class", "class", lambda c: str(c.label), lambda c: c.label, "minmax(60px, .6fr)")]
     if name is not None:
-        cols.append(Column("name", "name", name, lambda c: name(c).casefold(), "minmax(150px, 2.6fr)", False))
+        cols.append(Column("name", "name", name, lambda c: name(c).casefold(), "minmax(180px, 3.4fr)", False))
     cols += [
         Column("l1", "L1", lambda c: num(c.l1), lambda c: c.l1, tip="L1 norm of the reversed mask"),
         Column("pixels", "pixels", lambda c: num(c.binary_l1), lambda c: c.binary_l1,
                tip="pixels in the binary mask (mask ≥ 0.5)"),
-        Column("area", "of image", lambda c: pct(c.mask_fraction), lambda c: c.mask_fraction),
-        Column("index", "anomaly idx", lambda c: num(c.anomaly_index), lambda c: -c.anomaly_index,
-               tip="outlier index of the L1 (positive: smaller than the others); sorted most anomalous first"),
+        Column("area", "of image", lambda c: pct(c.mask_fraction), lambda c: c.mask_fraction, "minmax(60px, .9fr)"),
+        Column("index", "anomaly", lambda c: num(c.anomaly_index), lambda c: -c.anomaly_index, "minmax(80px, 1fr)",
+               tip="anomaly index: outlier index of the L1 (positive: smaller than the others); sorted most "
+                   "anomalous first"),
     ]
     if any(c.p_value is not None for c in classes):
         cols.append(Column("p", "p-value", lambda c: _p(c.p_value), lambda c: c.p_value,
                            tip="per-model p-value of the calibrated rule"))
-    cols.append(Column("asr", "trigger ASR", lambda c: pct(c.trigger_asr), lambda c: c.trigger_asr,
-                       tip="share of held-out clean images the reversed trigger sends to the class"))
+    cols.append(Column("asr", "ASR", lambda c: pct(c.trigger_asr), lambda c: c.trigger_asr,
+                       tip="trigger ASR: share of held-out clean images the reversed trigger sends to the class"))
     if any(c.blend_amplitude is not None for c in classes):
         cols.append(Column("blend", "blend amp.", lambda c: num(c.blend_amplitude), lambda c: c.blend_amplitude,
                            tip="smallest amplitude of a working blend trigger (1: none worked)"))
     cols += [
         Column("steps", "steps", lambda c: num(c.steps), lambda c: c.steps),
-        Column("queries", "queries", lambda c: num(c.queries), lambda c: c.queries, "minmax(72px, 1fr)"),
+        Column("queries", "queries", lambda c: num(c.queries), lambda c: c.queries, "minmax(64px, 1fr)"),
         Column("status", "status", lambda c: c.status.replace("_", " "), lambda c: c.status,
-               "minmax(100px, 1.3fr)", False, "how the search ended; hover a row's status for the search's note"),
+               "minmax(90px, 1.2fr)", False, "how the search ended; hover a row's status for the search's note"),
     ]
     return cols
 

@@ -95,7 +95,7 @@ table.facts tr:last-child td{border-bottom:0}
 .legend i{display:inline-block;width:18px;height:0;border-top:2px solid;vertical-align:middle;margin-right:6px}
 .legend i.box{height:10px;border:0;width:12px}
 .chart svg{width:100%;height:auto;display:block}
-.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(340px,1fr));gap:14px}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(370px,1fr));gap:14px}
 .card{border:1px solid var(--line);border-radius:10px;padding:12px 14px;background:#fff}
 .card.flagged{border-color:var(--red);box-shadow:0 0 0 1px var(--red) inset;background:#fffafa}
 .card .title{display:flex;justify-content:space-between;align-items:center;margin-bottom:6px}
