@@ -25,10 +25,12 @@ from gate.cli import main
 from tests.helpers import ROOT, linear_model
 
 FAST = ["--k", "6", "--batch-size", "4", "--max-steps", "15", "--max-images", "100", "--quiet"]
+# the data's labels are random: the clean-accuracy rule is off
 NO_FLAGS = {"outliers": {"anomaly_threshold": 1.0e6, "median_ratio": 0.0},
-            "rules": {"small_trigger": None, "weak_search": None}}
+            "rules": {"small_trigger": None, "weak_search": None, "min_clean_accuracy": None}}
 # every class's reversed trigger counts as small and effective: BG003 rejects
-REJECT = {"rules": {"small_trigger": {"min_asr": 0.0, "max_mask_fraction": 1.0}, "weak_search": None}}
+REJECT = {"rules": {"small_trigger": {"min_asr": 0.0, "max_mask_fraction": 1.0}, "weak_search": None,
+                    "min_clean_accuracy": None}}
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 
 
@@ -207,7 +209,7 @@ def test_a_usage_error_after_the_claim_leaves_usage_not_running(assets, tmp_path
     linear_model(tmp_path / "gray.onnx", size=8, channels=1, classes=5)
     out = tmp_path / "out"
     code, _, err = gate(capsys, "run", tmp_path / "gray.onnx", "--policy", assets / "accept.yaml", "--out", out,
-                        "--mean", "0.5,0.5,0.5", "--std", "0.2,0.2,0.2", *FAST)
+                        "--data", assets / "data.npz", "--mean", "0.5,0.5,0.5", "--std", "0.2,0.2,0.2", *FAST)
     assert code == 4 and "the model has 1 channels" in err
     assert exit_files(out) == ("4\n", "usage\n")
 
