@@ -226,11 +226,15 @@ class RemoteOracle(QueryOracle):
         # every request runs in a worker, never in the caller; each worker has its own client
         self._workers = Workers(self.concurrency, "gate-remote", on_exit=self._close_client)
         self.stats = {"requests": 0, "images_sent": 0, "retries": 0, "seconds": 0.0}
-        self._tc, self._tc_error = _tritonclient()
-        self._open()
-        self.request_images = self._request_size(request_images)
-        self.spec = self._resolve_spec(overrides or SpecOverrides())
-        self._scale, self._offset = self.spec.affine()
+        try:
+            self._tc, self._tc_error = _tritonclient()
+            self._open()
+            self.request_images = self._request_size(request_images)
+            self.spec = self._resolve_spec(overrides or SpecOverrides())
+            self._scale, self._offset = self.spec.affine()
+        except BaseException:  # an endpoint that cannot be scanned leaves no threads behind
+            self._workers.shutdown()
+            raise
 
     # ------------------------------------------------------------------ opening and checking
     def _open(self) -> None:
