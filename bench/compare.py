@@ -125,6 +125,10 @@ def fingerprint(settings: Settings, method: str) -> dict:
                                                                           cfg.outliers.median_ratio]}
         if not cfg.blend:  # added with the blend mode; off, the scan is what it was (records made before match)
             fp["scan"].pop("blend")
+        if cfg.screening:  # likewise the screening: on, its settings are part of the run
+            fp["scan"]["screening_params"] = cfg.screening_params.to_dict()
+        else:
+            fp["scan"].pop("screening")
         if method == "b3d-ss":
             fp["synth"] = settings.synth_config().to_dict()
     return json.loads(json.dumps(fp))  # as it reads back from JSON (tuples become lists)

@@ -144,7 +144,9 @@ def decide(result: ScanResult, policy) -> Decision:
         return Decision.error(f"the result holds {len(classes)} classes; at least 2 are needed",
                               policy.on_error)
     l1 = np.array([c.l1 for c in classes], dtype=np.float64)
-    out = find_outliers(l1, policy.outlier_rule())
+    reference = (np.array([bool(c.reference) for c in classes]) if any(c.reference is not None for c in classes)
+                 else None)  # a screened scan: the statistics come from its reference classes (gate.screening)
+    out = find_outliers(l1, policy.outlier_rule(), reference=reference)
     median = out.median
     model_p = out.model_p_value if out.method == "calibrated" else None
     blend = None
@@ -252,7 +254,8 @@ def _weak_search(classes: list, rules) -> list[Finding]:
             f"(more than {_pct(weak.max_unreached_fraction)}); give the search more steps"
             + next((f" (class {c.label}: {c.note})" for c in classes if c.status == UNREACHED and c.note), ""),
             None, {"unreached": unreached, "unreached_fraction": frac}))
-    median_mask = float(np.median([c.mask_fraction for c in classes]))
+    searched = [c for c in classes if c.reference] or classes  # screened: screened-out masks are upper bounds
+    median_mask = float(np.median([c.mask_fraction for c in searched]))
     if median_mask > weak.max_median_mask_fraction:
         found.append(Finding(
             RULE_WEAK_SEARCH, rules.incomplete,

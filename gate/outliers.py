@@ -89,10 +89,12 @@ class Outliers:
         return 1.0 - self.model_p_value
 
 
-def anomaly_index(l1: np.ndarray) -> tuple[float, float, np.ndarray]:
+def anomaly_index(l1: np.ndarray, reference: np.ndarray | None = None) -> tuple[float, float, np.ndarray]:
+    """(median, raw MAD, MAD anomaly index of every class), the median and MAD of the ``reference`` classes."""
     l1 = np.asarray(l1, dtype=np.float64)
-    median = float(np.median(l1))
-    mad = float(np.median(np.abs(l1 - median)))
+    ref = l1 if reference is None else l1[reference]
+    median = float(np.median(ref))
+    mad = float(np.median(np.abs(ref - median)))
     below = median - l1
     scale = MAD_CONSISTENCY * mad
     if scale > 0:
@@ -102,14 +104,19 @@ def anomaly_index(l1: np.ndarray) -> tuple[float, float, np.ndarray]:
     return median, mad, index
 
 
-def leave_one_out_z(l1: np.ndarray, scale_floor: float, floor: float = L1_FLOOR) -> np.ndarray:
+def leave_one_out_z(l1: np.ndarray, scale_floor: float, floor: float = L1_FLOOR,
+                    reference: np.ndarray | None = None) -> np.ndarray:
     """z_c = (median of the other classes' log L1 - log L1_c) / max(1.4826 * their MAD, scale_floor), the
-    logs taken of max(L1, ``floor``)."""
+    logs taken of max(L1, ``floor``). ``reference`` (bool per class): only these classes make up "the
+    others" (every class but c among them), e.g. the classes a screened scan searched to convergence."""
     x = np.log(np.maximum(np.asarray(l1, dtype=np.float64), floor))
     k = len(x)
-    others = np.broadcast_to(x, (k, k))[~np.eye(k, dtype=bool)].reshape(k, k - 1)
-    med = np.median(others, axis=1)
-    mad = np.median(np.abs(others - med[:, None]), axis=1)
+    ref = np.ones(k, dtype=bool) if reference is None else np.asarray(reference, dtype=bool)
+    med, mad = np.empty(k), np.empty(k)
+    for c in range(k):
+        others = x[ref & (np.arange(k) != c)]
+        med[c] = np.median(others)
+        mad[c] = np.median(np.abs(others - med[c]))
     scale = np.maximum(MAD_CONSISTENCY * mad, scale_floor)
     with np.errstate(divide="ignore", invalid="ignore"):
         z = (med - x) / scale
@@ -147,23 +154,50 @@ def calibrated_threshold_l1(l1, rule: OutlierRule) -> float:
     return float(np.exp(med - critical_z(rule.alpha, len(x)) * scale))
 
 
+def flag_threshold(reference_l1, rule: OutlierRule, k: int) -> float:
+    """The largest L1 the rule flags when tested against ``reference_l1`` (the whole reference set: a class not
+    in it), with the correction for ``k`` classes in all. 0 when nothing can be flagged.
+
+    >>> round(flag_threshold([100.0, 100.0, 100.0], OutlierRule(scale_floor=1.0, alpha=0.05), 3), 1)  # 100 e^-2.12
+    12.0
+    """
+    ref = np.asarray(reference_l1, dtype=np.float64)
+    median, mad, _ = anomaly_index(ref)
+    if rule.method == "mad":
+        by_index = median - rule.anomaly_threshold * MAD_CONSISTENCY * mad if mad > 0 else median
+        return float(max(by_index, rule.median_ratio * median, 0.0))
+    x = np.log(np.maximum(ref, L1_FLOOR))
+    med = float(np.median(x))
+    scale = max(MAD_CONSISTENCY * float(np.median(np.abs(x - med))), rule.scale_floor)
+    return float(np.exp(med - critical_z(rule.alpha, k) * scale))
+
+
 def finite_index(x: float) -> float:
     """An anomaly index as a JSON-safe number: +-1e9 stands for +-inf (a MAD of 0)."""
     x = float(x)
     return x if math.isfinite(x) else (1e9 if x > 0 else -1e9)
 
 
-def find_outliers(l1, rule: OutlierRule = OutlierRule(), floor: float = L1_FLOOR) -> Outliers:
+def find_outliers(l1, rule: OutlierRule = OutlierRule(), floor: float = L1_FLOOR,
+                  reference: np.ndarray | None = None) -> Outliers:
     """The rule on per-class sizes (L1 norms; ``floor``: the smallest size the calibrated rule tells apart,
-    half a pixel for L1, see ``gate.blend.AMPLITUDE_FLOOR`` for blend amplitudes)."""
+    half a pixel for L1, see ``gate.blend.AMPLITUDE_FLOOR`` for blend amplitudes). ``reference`` (bool per
+    class, default all): the classes whose sizes make up the reference distribution (median, MAD); every
+    class is still tested, and the correction still counts all of them (see :mod:`gate.screening`)."""
     l1 = np.asarray(l1, dtype=np.float64)
     if l1.ndim != 1 or len(l1) < 2:
         raise ValueError("outlier detection needs the L1 norms of at least two classes")
-    median, mad, index = anomaly_index(l1)
+    if reference is not None:
+        reference = np.asarray(reference, dtype=bool)
+        if reference.shape != l1.shape or reference.sum() < 3:
+            raise ValueError("a reference set needs at least three of the classes")
+        if reference.all():
+            reference = None
+    median, mad, index = anomaly_index(l1, reference)
     if rule.method == "mad":
         flagged = ((l1 < median) & (index > rule.anomaly_threshold)) | (l1 < rule.median_ratio * median)
         return Outliers("mad", median, mad, index, np.full(len(l1), np.nan), flagged)
-    z = leave_one_out_z(l1, rule.scale_floor, floor)
+    z = leave_one_out_z(l1, rule.scale_floor, floor, reference)
     q = corrected_p(normal_upper_tail(z), len(l1))
     return Outliers("calibrated", median, mad, z, q, q <= rule.alpha)
 

@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from gate.blend import BlendParams
+from gate.screening import ScreeningParams
 from gate.errors import GateError, PolicyError
 from gate.outliers import OutlierRule
 from gate.scan import ScanConfig
@@ -82,8 +83,8 @@ class MetricsSettings(Settings):
 
 
 # Every class whose settings have a place in the policy file, in the order sections list them.
-SOURCES: tuple[type[Settings], ...] = (DataSource, SpecOverrides, ScanConfig, SearchParams, BlendParams, SynthConfig,
-                                       OutlierRule, MetricsSettings)
+SOURCES: tuple[type[Settings], ...] = (DataSource, SpecOverrides, ScanConfig, SearchParams, BlendParams,
+                                       ScreeningParams, SynthConfig, OutlierRule, MetricsSettings)
 
 
 def policy_settings() -> list[Setting]:
@@ -106,6 +107,7 @@ DataPolicy = policy_section("data", "DataPolicy")
 InputPolicy = policy_section("input", "InputPolicy")
 SearchPolicy = policy_section("search", "SearchPolicy")
 BlendPolicy = policy_section("blend", "BlendPolicy")
+ScreeningPolicy = policy_section("screening", "ScreeningPolicy")
 SynthesisPolicy = policy_section("synthesis", "SynthesisPolicy")
 OutlierPolicy = policy_section("outliers", "OutlierPolicy")
 BudgetPolicy = policy_section("budget", "BudgetPolicy")
@@ -151,6 +153,7 @@ class Policy:
     input: InputPolicy = _section(InputPolicy)
     search: SearchPolicy = _section(SearchPolicy)
     blend: BlendPolicy = _section(BlendPolicy)
+    screening: ScreeningPolicy = _section(ScreeningPolicy)
     synthesis: SynthesisPolicy = _section(SynthesisPolicy)
     outliers: OutlierPolicy = _section(OutlierPolicy)
     rules: RulesPolicy = _section(RulesPolicy)
@@ -205,8 +208,8 @@ class Policy:
     def _values(self, cls: type[Settings], built: bool = False):
         """The settings of engine class ``cls`` gathered from wherever the policy file places them."""
         values = {}
-        for section in (self.data, self.input, self.search, self.blend, self.synthesis, self.outliers, self.budget,
-                        self.metrics):
+        for section in (self.data, self.input, self.search, self.blend, self.screening, self.synthesis, self.outliers,
+                        self.budget, self.metrics):
             for f in dataclasses.fields(section):
                 origin = f.metadata.get("origin")
                 if origin is not None and origin.owner is cls:
@@ -225,11 +228,15 @@ class Policy:
     def blend_params(self) -> BlendParams:
         return BlendParams(**self._values(BlendParams))
 
+    def screening_params(self) -> ScreeningParams:
+        return ScreeningParams(**self._values(ScreeningParams))
+
     def outlier_rule(self) -> OutlierRule:
         return OutlierRule(**self._values(OutlierRule))
 
     def scan_config(self) -> ScanConfig:
         return ScanConfig(search=self.search_params(), outliers=self.outlier_rule(), blend_params=self.blend_params(),
+                          screening_params=self.screening_params(),
                           **self._values(ScanConfig))
 
     def synth_config(self) -> SynthConfig:

@@ -34,7 +34,7 @@ class ClassResult:
     trigger_asr: float | None  # attack success of the reversed trigger on held-out clean images
     queries: int  # images sent to the model for this class (search + held-out check)
     steps: int  # NES steps taken
-    status: str  # converged | bandit_stopped | max_steps | not_reached | budget
+    status: str  # converged | screened_out | bandit_stopped | max_steps | not_reached | budget
     seconds: float = 0.0  # wall time attributed to this class (its share of each model call)
     anomaly_index: float = 0.0  # the outlier rule's index: calibrated z of log L1, or MAD index; positive = small
     flagged: bool = False
@@ -51,9 +51,13 @@ class ClassResult:
     blend_p_value: float | None = None  # calibrated rule: per-model p-value of the amplitude
     blend_flagged: bool = False  # the blend amplitude is an outlier
     patch_flagged: bool | None = None  # the patch L1 is an outlier (None: only the patch mode ran, see flagged)
+    # screening (search.screening; None when off): the class is in the reference sample searched to convergence
+    reference: bool | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        if self.reference is None:
+            d.pop("reference")
         if self.blend_amplitude is None:
             for key in BLEND_FIELDS:
                 d.pop(key)

@@ -49,6 +49,7 @@ from gate.errors import DataError, GateError
 from gate.kernels import group_cross_entropy, group_hits
 from gate.oracle import Oracle
 from gate.outliers import OutlierRule, find_outliers, finite_index, outlier_summary
+from gate.screening import SCREENED_OUT, Screening, ScreeningParams
 from gate.progress import ClassFinished, Progress, RoundFinished, ScanStarted
 from gate.result import ClassResult, ExampleRow, ScanResult, Triggers
 from gate.search import SearchParams, SearchState, TriggerSearch
@@ -66,6 +67,7 @@ class ScanConfig(Settings):
     search: SearchParams = field(default_factory=SearchParams)
     outliers: OutlierRule = field(default_factory=OutlierRule)
     blend_params: BlendParams = field(default_factory=BlendParams)
+    screening_params: ScreeningParams = field(default_factory=ScreeningParams)
     seed: int = setting(0, integer(0), "random seed: same seed, model, data and policy -> same report")
     max_images: int = setting(1000, integer(MIN_IMAGES), "clean images used at most (search pool + held-out)",
                               place="data.max_images")
@@ -85,6 +87,9 @@ class ScanConfig(Settings):
     hard_examples: bool = setting(True, boolean, "half of the next minibatch may be images the trigger failed on")
     blend: bool = setting(False, boolean, "also search every class for a faint full-image blend trigger (the blend "
                           "section's settings), with an outlier test of its own; about twice the queries")
+    screening: bool = setting(False, boolean, "screen every class for the screening section's steps, search to "
+                              "convergence only a random reference sample and the classes that could be outliers "
+                              "(gate.screening)")
 
     @property
     def modes(self) -> int:
@@ -96,6 +101,7 @@ class ScanConfig(Settings):
         d.pop("search")
         d.pop("outliers")
         d.pop("blend_params")
+        d.pop("screening_params")
         return d
 
 
@@ -197,7 +203,8 @@ class ScanEngine:
         check_memory(oracle, cfg, len(self.search_idx) + len(self.held_idx))
         used = np.concatenate([self.search_idx, self.held_idx])
         self.budget.require(len(used), "predicting the clean images")
-        preds = oracle.predict(images.x[used])
+        clean_probs = oracle.probs(images.x[used])
+        preds = clean_probs.argmax(axis=1)
         pred_search, self.pred_held = preds[: len(self.search_idx)], preds[len(self.search_idx):]
         self.accuracy = None if images.y is None else float(np.mean(preds == images.y[used]))
         self.pool_x = np.ascontiguousarray(images.x[self.search_idx])
@@ -221,6 +228,11 @@ class ScanEngine:
             self.blends = [self._run(c, k_classes + c, self.blend, seq, pools[c])
                            for c, seq in enumerate(root.spawn(k_classes))]
         self.runs = self.classes + self.blends
+        self.screening: Screening | None = None
+        if cfg.screening:
+            screening = Screening.start(k_classes, cfg.screening_params, cfg.outliers, cfg.seed,
+                                        clean_probs[: len(self.search_idx)])
+            self.screening = screening if screening.active else None
 
         self.rows_per_class = params.queries_per_step
         self.capacity = max(cfg.batch_images, self.rows_per_class)
@@ -249,6 +261,8 @@ class ScanEngine:
                          "state": state_to_dict(r.state, f"r{i}", arrays)})
         meta = {"step": self.step, "spent": self.budget.spent, "elapsed": time.perf_counter() - self.budget.t_start,
                 "runs": runs}
+        if self.screening is not None:
+            meta["screening"] = self.screening.to_dict()
         return meta, arrays
 
     def restore(self, meta: dict, arrays) -> None:
@@ -261,6 +275,14 @@ class ScanEngine:
             r.queries, r.seconds = int(m["queries"]), float(m["seconds"])
             r.hard = np.array(arrays[f"r{i}.hard"], dtype=np.int64)
         self.step = int(meta["step"])
+        if (self.screening is None) != ("screening" not in meta):
+            raise GateError("the checkpoint was made with another screening setting: start without --resume")
+        if self.screening is not None:
+            try:
+                self.screening.restore(meta["screening"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise GateError(f"the checkpoint's screening state does not fit this scan ({exc}): start without "
+                                f"--resume") from None
         self.budget.q_start = self.oracle.queries - int(meta["spent"])
         self.budget.t_start = time.perf_counter() - float(meta["elapsed"])
 
@@ -284,14 +306,18 @@ class ScanEngine:
         Many classes share a model call. Calls run in ``runner`` (ORT releases the GIL) while the next group
         is asked and stamped into the other buffer, so sampling and stamping hide behind inference.
         """
-        active = [r for r in self.runs if not r.state.done]
+        active = self._active()
+        if not active and self.screening is not None and self.screening.waiting.any():
+            self._screen()  # every converging class is done: the waiting ones are decided now
+            active = self._active()
         if not active:
             return False
         reason = self.budget.blocks(self.rows_per_class * len(active) + self.reserve)
         if reason:
             self.stop_reason = reason
-            for r in active:
-                r.search.stop(r.state, "budget")
+            for r in self.runs:
+                if not r.state.done:
+                    r.search.stop(r.state, "budget")
             return False
         t0 = time.perf_counter()
         per_call = max(1, self.capacity // self.rows_per_class)
@@ -314,6 +340,8 @@ class ScanEngine:
             if r.state.done:
                 self.progress.emit(r.finished())
         self.step += 1
+        if self.screening is not None:
+            self._observe(active)
         if self.bandit is not None:
             for i in self.bandit.losers(self.step, [r.state for r in self.classes]):
                 self.search.stop(self.classes[i].state, "bandit_stopped")
@@ -322,6 +350,29 @@ class ScanEngine:
         smallest = min(running, key=lambda r: r.state.result_trigger()[2]) if running else None
         self.progress.emit(RoundFinished(self.step, self.budget.spent, smallest and smallest.finished()))
         return True
+
+    def _active(self) -> list[ClassSearch]:
+        """The searches that step this round: not done, and (screening) not waiting for the decision."""
+        waiting = self.screening.waiting if self.screening is not None else None
+        return [r for r in self.runs if not r.state.done and not (waiting is not None and r.mode == "patch"
+                                                                      and waiting[r.label])]
+
+    def _observe(self, stepped: list[ClassSearch]) -> None:
+        """Screening: the patch searches that just stepped report their L1; decide once the reference is done."""
+        sc = self.screening
+        for r in stepped:
+            if r.mode == "patch":
+                sc.observe(r.label, r.state.step, r.state.result_trigger()[2], r.state.done)
+        if sc.ready(np.array([r.state.done for r in self.classes])):
+            self._screen()
+
+    def _screen(self) -> None:
+        stop, _resume = self.screening.decide(np.array([r.state.result_trigger()[2] for r in self.classes]),
+                                              np.array([r.state.status == "converged" for r in self.classes]))
+        for c in stop:
+            r = self.classes[c]
+            r.search.stop(r.state, SCREENED_OUT)
+            self.progress.emit(r.finished())
 
     def _ask(self, r: ClassSearch) -> None:
         """The search's candidates (written into ``self.masks[r.slot]``) and this step's images."""
@@ -397,7 +448,11 @@ class ScanEngine:
                 label=r.label, l1=l1, binary_l1=int((masks[r.label] >= 0.5).sum()), mask_fraction=float(l1 / (h * w)),
                 trigger_asr=asr[r.label], queries=int(r.queries), steps=int(r.state.step), status=r.state.status,
                 seconds=float(r.seconds), note=self.search.explain(r.state)))
-        out = find_outliers(np.array([c.l1 for c in classes]), self.cfg.outliers)
+        reference = None if self.screening is None else self.screening.reference
+        if reference is not None:
+            for c in classes:
+                c.reference = bool(reference[c.label])
+        out = find_outliers(np.array([c.l1 for c in classes]), self.cfg.outliers, reference=reference)
         for c, idx, pv, flag in zip(classes, out.anomaly_index, out.p_values, out.flagged, strict=True):
             c.anomaly_index = finite_index(idx)
             c.p_value = None if np.isnan(pv) else float(pv)
@@ -414,7 +469,8 @@ class ScanEngine:
             method=self.method,
             seed=cfg.seed,
             search={**cfg.search.to_dict(), **cfg.to_dict()},
-            outliers=outlier_summary(cfg.outliers, out),
+            outliers={**outlier_summary(cfg.outliers, out),
+                      **({} if self.screening is None else {"screening": self.screening.summary()})},
             data={"source": self.images.source, "images": int(len(self.images)),
                   "search_pool": int(len(self.search_idx)), "held_out": int(len(self.held_idx)),
                   "clean_accuracy": self.accuracy},

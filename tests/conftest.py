@@ -15,8 +15,11 @@ def demo_scan(tmp_path_factory):
     return code, out
 
 
-@pytest.fixture(autouse=True)
-def no_verdict_cache(monkeypatch):
+@pytest.fixture(autouse=True, scope="session")
+def no_verdict_cache():
     """Every test scans for real (and keeps nothing in ~/.cache) unless it names a --cache-dir itself:
-    tests/test_cache.py does."""
-    monkeypatch.setenv("BACKDOOR_GATE_CACHE", "off")
+    tests/test_cache.py does. Session-scoped, so module- and session-scoped fixtures that run the gate
+    (tests/test_resume.py's uninterrupted run) see it too."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BACKDOOR_GATE_CACHE", "off")
+        yield

@@ -20,6 +20,7 @@ SECTION_TITLES = {
     "input": "model input spec (policy section input; detected when not given)",
     "search": "search (policy section search; defaults are the gate's query-efficient settings)",
     "blend": "blend trigger search (policy section blend; runs with --blend)",
+    "screening": "screening (policy section screening; runs with --screening)",
     "synthesis": "B3D-SS synthesis (policy section synthesis)",
     "outliers": "outliers (policy section outliers)",
     "budget": "budget (policy section budget)",
