@@ -49,9 +49,9 @@ from gate.errors import DataError, GateError
 from gate.kernels import group_cross_entropy, group_hits
 from gate.oracle import Oracle
 from gate.outliers import OutlierRule, find_outliers, finite_index, outlier_summary
-from gate.screening import SCREENED_OUT, Screening, ScreeningParams
 from gate.progress import ClassFinished, Progress, RoundFinished, ScanStarted
 from gate.result import ClassResult, ExampleRow, ScanResult, Triggers
+from gate.screening import SCREENED_OUT, Screening, ScreeningParams
 from gate.search import SearchParams, SearchState, TriggerSearch
 from gate.settings import Settings, boolean, integer, number, optional, setting
 
