@@ -82,12 +82,14 @@ class Settings:
     eval_images: int = 200  # clean images held out from every detector, to measure reversed triggers
     synthetic_per_class: int = 10
     seed: int = 0
+    screening: bool = False  # the gate's screening (gate.screening) in every B3D / B3D-SS scan
 
     def scan_config(self) -> ScanConfig:
         if self.quick:
             return ScanConfig(search=SearchParams(k=8, batch_size=2, eval_size=8, max_steps=8), seed=self.seed,
-                              max_images=self.max_images, held_out=20, bandit_warmup=4, bandit_every=2)
-        return ScanConfig(seed=self.seed, max_images=self.max_images)
+                              max_images=self.max_images, held_out=20, bandit_warmup=4, bandit_every=2,
+                              screening=self.screening)
+        return ScanConfig(seed=self.seed, max_images=self.max_images, screening=self.screening)
 
     def synth_config(self) -> SynthConfig:
         if self.quick:
@@ -97,7 +99,7 @@ class Settings:
     def policy(self, method: str) -> Policy:
         """The gate's policy with these settings: what ``run_gate`` scans under (B3D-SS synthesises)."""
         cfg, synth = self.scan_config(), self.synth_config()
-        changes = {s.place: getattr(obj, s.name) for obj in (cfg, cfg.search, cfg.outliers, synth)
+        changes = {s.place: getattr(obj, s.name) for obj in (cfg, cfg.search, cfg.outliers, cfg.screening_params, synth)
                    for s in type(obj).settings() if s.place is not None}
         changes["data.source"] = "synthetic" if method == "b3d-ss" else "auto"
         return Policy().override(changes)
@@ -111,7 +113,10 @@ class Settings:
         return NCConfig(max_images=self.max_images, seed=self.seed)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.screening:  # added with the screening; off, records made before still match
+            d.pop("screening")
+        return d
 
 
 def fingerprint(settings: Settings, method: str) -> dict:
@@ -559,6 +564,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--eval-images", type=int, help="held-out clean images to measure reversed triggers (200)")
     ap.add_argument("--synthetic-per-class", type=int, help="B3D-SS synthetic images per class (10; quick 2)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--screening", action="store_true", help="B3D/B3D-SS scans with the gate's screening "
+                    "(gate.screening); compare with an unscreened run by python -m bench.cost")
     ap.add_argument("--threads", type=int, default=0, help="onnxruntime/torch threads (0: library default)")
     ap.add_argument("--resume", action="store_true", help="reuse per-run results in OUT/compare/ made with the "
                     "same settings and search/synthesis/NC configuration (not checked: the code version)")
@@ -580,6 +587,8 @@ def main(argv=None) -> int:
         settings = Settings(seed=args.seed)
         if args.synthetic_per_class:
             settings = replace(settings, synthetic_per_class=args.synthetic_per_class)
+    if args.screening:
+        settings = replace(settings, screening=True)
     if args.max_images:
         settings = replace(settings, max_images=args.max_images)
     if args.eval_images:

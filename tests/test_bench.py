@@ -260,3 +260,31 @@ def test_failed_attacks_are_listed_not_counted():
     text, data = verdicts.report(models, 2, 0.05, 0.9, 0)
     assert data["b3d"]["cv"]["models"] == 11
     assert "Not counted, the attack did not take" in text and models[-1].name in text
+
+
+def _cost_record(model, k, flagged, queries, statuses):
+    return {"record": {"model": model, "num_classes": k, "flagged": flagged, "complete": True,
+                       "queries": {"scan": queries, "scan_per_class": queries / k}, "statuses": statuses}}
+
+
+def test_cost_pairs_models_and_counts_verdicts_and_queries(tmp_path):
+    from bench import cost
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    for folder, recs in ((a, [("m43", 43, [29], 4_300_000, {"converged": 43}), ("m10", 10, [], 500_000, {}),
+                              ("only_a", 10, [], 1, {})]),
+                         (b, [("m43", 43, [29, 3], 2_150_000, {"converged": 12, "screened_out": 31}),
+                              ("m10", 10, [], 500_000, {})])):
+        for name, k, flagged, q, st in recs:
+            (folder / f"{name}.b3d.json").write_text(json.dumps(_cost_record(name, k, flagged, q, st)))
+    rows = cost.pairs(cost.load_records(a), cost.load_records(b))
+    assert [ra["model"] for ra, _ in rows] == ["m10", "m43"]
+    totals = cost.compare(rows)
+    assert totals["same_flags"] == 1 and totals["classes"] == 53
+    assert totals["per_class_unscreened"] == pytest.approx(4_800_000 / 53)
+    assert totals["per_class_screened"] == pytest.approx(2_650_000 / 53)
+    assert totals["by_classes"][43]["per_class_screened"] == pytest.approx(50_000)
+    text = cost.table(rows, totals)
+    assert "| m43 | 43 | [29] | [29, 3] | **no** |" in text and "12 / 31" in text
