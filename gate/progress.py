@@ -179,7 +179,7 @@ class Progress:
             elif isinstance(event, RoundFinished):
                 if c is not None:
                     c.step, c.queries, c.smallest = event.step, event.queries, event.smallest
-                    self._bar_call("set_postfix_str", c.summary(now), refresh=False)
+                    self._bar_call("set_description_str", c.summary(now), refresh=False)
                     self._bar_call("refresh")
             elif isinstance(event, ScanFinished):
                 self._close_bar()
@@ -235,7 +235,7 @@ class Progress:
             from tqdm import tqdm
 
             self._bar = tqdm(total=classes, file=self.stream, unit="class", dynamic_ncols=True, mininterval=0.2,
-                             bar_format="classes {n_fmt}/{total_fmt} |{bar}|{postfix}", leave=True)
+                             bar_format="classes {n_fmt}/{total_fmt} |{bar}| {desc}", leave=True)
         except (OSError, ValueError):
             self._broken()
 
