@@ -34,10 +34,10 @@ from typing import Any
 import yaml
 
 from gate.blend import BlendParams
-from gate.screening import ScreeningParams
 from gate.errors import GateError, PolicyError
 from gate.outliers import OutlierRule
 from gate.scan import ScanConfig
+from gate.screening import ScreeningParams
 from gate.search import SearchParams
 from gate.settings import (
     Bad,
