@@ -24,6 +24,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -36,7 +37,10 @@ from gate.oracle import Oracle
 from gate.policy import Policy
 from gate.progress import Progress, ScanFinished
 from gate.result import Example, ExampleRow, ScanResult, Triggers
-from gate.scan import ScanEngine
+from gate.scan import ScanEngine, ScanOutput
+
+if TYPE_CHECKING:
+    from gate.distributed import RayOptions
 
 EXAMPLES_FOR_EVERY_CLASS = 100  # above this many classes, examples only for classes a finding names
 
@@ -51,11 +55,12 @@ class GateRun:
 
 def run_gate(oracle: Oracle, policy: Policy, *, images: ImageSet | None = None, examples: int = 0,
              progress: Progress | None = None, log: Callable[[str], None] | None = None,
-             checkpoint: Checkpoint | None = None, resume: bool = False) -> GateRun:
+             checkpoint: Checkpoint | None = None, resume: bool = False, ray: RayOptions | None = None) -> GateRun:
     """Scan ``oracle``'s model under ``policy`` and decide. ``images``: clean data given by the caller (the
     policy's data section is then not consulted); ``examples``: stamped examples per class for the report.
     ``checkpoint``: where the scan's state is saved between rounds; with ``resume`` the run continues from
-    the checkpoint there (refused when it was made for another model, data or policy)."""
+    the checkpoint there (refused when it was made for another model, data or policy). ``ray``: the scan's
+    classes run on a Ray cluster (:mod:`gate.distributed`; no checkpoint then), with the same result."""
     progress = progress or Progress(enabled=False)
     log = log or (lambda _text: None)
     if oracle.num_classes < 2:
@@ -82,6 +87,24 @@ def run_gate(oracle: Oracle, policy: Policy, *, images: ImageSet | None = None, 
     cfg = dataclasses.replace(cfg, batch_images=max(cfg.batch_images, oracle.max_batch))
     if synthesis is not None and cfg.max_queries is not None:  # the run's budget covers synthesis and scan
         cfg = dataclasses.replace(cfg, max_queries=max(0, cfg.max_queries - synthesis["queries"]))
+    if ray is not None:
+        from gate.distributed import ray_scan
+
+        out = ray_scan(oracle, images, cfg, ray, method=method, progress=progress, examples=examples)
+    else:
+        out = _scan_here(oracle, images, cfg, method, progress, examples, policy, log, checkpoint, resume)
+    result = with_synthesis(out.result, synthesis)
+    if fallback:
+        result = dataclasses.replace(result, data={**result.data, "fallback": fallback})
+    decision = decide(result, policy)
+    progress.emit(ScanFinished(result.flagged, decision.outcome))
+    shown = _example_images(images, out.triggers, out.examples, result, decision) if examples else None
+    return GateRun(result, out.triggers, decision, shown)
+
+
+def _scan_here(oracle: Oracle, images: ImageSet, cfg, method: str, progress: Progress, examples: int, policy: Policy,
+               log: Callable[[str], None], checkpoint: Checkpoint | None, resume: bool) -> ScanOutput:
+    """The scan in this process, checkpointed between rounds when ``checkpoint`` is given."""
     engine = ScanEngine(oracle, images, cfg, method=method, progress=progress, examples=examples)
     after_round = None
     if checkpoint is not None:
@@ -99,13 +122,7 @@ def run_gate(oracle: Oracle, policy: Policy, *, images: ImageSet | None = None, 
     out = engine.run(after_round)
     if checkpoint is not None:
         checkpoint.clear()
-    result = with_synthesis(out.result, synthesis)
-    if fallback:
-        result = dataclasses.replace(result, data={**result.data, "fallback": fallback})
-    decision = decide(result, policy)
-    progress.emit(ScanFinished(result.flagged, decision.outcome))
-    shown = _example_images(images, out.triggers, out.examples, result, decision) if examples else None
-    return GateRun(result, out.triggers, decision, shown)
+    return out
 
 
 def _data_digest(images: ImageSet) -> str:

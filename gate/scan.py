@@ -32,7 +32,7 @@ The patch searches draw from the same random streams as without the blend mode.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -139,6 +139,29 @@ class ScanOutput:
     examples: dict[int, list[ExampleRow]]  # per class: held-out images with its trigger stamped (no extra query)
 
 
+@dataclass
+class ClassOutcome:
+    """One class's searches as they ended, before any comparison across classes: what a part of a scan
+    (:class:`ScanEngine` with ``labels``, e.g. a Ray worker's) hands to :func:`assemble`."""
+
+    result: ClassResult  # anomaly index, p-value and flags not yet set
+    mask: np.ndarray  # (H, W) the reversed patch trigger's soft mask
+    pattern: np.ndarray  # (H, W, C)
+    blend_pattern: np.ndarray | None = None  # the blend search's pattern (blend mode only)
+    examples: list[ExampleRow] = field(default_factory=list)
+
+
+@dataclass
+class ScanFacts:
+    """What a scan knows besides its classes: the data it used, why it stopped early, its cost."""
+
+    data: dict  # source, images, search_pool, held_out, clean_accuracy
+    stop_reason: str | None
+    queries: int
+    seconds: float
+    ort_seconds: float
+
+
 def split_data(images: ImageSet, cfg: ScanConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Indices (search pool, held-out) over at most ``max_images`` images."""
     n = len(images)
@@ -184,7 +207,11 @@ class ScanEngine:
     """All classes' trigger searches against one model (see the module docstring)."""
 
     def __init__(self, oracle: Oracle, images: ImageSet, cfg: ScanConfig = ScanConfig(), *, method: str = "b3d",
-                 progress: Progress | None = None, examples: int = 0) -> None:
+                 progress: Progress | None = None, examples: int = 0, labels: Sequence[int] | None = None) -> None:
+        """``labels``: search these classes only (a part of a distributed scan), each with the random stream
+        and the search the whole scan gives it; :meth:`outcomes` then holds them and :func:`assemble` over
+        every part's outcomes gives the whole scan's result. Screening and the bandit decide across classes,
+        so they need all of them."""
         self.t_start = time.perf_counter()
         self.ort_start = oracle.ort_seconds
         self.oracle, self.images, self.cfg, self.method = oracle, images, cfg, method
@@ -196,6 +223,13 @@ class ScanEngine:
         self.budget = QueryBudget(oracle, cfg.max_queries, cfg.max_seconds)
         self.bandit = Bandit(cfg.bandit_warmup, cfg.bandit_every, cfg.bandit_keep) if cfg.bandit else None
         k_classes = oracle.num_classes
+        self.labels = list(range(k_classes)) if labels is None else sorted({int(c) for c in labels})
+        if labels is not None:
+            if not self.labels or not all(0 <= c < k_classes for c in self.labels):
+                raise GateError(f"labels {list(labels)} are not a non-empty subset of the model's {k_classes} classes")
+            if cfg.screening or cfg.bandit:
+                raise GateError("screening and the bandit decide across classes: they need every class, not labels")
+        n_runs = len(self.labels)
         root = np.random.SeedSequence(cfg.seed)
         data_seq, *class_seqs = root.spawn(k_classes + 1)
 
@@ -212,21 +246,23 @@ class ScanEngine:
 
         # every search's candidates live in one array (a slot per search), so one kernel call stamps a round
         n_cand = params.candidates
-        slots = cfg.modes * k_classes
+        slots = cfg.modes * n_runs
         self.masks = np.empty((slots, n_cand, *oracle.image_shape[:2]), np.float32)
         self.patterns = np.empty((slots, n_cand, *oracle.image_shape), np.float32)
         self.sample_idx = np.zeros((slots, params.batch_size), np.int64)
         self.eval_idx = np.zeros((slots, params.eval_size), np.int64)
         pools = []
-        for c in range(k_classes):
+        for c in self.labels:
             pool = np.flatnonzero(pred_search != c)
             pools.append(pool if len(pool) else np.arange(len(self.search_idx)))
-        self.classes: list[ClassSearch] = [self._run(c, c, self.search, class_seqs[c], pools[c])
-                                           for c in range(k_classes)]
+        # slot i: the i-th label's patch search, n_runs + i its blend search (with every class: slot = label)
+        self.classes: list[ClassSearch] = [self._run(c, i, self.search, class_seqs[c], pools[i])
+                                           for i, c in enumerate(self.labels)]
         self.blends: list[ClassSearch] = []  # the blend searches, class by class (empty: blend mode off)
         if self.blend is not None:  # their own streams, spawned after the patch searches' (which stay as they are)
-            self.blends = [self._run(c, k_classes + c, self.blend, seq, pools[c])
-                           for c, seq in enumerate(root.spawn(k_classes))]
+            blend_seqs = root.spawn(k_classes)
+            self.blends = [self._run(c, n_runs + i, self.blend, blend_seqs[c], pools[i])
+                           for i, c in enumerate(self.labels)]
         self.runs = self.classes + self.blends
         self.screening: Screening | None = None
         if cfg.screening:
@@ -243,7 +279,7 @@ class ScanEngine:
         self.step = 0
         self.stop_reason: str | None = None
         self._finished: tuple | None = None
-        self.progress.emit(ScanStarted(k_classes, params.max_steps))
+        self.progress.emit(ScanStarted(n_runs, params.max_steps))
 
     def _run(self, label: int, slot: int, search: TriggerSearch, seq: np.random.SeedSequence,
              pool: np.ndarray) -> ClassSearch:
@@ -290,6 +326,11 @@ class ScanEngine:
     def run(self, after_round: Callable[[ScanEngine], None] | None = None) -> ScanOutput:
         """All rounds, then :meth:`finish` and :meth:`result`; ``after_round(engine)`` runs between rounds
         (where a checkpoint may be taken)."""
+        self.run_rounds(after_round)
+        return self.result()
+
+    def run_rounds(self, after_round: Callable[[ScanEngine], None] | None = None) -> None:
+        """All rounds, then :meth:`finish` (what :meth:`run` does before the result)."""
         runner = ThreadPoolExecutor(max_workers=1)  # one model call at a time, off the main thread
         try:
             while self.round(runner):
@@ -298,7 +339,6 @@ class ScanEngine:
         finally:
             runner.shutdown()
         self.finish()
-        return self.result()
 
     def round(self, runner: ThreadPoolExecutor) -> bool:
         """One step of every running search; False when none is left or a budget stopped the scan.
@@ -435,82 +475,106 @@ class ScanEngine:
                            None if y is None else int(y[self.held_idx[i]]))
                 for i in idx[:self.examples_per_class]]
 
-    def result(self) -> ScanOutput:
+    def outcomes(self) -> list[ClassOutcome]:
+        """Every class's searches as they ended (after :meth:`finish`), in label order."""
         if self._finished is None:
-            raise RuntimeError("ScanEngine.result() before finish()")
+            raise RuntimeError("ScanEngine.outcomes() before finish()")
         masks, patterns, asr, examples = self._finished
         h, w, _ = self.oracle.image_shape
-        k = len(self.classes)
-        classes = []
-        for r in self.classes:
+        n = len(self.classes)
+        outcomes = []
+        for i, r in enumerate(self.classes):
             l1 = float(r.state.result_trigger()[2])
-            classes.append(ClassResult(
-                label=r.label, l1=l1, binary_l1=int((masks[r.label] >= 0.5).sum()), mask_fraction=float(l1 / (h * w)),
-                trigger_asr=asr[r.label], queries=int(r.queries), steps=int(r.state.step), status=r.state.status,
-                seconds=float(r.seconds), note=self.search.explain(r.state)))
-        reference = None if self.screening is None else self.screening.reference
-        if reference is not None:
-            for c in classes:
-                c.reference = bool(reference[c.label])
-        out = find_outliers(np.array([c.l1 for c in classes]), self.cfg.outliers, reference=reference)
-        for c, idx, pv, flag in zip(classes, out.anomaly_index, out.p_values, out.flagged, strict=True):
-            c.anomaly_index = finite_index(idx)
-            c.p_value = None if np.isnan(pv) else float(pv)
-            c.flagged = bool(flag)
-        blend = self._blend_results(classes, asr[k:]) if self.blends else None
-        queries = self.budget.spent
-        seconds = time.perf_counter() - self.t_start
-        ort = self.oracle.ort_seconds - self.ort_start
-        cfg = self.cfg
-        result = ScanResult(
-            model=self.oracle.describe(),
-            input_spec=self.oracle.spec.to_dict(),
-            providers=self.oracle.providers,
-            method=self.method,
-            seed=cfg.seed,
-            search={**cfg.search.to_dict(), **cfg.to_dict()},
-            outliers={**outlier_summary(cfg.outliers, out),
-                      **({} if self.screening is None else {"screening": self.screening.summary()})},
+            c = ClassResult(
+                label=r.label, l1=l1, binary_l1=int((masks[i] >= 0.5).sum()), mask_fraction=float(l1 / (h * w)),
+                trigger_asr=asr[i], queries=int(r.queries), steps=int(r.state.step), status=r.state.status,
+                seconds=float(r.seconds), note=self.search.explain(r.state))
+            blend_pattern = None
+            if self.blends:
+                b = self.blends[i]
+                c.blend_amplitude = float(b.state.result_amplitude)
+                c.blend_asr = asr[n + i]
+                c.blend_status = b.state.status
+                c.blend_steps = int(b.state.step)
+                c.blend_queries = int(b.queries)
+                c.blend_note = self.blend.explain(b.state)
+                c.queries += int(b.queries)
+                c.seconds += float(b.seconds)
+                blend_pattern = patterns[n + i]
+            outcomes.append(ClassOutcome(c, masks[i], patterns[i], blend_pattern, examples.get(r.label, [])))
+        return outcomes
+
+    def facts(self) -> ScanFacts:
+        return ScanFacts(
             data={"source": self.images.source, "images": int(len(self.images)),
                   "search_pool": int(len(self.search_idx)), "held_out": int(len(self.held_idx)),
                   "clean_accuracy": self.accuracy},
-            classes=classes,
-            flagged=[c.label for c in classes if c.flagged],
-            complete=self.stop_reason is None,
-            stop_reason=self.stop_reason,
-            queries={"total": int(queries), "scan": int(queries), "synthesis": 0, "per_class_mean": float(queries / k)},
-            seconds={"total": seconds, "scan": seconds, "synthesis": 0.0, "ort": ort,
-                     "ort_fraction": ort / seconds if seconds > 0 else 0.0},
-            tool={"name": "backdoor-gate", "version": __version__},
-            blend=blend,
-        )
-        blend_triggers = {} if blend is None else {
-            "blend_amplitudes": np.array([c.blend_amplitude for c in classes], np.float32),
-            "blend_patterns": patterns[k:]}
-        triggers = Triggers(np.arange(k), masks[:k], patterns[:k], np.array([c.flagged for c in classes]),
-                            **blend_triggers)
-        return ScanOutput(result, triggers, examples)
+            stop_reason=self.stop_reason, queries=int(self.budget.spent),
+            seconds=time.perf_counter() - self.t_start, ort_seconds=self.oracle.ort_seconds - self.ort_start)
 
-    def _blend_results(self, classes: list[ClassResult], asr: list[float | None]) -> dict:
-        """The blend searches' outcomes into ``classes`` (flags: either mode's), and the blend summary."""
-        amplitudes = np.array([r.state.result_amplitude for r in self.blends])
-        out = blend_outliers(amplitudes, self.cfg.outliers)
-        for c, r, a, idx, pv, flag in zip(classes, self.blends, amplitudes, out.anomaly_index, out.p_values,
-                                          out.flagged, strict=True):
-            c.blend_amplitude = float(a)
-            c.blend_asr = asr[r.label]
-            c.blend_status = r.state.status
-            c.blend_steps = int(r.state.step)
-            c.blend_queries = int(r.queries)
-            c.blend_note = self.blend.explain(r.state)
-            c.blend_anomaly_index = finite_index(idx)
-            c.blend_p_value = None if np.isnan(pv) else float(pv)
-            c.blend_flagged = bool(flag)
-            c.patch_flagged = c.flagged
-            c.flagged = c.patch_flagged or c.blend_flagged
-            c.queries += int(r.queries)
-            c.seconds += float(r.seconds)
-        return blend_summary(self.cfg.blend_params, out)
+    def result(self) -> ScanOutput:
+        return assemble(self.oracle, self.cfg, self.method, self.outcomes(), self.facts(), self.screening)
+
+
+def assemble(oracle: Oracle, cfg: ScanConfig, method: str, outcomes: list[ClassOutcome], facts: ScanFacts,
+             screening: Screening | None = None) -> ScanOutput:
+    """The scan's result from every class's outcome: the outlier rule over all classes (both modes'), the
+    flags, the triggers. ``outcomes`` must hold each of the model's classes exactly once."""
+    outcomes = sorted(outcomes, key=lambda o: o.result.label)
+    k = oracle.num_classes
+    if [o.result.label for o in outcomes] != list(range(k)):
+        raise GateError(f"the scan's parts returned classes {[o.result.label for o in outcomes]}, not each of the "
+                        f"model's {k} classes once")
+    classes = [o.result for o in outcomes]
+    reference = None if screening is None else screening.reference
+    if reference is not None:
+        for c in classes:
+            c.reference = bool(reference[c.label])
+    out = find_outliers(np.array([c.l1 for c in classes]), cfg.outliers, reference=reference)
+    for c, idx, pv, flag in zip(classes, out.anomaly_index, out.p_values, out.flagged, strict=True):
+        c.anomaly_index = finite_index(idx)
+        c.p_value = None if np.isnan(pv) else float(pv)
+        c.flagged = bool(flag)
+    blend = _blend_outliers(classes, cfg) if cfg.blend else None
+    queries, seconds, ort = facts.queries, facts.seconds, facts.ort_seconds
+    result = ScanResult(
+        model=oracle.describe(),
+        input_spec=oracle.spec.to_dict(),
+        providers=oracle.providers,
+        method=method,
+        seed=cfg.seed,
+        search={**cfg.search.to_dict(), **cfg.to_dict()},
+        outliers={**outlier_summary(cfg.outliers, out),
+                  **({} if screening is None else {"screening": screening.summary()})},
+        data=facts.data,
+        classes=classes,
+        flagged=[c.label for c in classes if c.flagged],
+        complete=facts.stop_reason is None,
+        stop_reason=facts.stop_reason,
+        queries={"total": int(queries), "scan": int(queries), "synthesis": 0, "per_class_mean": float(queries / k)},
+        seconds={"total": seconds, "scan": seconds, "synthesis": 0.0, "ort": ort,
+                 "ort_fraction": ort / seconds if seconds > 0 else 0.0},
+        tool={"name": "backdoor-gate", "version": __version__},
+        blend=blend,
+    )
+    blend_triggers = {} if blend is None else {
+        "blend_amplitudes": np.array([c.blend_amplitude for c in classes], np.float32),
+        "blend_patterns": np.stack([o.blend_pattern for o in outcomes])}
+    triggers = Triggers(np.arange(k), np.stack([o.mask for o in outcomes]), np.stack([o.pattern for o in outcomes]),
+                        np.array([c.flagged for c in classes]), **blend_triggers)
+    return ScanOutput(result, triggers, {o.result.label: o.examples for o in outcomes if o.examples})
+
+
+def _blend_outliers(classes: list[ClassResult], cfg: ScanConfig) -> dict:
+    """The blend amplitudes' outlier rule into ``classes`` (flags: either mode's), and the blend summary."""
+    out = blend_outliers(np.array([c.blend_amplitude for c in classes]), cfg.outliers)
+    for c, idx, pv, flag in zip(classes, out.anomaly_index, out.p_values, out.flagged, strict=True):
+        c.blend_anomaly_index = finite_index(idx)
+        c.blend_p_value = None if np.isnan(pv) else float(pv)
+        c.blend_flagged = bool(flag)
+        c.patch_flagged = c.flagged
+        c.flagged = c.patch_flagged or c.blend_flagged
+    return blend_summary(cfg.blend_params, out)
 
 
 def scan(oracle: Oracle, images: ImageSet, cfg: ScanConfig = ScanConfig(), *, method: str = "b3d",

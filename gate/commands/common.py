@@ -57,6 +57,54 @@ def add_remote_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--remote-timeout", type=float, metavar="SECONDS", help="per request (default 60)")
 
 
+def add_ray_args(p: argparse.ArgumentParser) -> None:
+    """The scan's classes spread over a Ray cluster (:mod:`gate.distributed`; the ``ray`` extra)."""
+    g = p.add_argument_group("Ray (spread the classes over a Ray cluster's workers; pip install "
+                             "'backdoor-gate[ray]')")
+    g.add_argument("--ray", metavar="ADDRESS",
+                   help="run the classes' searches as Ray tasks: local (a Ray instance started here), auto (the "
+                        "running cluster), HOST:PORT or ray://HOST:PORT; same seed -> the same per-class results "
+                        "and decision as without --ray")
+    g.add_argument("--ray-parts", type=int, metavar="N",
+                   help="tasks the classes are dealt into (default: the cluster's CPUs / --ray-cpus)")
+    g.add_argument("--ray-cpus", type=float, metavar="N", help="CPUs per task (default 1)")
+    g.add_argument("--ray-gpus", type=float, metavar="N", help="GPUs per task (default 0)")
+    g.add_argument("--ray-retries", type=int, metavar="N",
+                   help="times a task whose worker died runs again (default 3)")
+
+
+RAY_ONLY = ("ray_parts", "ray_cpus", "ray_gpus", "ray_retries")
+
+
+def ray_options(args: argparse.Namespace, policy: Policy):
+    """The :class:`gate.distributed.RayOptions` of ``--ray`` (None without it); UsageError for what it cannot
+    do (--remote, --resume, screening, the bandit) or when Ray is not installed, before any query."""
+    address = getattr(args, "ray", None)
+    if address is None:
+        given_flags = [f"--{k.replace('_', '-')}" for k in RAY_ONLY if getattr(args, k, None) is not None]
+        if given_flags:
+            raise UsageError(f"{', '.join(given_flags)} only with --ray")
+        return None
+    import importlib.util
+
+    from gate.distributed import NEEDS_RAY, RayOptions, check_config
+
+    if not address.strip():
+        raise UsageError("--ray needs an address: local, auto, HOST:PORT or ray://HOST:PORT")
+    if getattr(args, "remote", None):
+        raise UsageError("--ray scans a model file: it does not support --remote")
+    if getattr(args, "resume", False):
+        raise UsageError("--ray does not checkpoint: it does not support --resume")
+    check_config(policy.scan_config())
+    if importlib.util.find_spec("ray") is None:
+        raise UsageError(NEEDS_RAY)
+    stated = {k: getattr(args, f"ray_{k}") for k in ("parts", "cpus", "gpus", "retries")
+              if getattr(args, f"ray_{k}", None) is not None}
+    options = RayOptions(address=address.strip(), device=args.device, **stated)
+    options.check()
+    return options
+
+
 REMOTE_ONLY = ("model_version", "max_qps", "remote_concurrency", "remote_batch", "remote_retries", "remote_timeout")
 
 

@@ -33,11 +33,13 @@ from pathlib import Path
 from gate.checkpoint import CHECKPOINT_JSON, DATA_NPZ, Checkpoint
 from gate.commands.common import (
     add_policy_args,
+    add_ray_args,
     add_remote_args,
     add_runtime_args,
     check_model_source,
     open_oracle,
     policy_from_args,
+    ray_options,
 )
 from gate.commands.verdict_cache import CacheUse, add_cache_args
 from gate.decision import EXIT_USAGE, Decision, exit_code_help
@@ -90,6 +92,7 @@ def add_gate_args(p: argparse.ArgumentParser, *, data_required: bool) -> None:
     add_policy_args(p)
     add_runtime_args(p)
     add_remote_args(p)
+    add_ray_args(p)
 
 
 def _now() -> str:
@@ -164,6 +167,7 @@ def execute(args: argparse.Namespace, *, renderers: bool) -> int:
     policy, changes = policy_from_args(args, base)  # UsageError (exit 4) on a bad flag value
     if policy.data.source == "file" and policy.data.path is None:
         raise UsageError(NO_DATA)  # before any query and before the claim: synthetic samples are opt-in
+    ray = ray_options(args, policy)  # UsageError (exit 4) for what --ray cannot do, before the claim
     source = (policy_file or "built-in default policy") + (
         f" + {len(changes)} command-line override{'s' if len(changes) > 1 else ''}" if changes else "")
     provenance = {"policy_file": str(policy_file) if policy_file else None, "overrides": changes}
@@ -197,7 +201,7 @@ def execute(args: argparse.Namespace, *, renderers: bool) -> int:
                 check_count(class_names, oracle.num_classes, args.labels)
             with Progress(enabled=not args.quiet, heartbeat=args.progress_every) as progress:
                 run = run_gate(oracle, policy, examples=examples, progress=progress, log=log, checkpoint=checkpoint,
-                               resume=args.resume)
+                               resume=args.resume, ray=ray)
             cache.remember(run, policy, policy_hash)
         provenance["cache"] = cache.record
         notes = run_notes(run.result, cache.record)
