@@ -28,7 +28,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import signal
+import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -153,6 +156,23 @@ def check_config(cfg: ScanConfig) -> None:
                          "search): switch it off")
 
 
+def reachable(address: str, timeout: float = 5.0) -> None:
+    """Refuse at once a ``HOST:PORT`` (or ``ray://HOST:PORT``) nothing listens on: Ray itself would retry for
+    minutes. ``local`` and ``auto`` pass (Ray answers those at once).
+
+    >>> reachable("local")
+    """
+    if address in ("local", "auto"):
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise UsageError(f"--ray {address}: not local, auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise GateError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}") from None
+
+
 def connect(address: str):
     """The ``ray`` module, initialised: an instance already running in this process, else ``address``.
     Returns (ray, whether this call started it and so must shut it down)."""
@@ -162,15 +182,34 @@ def connect(address: str):
         raise UsageError(NEEDS_RAY) from None
     if ray.is_initialized():
         return ray, False
+    reachable(address)
     kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    # ray.init sets SIGTERM handlers that exit with code 15 or 1 (a reject's) and leave OUT saying running:
+    # they are kept from being set (and the gate's handler put back in any case), so a SIGTERM, during
+    # ray.init too, ends the run fail-closed, and Ray is shut down (here, or by ray_scan)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if in_main else None
+    utils = getattr(getattr(ray, "_private", None), "utils", None)
+    setter = getattr(utils, "set_sigterm_handler", None)
+    if setter is not None:
+        utils.set_sigterm_handler = lambda handler: None
     try:
         if address == "local":
             ray.init(**kwargs)
         else:
             ray.init(address=address, **kwargs)
     except Exception as exc:  # ConnectionError, ValueError, ...: one line, no traceback
+        ray.shutdown()
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise GateError(f"cannot start or reach the Ray cluster at {address!r}: {first}") from None
+    except BaseException:  # SIGTERM / Ctrl-C while Ray starts
+        ray.shutdown()
+        raise
+    finally:
+        if setter is not None:
+            utils.set_sigterm_handler = setter
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return ray, True
 
 
@@ -225,7 +264,9 @@ def _gather(ray, refs: list, progress: Progress) -> list[PartResult]:
     pending = list(refs)
     queries, step = 0, 0
     while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
+        ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)  # in slices: SIGTERM / Ctrl-C end the wait
+        if not ready:
+            continue
         ref = ready[0]
         try:
             res = ray.get(ref)

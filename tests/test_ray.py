@@ -240,3 +240,48 @@ def test_without_ray_installed_ray_is_a_usage_error(tmp_path, capsys, monkeypatc
 def test_usage_error_helper_raises():
     with pytest.raises(UsageError):
         RayOptions(parts=0).check()
+
+
+def test_an_address_nothing_listens_on_is_an_error_at_once(tmp_path, capsys):
+    """Ray would retry the connection for minutes; the gate says so in one line (exit 2) straight away."""
+    import socket
+    import time
+
+    ray.shutdown()  # the test's own cluster would otherwise be used
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]  # free once closed: nothing listens there
+        t0 = time.perf_counter()
+        assert main(cli(tmp_path / "out", "--ray", f"127.0.0.1:{port}")) == 2
+        assert time.perf_counter() - t0 < 30
+        said = capsys.readouterr()
+        assert f"cannot reach the Ray cluster at 127.0.0.1:{port}" in said.out + said.err
+        assert json.loads((tmp_path / "out" / "report.json").read_text())["decision"]["outcome"] == "error"
+        assert main(cli(tmp_path / "out2", "--ray", "nowhere")) == 4
+    finally:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+
+
+def test_sigterm_during_a_ray_scan_fails_closed(tmp_path):
+    """ray.init installs a SIGTERM handler that exits 1 (a reject's code) leaving OUT 'running'; the gate's own
+    handler is put back, so a terminated Ray scan ends as an error (exit 2) with Ray shut down."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    args = cli(out, "--ray", "local", "--no-cache")
+    args[args.index("--max-steps") + 1] = "400"
+    proc = subprocess.Popen([sys.executable, "-m", "gate", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (out / "outcome").is_file():  # the run has claimed OUT
+        time.sleep(0.2)
+    time.sleep(6)  # Ray starting or its tasks running: the end must be the same
+    assert proc.poll() is None, proc.communicate()
+    proc.terminate()
+    said, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, err
+    assert (out / "outcome").read_text() == "error\n" and (out / "exit_code").read_text() == "2\n"
+    assert "interrupted" in said + err
