@@ -295,3 +295,21 @@ class InProcess:
 
     def post(self, path: str, **kw) -> httpx.Response:
         return self._call(self._client.post(path, **kw))
+
+
+def fake_synthesis(monkeypatch) -> list[int]:
+    """Replace B3D-SS synthesis by a cheap stand-in (random images) so data-source logic is tested fast; the
+    returned list collects each call's images per class."""
+    import gate.pipeline
+    from gate.data import ImageSet
+
+    calls: list[int] = []
+
+    def fake(policy, oracle, progress):
+        calls.append(policy.data.synthetic_per_class)
+        n = policy.data.synthetic_per_class * oracle.num_classes
+        x = np.random.default_rng(0).random((n, *oracle.image_shape), dtype=np.float32)
+        return ImageSet(x, None, "synthetic"), {"queries": 0, "seconds": 0.0}
+
+    monkeypatch.setattr(gate.pipeline, "synthesize_data", fake)
+    return calls

@@ -15,7 +15,7 @@ import yaml
 from gate.cli import main
 from gate.decision import RULE_LOW_ACCURACY, decide
 from gate.policy import Policy, builtin_policy, load_policy
-from tests.helpers import DEMO, DEMO_MODEL, ROOT, linear_model, make_result
+from tests.helpers import DEMO, DEMO_MODEL, ROOT, fake_synthesis, linear_model, make_result
 
 FAST = ["--k", "6", "--batch-size", "4", "--max-steps", "15", "--max-images", "100", "--quiet"]
 QUIET_RULES = {"outliers": {"anomaly_threshold": 1.0e6, "median_ratio": 0.0},
@@ -80,24 +80,8 @@ def test_no_data_is_a_usage_error_before_anything_runs(assets, tmp_path, capsys)
     assert code == 4 and "no clean data given" in err
 
 
-def _fake_synthesis(monkeypatch):
-    import gate.pipeline
-    from gate.data import ImageSet
-
-    calls = []
-
-    def fake(policy, oracle, progress):
-        calls.append(policy.data.synthetic_per_class)
-        n = policy.data.synthetic_per_class * oracle.num_classes
-        x = np.random.default_rng(0).random((n, *oracle.image_shape), dtype=np.float32)
-        return ImageSet(x, None, "synthetic"), {"queries": 0, "seconds": 0.0}
-
-    monkeypatch.setattr(gate.pipeline, "synthesize_data", fake)
-    return calls
-
-
 def test_synthetic_samples_only_when_asked_for(assets, tmp_path, capsys, monkeypatch):
-    calls = _fake_synthesis(monkeypatch)
+    calls = fake_synthesis(monkeypatch)
     code, _, err = gate_run(capsys, "run", assets / "tiny.onnx", "--synthetic", "--synthetic-per-class", "20",
                             "--out", tmp_path / "o", *FAST)
     doc = report(tmp_path / "o")
@@ -106,7 +90,7 @@ def test_synthetic_samples_only_when_asked_for(assets, tmp_path, capsys, monkeyp
 
 
 def test_an_auto_fallback_is_stated_in_every_output(assets, tmp_path, capsys, monkeypatch):
-    calls = _fake_synthesis(monkeypatch)
+    calls = fake_synthesis(monkeypatch)
     pol = tmp_path / "auto.yaml"
     pol.write_text(yaml.safe_dump({**QUIET_RULES, "data": {"source": "auto", "path": "missing.npz",
                                                            "synthetic_per_class": 20}}))

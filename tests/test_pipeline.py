@@ -6,8 +6,9 @@
         --out OUT --max-steps 25 --max-images 150
 
 The same command today must give the same report, timings aside. A change that is meant to move scan results
-regenerates the files with the command above and says so in its commit (last: the calibrated outlier rule
-and the search that cannot stall, which count a class without a working trigger as the whole image).
+regenerates the files with the command above and says so in its commit (last: the screening settings,
+search.screening and the screening section, added to the reports' search and policy blocks; every class
+result and the decision unchanged).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import yaml
 
 from gate.cli import main
 from gate.policy import Policy
-from tests.helpers import DEMO, linear_model
+from tests.helpers import DEMO, fake_synthesis, linear_model
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--k", "6", "--batch-size", "4", "--max-steps", "15", "--max-images", "100", "--quiet"]
@@ -255,21 +255,6 @@ def test_console_script_exit_codes(assets, tmp_path):
 
 
 # --------------------------------------------------------------------------- where the data comes from
-def _no_synthesis(monkeypatch):
-    """Replace synthesis by a cheap stand-in (random images) so the data-source logic is tested fast."""
-    import gate.pipeline
-    from gate.data import ImageSet
-
-    calls = []
-
-    def fake(policy, oracle, progress):
-        calls.append(policy.data.synthetic_per_class)
-        n = policy.data.synthetic_per_class * oracle.num_classes
-        x = np.random.default_rng(0).random((n, *oracle.image_shape), dtype=np.float32)
-        return ImageSet(x, None, "synthetic"), {"queries": 0, "seconds": 0.0}
-
-    monkeypatch.setattr(gate.pipeline, "synthesize_data", fake)
-    return calls
 
 
 @pytest.mark.parametrize("sample,expect", [
@@ -279,7 +264,7 @@ def _no_synthesis(monkeypatch):
     ("data_16px.npz", "synthetic"),  # wrong image size
 ])
 def test_auto_data_source(assets, tmp_path, capsys, monkeypatch, sample, expect):
-    calls = _no_synthesis(monkeypatch)
+    calls = fake_synthesis(monkeypatch)
     pol = write_policy(tmp_path / "p.yaml", {**NO_FLAGS, "data": {"source": "auto", "path": str(assets / sample),
                                                                   "synthetic_per_class": 20}})
     code, _, _ = run_gate(capsys, "run", assets / "tiny.onnx", "--policy", pol, "--out", tmp_path / "o", *FAST)
@@ -292,7 +277,7 @@ def test_auto_data_source(assets, tmp_path, capsys, monkeypatch, sample, expect)
 
 
 def test_synthetic_flag_and_file_source(assets, tmp_path, capsys, monkeypatch):
-    calls = _no_synthesis(monkeypatch)
+    calls = fake_synthesis(monkeypatch)
     pol = write_policy(tmp_path / "p.yaml", {**NO_FLAGS, "data": {"source": "file", "path": str(assets / "data.npz")}})
     code, _, _ = run_gate(capsys, "run", assets / "tiny.onnx", "--policy", pol, "--out", tmp_path / "o", "--synthetic",
                       "--synthetic-per-class", "20", *FAST)
