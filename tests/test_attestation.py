@@ -304,3 +304,76 @@ def test_readme_ci_jobs_call_gate_run_and_keep_the_reports():
                any("gate run" in line for line in v["script"]))
     assert job["allow_failure"] == {"exit_codes": [3]}
     assert job["artifacts"]["when"] == "always" and job["artifacts"]["reports"]["junit"].endswith("junit.xml")
+
+
+def _ci_blocks() -> tuple[dict, dict]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## CI\n", 1)[1].split("\n## ", 1)[0]
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", section, re.S)]
+    return next(b for b in blocks if "jobs" in b), next(b for b in blocks if "jobs" not in b)
+
+
+def _ci_workspace(assets: Path, tmp_path: Path, policy: str) -> tuple[Path, dict]:
+    """A checkout as the CI jobs see it: the model, the data, policies/default.yaml (here a cheap one, so the
+    job runs in seconds) and the public key; the environment with the gate on PATH."""
+    import os
+    import sys
+
+    ws = tmp_path / "ws"
+    (ws / "policies").mkdir(parents=True)
+    shutil.copy(assets / "tiny.onnx", ws / "tiny.onnx")
+    shutil.copy(assets / "data.npz", ws / "data.npz")
+    cheap = {"search": {"k": 6, "batch_size": 4, "max_steps": 15}, "data": {"max_images": 100}}
+    doc = yaml.safe_load((assets / policy).read_text())
+    for key, value in cheap.items():
+        doc.setdefault(key, {}).update(value)
+    (ws / "policies" / "default.yaml").write_text(yaml.safe_dump(doc))
+    shutil.copy(assets / "sign.pub.pem", ws / "gate.pub.pem")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "MODEL": "tiny.onnx", "DATA": "data.npz", "BACKDOOR_GATE_CACHE": "off"}
+    return ws, env
+
+
+def _bash(script: str, ws: Path, env: dict):
+    import subprocess
+
+    return subprocess.run(["bash", "-e", "-c", script], cwd=ws, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def _without_install(line: str) -> str:
+    """A job's command without its `pip install .` (the gate is installed here already)."""
+    return line.replace("pip install . && ", "") if line.strip() != "pip install ." else ""
+
+
+@pytest.mark.parametrize("policy,code", [("accept.yaml", 0), ("reject.yaml", 1)])
+def test_readme_github_actions_job_runs_as_written(assets, tmp_path, policy, code):
+    github, _ = _ci_blocks()
+    gate_job, deploy = github["jobs"]["gate"], github["jobs"]["deploy"]
+    step = next(s for s in gate_job["steps"] if s.get("id") == "gate")
+    ws, env = _ci_workspace(assets, tmp_path, policy)
+    outputs = tmp_path / "github_output"
+    env.update(SIGNING_KEY=(assets / "sign.pem").read_text(), RUNNER_TEMP=str(tmp_path), GITHUB_OUTPUT=str(outputs))
+    r = _bash(step["run"], ws, env)
+    assert r.returncode == code, r.stderr[-2000:]  # a reject fails the job with the gate's code
+    assert outputs.read_text().strip() == f"exit_code={code}"
+    for name in ("report.sarif", "junit.xml", "report.html", "attestation.json"):  # what the upload steps take
+        assert (ws / "gate-out" / name).is_file(), name
+    assert any(p.name.endswith(".dsse.json") or "dsse" in p.name for p in (ws / "gate-out").iterdir())
+    # the deploy job runs only on exit_code '0'; its verify then passes for the signed accept
+    assert deploy["if"] == "needs.gate.outputs.exit_code == '0'"
+    verify = _bash("\n".join(_without_install(s["run"]) for s in deploy["steps"] if "run" in s), ws, env)
+    assert verify.returncode == code, verify.stderr[-2000:]
+
+
+def test_readme_gitlab_jobs_run_as_written(assets, tmp_path):
+    _, gitlab = _ci_blocks()
+    ws, env = _ci_workspace(assets, tmp_path, "accept.yaml")
+    env["GATE_SIGNING_KEY"] = str(assets / "sign.pem")  # a File variable: its value is a path
+    r = _bash("\n".join(_without_install(line) for line in gitlab["backdoor-gate"]["script"]), ws, env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (ws / gitlab["backdoor-gate"]["artifacts"]["reports"]["junit"]).is_file()
+    verify = _bash("\n".join(_without_install(line) for line in gitlab["deploy-model"]["script"]), ws, env)
+    assert verify.returncode == 0, verify.stderr[-2000:]
+    (ws / "tiny.onnx").write_bytes((ws / "tiny.onnx").read_bytes() + b"\0")  # the model changed after the scan
+    assert _bash("\n".join(_without_install(line) for line in gitlab["deploy-model"]["script"]), ws, env).returncode
