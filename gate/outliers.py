@@ -144,14 +144,15 @@ def critical_z(alpha: float, k: int) -> float:
     return 0.5 * (lo + hi)
 
 
-def calibrated_threshold_l1(l1, rule: OutlierRule) -> float:
+def calibrated_threshold_l1(l1, rule: OutlierRule, k: int | None = None) -> float:
     """About the L1 below which the calibrated rule flags a class: exp(median - z* s) with the median and
-    the floored scale of all classes' log L1 (each class's own reference leaves it out, so this is the line
-    a chart can draw, not the exact per-class cut)."""
+    the floored scale of the log L1 of ``l1`` and z* for ``k`` classes (default: as many as ``l1``). Each
+    class's own reference leaves it out, so over all classes this is the line a chart can draw, not the exact
+    per-class cut; over a reference set that excludes the class it is the exact cut."""
     x = np.log(np.maximum(np.asarray(l1, dtype=np.float64), L1_FLOOR))
     med = float(np.median(x))
     scale = max(MAD_CONSISTENCY * float(np.median(np.abs(x - med))), rule.scale_floor)
-    return float(np.exp(med - critical_z(rule.alpha, len(x)) * scale))
+    return float(np.exp(med - critical_z(rule.alpha, len(x) if k is None else k) * scale))
 
 
 def flag_threshold(reference_l1, rule: OutlierRule, k: int) -> float:
@@ -162,14 +163,11 @@ def flag_threshold(reference_l1, rule: OutlierRule, k: int) -> float:
     12.0
     """
     ref = np.asarray(reference_l1, dtype=np.float64)
-    median, mad, _ = anomaly_index(ref)
     if rule.method == "mad":
+        median, mad, _ = anomaly_index(ref)
         by_index = median - rule.anomaly_threshold * MAD_CONSISTENCY * mad if mad > 0 else median
         return float(max(by_index, rule.median_ratio * median, 0.0))
-    x = np.log(np.maximum(ref, L1_FLOOR))
-    med = float(np.median(x))
-    scale = max(MAD_CONSISTENCY * float(np.median(np.abs(x - med))), rule.scale_floor)
-    return float(np.exp(med - critical_z(rule.alpha, k) * scale))
+    return calibrated_threshold_l1(ref, rule, k)
 
 
 def finite_index(x: float) -> float:
