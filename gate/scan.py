@@ -393,9 +393,10 @@ class ScanEngine:
 
     def _active(self) -> list[ClassSearch]:
         """The searches that step this round: not done, and (screening) not waiting for the decision."""
-        waiting = self.screening.waiting if self.screening is not None else None
-        return [r for r in self.runs if not r.state.done and not (waiting is not None and r.mode == "patch"
-                                                                      and waiting[r.label])]
+        runs = [r for r in self.runs if not r.state.done]
+        if self.screening is None:
+            return runs
+        return [r for r in runs if not (r.mode == "patch" and self.screening.waiting[r.label])]
 
     def _observe(self, stepped: list[ClassSearch]) -> None:
         """Screening: the patch searches that just stepped report their L1; decide once the reference is done."""
