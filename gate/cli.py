@@ -16,7 +16,7 @@ from gate.errors import GateError, UsageError
 
 EXIT_ERROR = EXIT_CODES["error"]
 
-COMMANDS = ("scan", "synth", "run", "verify", "inspect", "proxy", "calibrate")
+COMMANDS = ("scan", "synth", "run", "run-many", "verify", "inspect", "proxy", "calibrate")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,9 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name in COMMANDS:
         try:
-            module = importlib.import_module(f"gate.commands.{name}")
+            module = importlib.import_module(f"gate.commands.{name.replace('-', '_')}")
         except ModuleNotFoundError as exc:
-            if exc.name != f"gate.commands.{name}":
+            if exc.name != f"gate.commands.{name.replace('-', '_')}":
                 raise
             continue
         module.register(sub)

@@ -124,16 +124,35 @@ def stated_spec(oracle: Oracle) -> SpecOverrides:
                          output_kind=s.output_kind)
 
 
-def run_part(job: Job, labels: list[int], max_queries: int | None) -> PartResult:
-    """One part of the scan, in a worker: its own oracle on the job's model bytes, the labels' searches."""
-    if hashlib.sha256(job.model).hexdigest() != job.sha256:
+def model_bytes(oracle: Oracle) -> bytes:
+    """The bytes of ``oracle``'s model file, to ship to workers; refused when the file changed since it was opened
+    (or ``oracle`` is a remote model: there is no file)."""
+    if not isinstance(oracle, Oracle):
+        raise UsageError("--ray scans a model file: it does not support --remote")
+    model = Path(oracle.path).read_bytes()
+    if hashlib.sha256(model).hexdigest() != oracle.sha256:
+        raise GateError(f"{oracle.path} changed after it was opened (sha256 differs): scan it again")
+    return model
+
+
+def open_model_bytes(model: bytes, sha256: str, spec: SpecOverrides, *, device: str, max_batch: int,
+                     threads: int) -> Oracle:
+    """In a worker: an oracle on model bytes received through the object store, checked against ``sha256``."""
+    if hashlib.sha256(model).hexdigest() != sha256:
         raise GateError("the model bytes a Ray worker received do not match the model's sha256")
     with tempfile.TemporaryDirectory(prefix="gate-ray-") as tmp:
         path = Path(tmp) / "model.onnx"
-        path.write_bytes(job.model)
-        oracle = Oracle(path, job.spec, device=job.device, max_batch=job.max_batch, threads=job.threads)
-    if oracle.sha256 != job.sha256:
+        path.write_bytes(model)
+        oracle = Oracle(path, spec, device=device, max_batch=max_batch, threads=threads)
+    if oracle.sha256 != sha256:
         raise GateError("the model file a Ray worker opened does not match the model's sha256")
+    return oracle
+
+
+def run_part(job: Job, labels: list[int], max_queries: int | None) -> PartResult:
+    """One part of the scan, in a worker: its own oracle on the job's model bytes, the labels' searches."""
+    oracle = open_model_bytes(job.model, job.sha256, job.spec, device=job.device, max_batch=job.max_batch,
+                              threads=job.threads)
     cfg = dataclasses.replace(job.cfg, max_queries=max_queries)
     engine = ScanEngine(oracle, job.images, cfg, method=job.method, examples=job.examples, labels=labels)
     engine.run_rounds()
@@ -220,13 +239,9 @@ def ray_scan(oracle: Oracle, images: ImageSet, cfg: ScanConfig, options: RayOpti
     ``runner`` is what each task runs (:func:`run_part`)."""
     options.check()
     check_config(cfg)
-    if not isinstance(oracle, Oracle):
-        raise UsageError("--ray scans a model file: it does not support --remote")
     t_start = time.perf_counter()
     progress = progress or Progress(enabled=False)
-    model = Path(oracle.path).read_bytes()
-    if hashlib.sha256(model).hexdigest() != oracle.sha256:
-        raise GateError(f"{oracle.path} changed after it was opened (sha256 differs): scan it again")
+    model = model_bytes(oracle)
     k = oracle.num_classes
     ray, started = connect(options.address)
     try:
@@ -258,8 +273,6 @@ def ray_scan(oracle: Oracle, images: ImageSet, cfg: ScanConfig, options: RayOpti
 
 def _gather(ray, refs: list, progress: Progress) -> list[PartResult]:
     """Every task's result, in order; progress as each arrives. A task's own error ends the scan with it."""
-    from ray.exceptions import RayError, RayTaskError
-
     done: dict = {}
     pending = list(refs)
     queries, step = 0, 0
@@ -268,17 +281,7 @@ def _gather(ray, refs: list, progress: Progress) -> list[PartResult]:
         if not ready:
             continue
         ref = ready[0]
-        try:
-            res = ray.get(ref)
-        except RayTaskError as exc:
-            cause = getattr(exc, "cause", None)
-            if isinstance(cause, GateError):
-                raise type(cause)(str(cause)) from None
-            raise GateError(f"a Ray task failed: {type(cause).__name__ if cause else 'error'}: "
-                            f"{str(cause or exc).strip().splitlines()[0]}") from None
-        except RayError as exc:  # the worker died more often than the retries allow, the cluster went away, ...
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise GateError(f"a Ray task was lost ({type(exc).__name__}: {first})") from None
+        res = task_result(ray, ref)
         done[ref] = res
         queries += res.facts.queries
         for o in res.outcomes:
@@ -287,3 +290,21 @@ def _gather(ray, refs: list, progress: Progress) -> list[PartResult]:
             progress.emit(ClassFinished(c.label, c.steps, c.trigger_asr or 0.0, c.l1, c.queries, c.status))
         progress.emit(RoundFinished(step, queries, None))
     return [done[r] for r in refs]
+
+
+def task_result(ray, ref):
+    """A finished task's result; its error as the gate's: the scan's own GateError as it was raised, anything
+    else (a bug, a worker lost beyond its retries, the cluster gone) as one GateError line."""
+    from ray.exceptions import RayError, RayTaskError
+
+    try:
+        return ray.get(ref)
+    except RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, GateError):
+            raise type(cause)(str(cause)) from None
+        raise GateError(f"a Ray task failed: {type(cause).__name__ if cause else 'error'}: "
+                        f"{str(cause or exc).strip().splitlines()[0]}") from None
+    except RayError as exc:  # the worker died more often than the retries allow, the cluster went away, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise GateError(f"a Ray task was lost ({type(exc).__name__}: {first})") from None

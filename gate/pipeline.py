@@ -93,9 +93,7 @@ def run_gate(oracle: Oracle, policy: Policy, *, images: ImageSet | None = None, 
         out = ray_scan(oracle, images, cfg, ray, method=method, progress=progress, examples=examples)
     else:
         out = _scan_here(oracle, images, cfg, method, progress, examples, policy, log, checkpoint, resume)
-    result = with_synthesis(out.result, synthesis)
-    if fallback:
-        result = dataclasses.replace(result, data={**result.data, "fallback": fallback})
+    result = with_fallback(with_synthesis(out.result, synthesis), fallback)
     decision = decide(result, policy)
     progress.emit(ScanFinished(result.flagged, decision.outcome))
     shown = _example_images(images, out.triggers, out.examples, result, decision) if examples else None
@@ -186,6 +184,13 @@ def with_synthesis(result: ScanResult, synthesis: dict | None) -> ScanResult:
         result, synthesis=synthesis,
         queries={**q, "total": q["scan"] + int(synthesis["queries"]), "synthesis": int(synthesis["queries"])},
         seconds={**s, "total": s["scan"] + synthesis["seconds"], "synthesis": synthesis["seconds"]})
+
+
+def with_fallback(result: ScanResult, fallback: str | None) -> ScanResult:
+    """The result, its data section saying why an ``auto`` source fell back to synthetic samples (if it did)."""
+    if not fallback:
+        return result
+    return dataclasses.replace(result, data={**result.data, "fallback": fallback})
 
 
 def _example_images(images: ImageSet, triggers: Triggers, rows: dict[int, list[ExampleRow]], result: ScanResult,

@@ -57,16 +57,24 @@ def add_remote_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--remote-timeout", type=float, metavar="SECONDS", help="per request (default 60)")
 
 
-def add_ray_args(p: argparse.ArgumentParser) -> None:
-    """The scan's classes spread over a Ray cluster (:mod:`gate.distributed`; the ``ray`` extra)."""
-    g = p.add_argument_group("Ray (spread the classes over a Ray cluster's workers; pip install "
+def add_ray_args(p: argparse.ArgumentParser, *, models: bool = False) -> None:
+    """The scan's classes (``models``: the models, :mod:`gate.fleet`) spread over a Ray cluster
+    (:mod:`gate.distributed`; the ``ray`` extra)."""
+    what = "models" if models else "classes"
+    g = p.add_argument_group(f"Ray (spread the {what} over a Ray cluster's workers; pip install "
                              "'backdoor-gate[ray]')")
-    g.add_argument("--ray", metavar="ADDRESS",
-                   help="run the classes' searches as Ray tasks: local (a Ray instance started here), auto (the "
-                        "running cluster), HOST:PORT or ray://HOST:PORT; same seed -> the same per-class results "
-                        "and decision as without --ray")
-    g.add_argument("--ray-parts", type=int, metavar="N",
-                   help="tasks the classes are dealt into (default: the cluster's CPUs / --ray-cpus)")
+    if models:
+        g.add_argument("--ray", metavar="ADDRESS",
+                       help="run each model's gate run as one Ray task: local (a Ray instance started here), auto "
+                            "(the running cluster), HOST:PORT or ray://HOST:PORT; the reports are written here, the "
+                            "same as without --ray")
+    else:
+        g.add_argument("--ray", metavar="ADDRESS",
+                       help="run the classes' searches as Ray tasks: local (a Ray instance started here), auto (the "
+                            "running cluster), HOST:PORT or ray://HOST:PORT; same seed -> the same per-class results "
+                            "and decision as without --ray")
+        g.add_argument("--ray-parts", type=int, metavar="N",
+                       help="tasks the classes are dealt into (default: the cluster's CPUs / --ray-cpus)")
     g.add_argument("--ray-cpus", type=float, metavar="N", help="CPUs per task (default 1)")
     g.add_argument("--ray-gpus", type=float, metavar="N", help="GPUs per task (default 0)")
     g.add_argument("--ray-retries", type=int, metavar="N",

@@ -26,9 +26,11 @@ import signal
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gate.checkpoint import CHECKPOINT_JSON, DATA_NPZ, Checkpoint
 from gate.commands.common import (
@@ -47,6 +49,9 @@ from gate.errors import GateError, UsageError
 from gate.labels import check_count, read_class_names
 from gate.policy import Policy, builtin_policy, load_policy
 from gate.progress import HEARTBEAT_SECONDS, say
+
+if TYPE_CHECKING:
+    from gate.pipeline import GateRun
 
 
 def register(sub) -> None:
@@ -69,10 +74,13 @@ def register(sub) -> None:
     p.set_defaults(handler=lambda args: execute(args, renderers=True))
 
 
-def add_gate_args(p: argparse.ArgumentParser, *, data_required: bool) -> None:
-    """What ``gate run`` and ``gate scan`` share: the model, the output folder, the data and every policy flag."""
-    p.add_argument("model", nargs="?", help="ONNX model file (or --remote URL --model-name NAME)")
-    p.add_argument("--out", required=True, help="output folder for the reports")
+def add_gate_args(p: argparse.ArgumentParser, *, data_required: bool, one_model: bool = True) -> None:
+    """What ``gate run``, ``gate scan`` and ``gate run-many`` share: the model (``one_model``: the positional model
+    and the remote-model flags), the output folder, the data and every policy flag."""
+    if one_model:
+        p.add_argument("model", nargs="?", help="ONNX model file (or --remote URL --model-name NAME)")
+    p.add_argument("--out", required=True, help="output folder for the reports" if one_model else
+                   "output folder: one sub-folder per model, and the summary")
     src = p.add_mutually_exclusive_group(required=data_required)
     src.add_argument("--data", help="clean images: .npz (x, optional y) or a folder of images (default: the "
                                     "policy's data.path; without either, give --synthetic)")
@@ -91,8 +99,9 @@ def add_gate_args(p: argparse.ArgumentParser, *, data_required: bool) -> None:
     add_cache_args(p)
     add_policy_args(p)
     add_runtime_args(p)
-    add_remote_args(p)
-    add_ray_args(p)
+    if one_model:
+        add_remote_args(p)
+    add_ray_args(p, models=not one_model)
 
 
 def _now() -> str:
@@ -134,7 +143,9 @@ def _model_facts(path: str) -> dict:
     return facts
 
 
-def execute(args: argparse.Namespace, *, renderers: bool) -> int:
+def execute(args: argparse.Namespace, *, renderers: bool, scan: Callable[..., GateRun] | None = None) -> int:
+    """The command (see the module docstring). ``scan`` stands where :func:`gate.pipeline.run_gate` does (the same
+    arguments and result): ``gate run-many --ray`` runs the model on a Ray worker through it."""
     from gate.pipeline import NO_DATA, run_gate
     from gate.progress import Progress
     from gate.report.attestation import policy_sha256
@@ -200,8 +211,8 @@ def execute(args: argparse.Namespace, *, renderers: bool) -> int:
             if class_names is not None:
                 check_count(class_names, oracle.num_classes, args.labels)
             with Progress(enabled=not args.quiet, heartbeat=args.progress_every) as progress:
-                run = run_gate(oracle, policy, examples=examples, progress=progress, log=log, checkpoint=checkpoint,
-                               resume=args.resume, ray=ray)
+                run = (scan or run_gate)(oracle, policy, examples=examples, progress=progress, log=log,
+                                         checkpoint=checkpoint, resume=args.resume, ray=ray)
             cache.remember(run, policy, policy_hash)
         provenance["cache"] = cache.record
         notes = run_notes(run.result, cache.record)
