@@ -91,6 +91,8 @@ class RayModels:
             log(f"warning: {fallback}")
         job = ModelJob(model_bytes(oracle), oracle.sha256, stated_spec(oracle), self.options.device,
                        oracle.max_batch, max(1, int(self.options.cpus)), policy, images, examples)
+        if self._stopped.is_set():  # a run that had not started when the command was stopped
+            raise KeyboardInterrupt("SIGTERM")
         ref = self._task.remote(self.runner, job)
         while True:
             ready, _ = self.ray.wait([ref], timeout=0.5)

@@ -248,7 +248,11 @@ def execute(args: argparse.Namespace, *, renderers: bool, scan: Callable[..., Ga
     return decision.exit_code
 
 
+INTERRUPTED = threading.Event()  # set by SIGTERM (and by gate run-many's SIGINT): the caller stops after this run
+
+
 def _terminated(signum, frame) -> None:
+    INTERRUPTED.set()
     raise KeyboardInterrupt("SIGTERM")
 
 

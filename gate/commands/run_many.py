@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from gate.commands.run import _now, add_gate_args, execute
+from gate.commands.run import INTERRUPTED, _now, add_gate_args, execute
 from gate.decision import EXIT_CODES, EXIT_USAGE, exit_code_help
 from gate.errors import GateError, UsageError
 from gate.report import atomic_write, begin_run, write_exit_files
@@ -205,18 +205,34 @@ def execute_many(args: argparse.Namespace) -> int:
     started = _now()
     _claim(out, entries, started)
     rows: dict[str, dict] = {}
-    if options is None:
-        stopped = None
+    INTERRUPTED.clear()
+    in_main = threading.current_thread() is threading.main_thread()  # signals can only be caught there
+    previous = {sig: signal.signal(sig, _interrupted) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    try:
+        if options is None:
+            for i, e in enumerate(entries):
+                rows[e.name] = _one(args, e, out, None)
+                if INTERRUPTED.is_set():  # the rest do not start: they end as the interrupted one did
+                    for rest in entries[i + 1:]:
+                        rows[rest.name] = _failed(args, rest, out, f"interrupted: gate run-many stopped before "
+                                                                   f"{rest.name}'s scan began")
+                    break
+        else:
+            _on_ray(args, entries, out, options, rows)
+    except KeyboardInterrupt as exc:  # before or between the models' own runs (Ray starting, say)
+        why = f"interrupted ({exc.args[0] if exc.args else 'SIGINT'}): gate run-many stopped before this model's scan"
         for e in entries:
-            if stopped is not None:  # after an interrupted model, the rest do not start: they end as it did
-                rows[e.name] = _failed(args, e, out, stopped)
-                continue
-            rows[e.name] = _one(args, e, out, None)
-            if str(rows[e.name].get("reason") or "").startswith("interrupted"):
-                stopped = f"interrupted: gate run-many stopped before {e.name}'s scan began"
-    else:
-        rows = _on_ray(args, entries, out, options)
+            if e.name not in rows:
+                rows[e.name] = _failed(args, e, out, why)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return _finish(out, entries, rows, started)
+
+
+def _interrupted(signum, frame) -> None:
+    INTERRUPTED.set()
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _claim(out: Path, entries: list[Entry], started: str) -> None:
@@ -263,13 +279,11 @@ def _row(entry: Entry, folder: Path, code: int) -> dict:
             "reason": reasons[0] if reasons else None}
 
 
-def _on_ray(args: argparse.Namespace, entries: list[Entry], out: Path, options) -> dict[str, dict]:
-    """Every model as a Ray task, as many at once as the cluster runs; SIGTERM / Ctrl-C end them fail-closed."""
+def _on_ray(args: argparse.Namespace, entries: list[Entry], out: Path, options, rows: dict[str, dict]) -> None:
+    """Every model as a Ray task, as many at once as the cluster runs, its row into ``rows``; SIGTERM / Ctrl-C
+    end them fail-closed."""
     from gate.fleet import RayModels
 
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminated) if in_main else None
-    rows: dict[str, dict] = {}
     models = None
     try:
         try:
@@ -277,7 +291,7 @@ def _on_ray(args: argparse.Namespace, entries: list[Entry], out: Path, options) 
         except GateError as exc:  # the cluster cannot be reached: every model's run is an error
             for e in entries:
                 rows[e.name] = _failed(args, e, out, str(exc))
-            return rows
+            return
         quiet = argparse.Namespace(**{**vars(args), "quiet": True})
         with ThreadPoolExecutor(max_workers=min(len(entries), max(models.slots(), 1) * 2)) as pool:
             futures = {e.name: pool.submit(_one, quiet, e, out, models.scan) for e in entries}
@@ -296,9 +310,6 @@ def _on_ray(args: argparse.Namespace, entries: list[Entry], out: Path, options) 
     finally:
         if models is not None:
             models.close()
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
-    return rows
 
 
 def _failed(args: argparse.Namespace, entry: Entry, out: Path, message: str) -> dict:
@@ -308,10 +319,6 @@ def _failed(args: argparse.Namespace, entry: Entry, out: Path, message: str) -> 
         raise GateError(message)
 
     return _one(argparse.Namespace(**{**vars(args), "quiet": True}), entry, out, cannot)
-
-
-def _terminated(signum, frame) -> None:
-    raise KeyboardInterrupt("SIGTERM")
 
 
 def _finish(out: Path, entries: list[Entry], rows: dict[str, dict], started: str) -> int:
