@@ -95,8 +95,8 @@ def class_rows(out: Path, resume: bool) -> list[dict]:
 
 
 def fleet(n: int, out: Path) -> tuple[Path, list[dict]]:
-    """A run-many manifest of ``n`` built CIFAR-10 wide-zoo models (architectures in turn), each with a policy stating its
-    documented input convention and its data (the test split the model did not train on)."""
+    """A run-many manifest of ``n`` built CIFAR-10 wide-zoo models (architectures in turn), each with a policy
+    stating its documented input convention, and its data (the test split the model did not train on)."""
     names = sorted(p.stem for p in (ROOT / "models" / "wide_zoo").glob("w_cifar_*.json"))
     mans = [zoo.load_manifest(zoo.manifest_path(m, ROOT / "models" / "wide_zoo")) for m in names]
     mans = [m for m in mans if Path(m["_onnx"]).is_file()]
