@@ -130,6 +130,8 @@ def fingerprint(settings: Settings, method: str) -> dict:
                                                                           cfg.outliers.median_ratio]}
         if not cfg.blend:  # added with the blend mode; off, the scan is what it was (records made before match)
             fp["scan"].pop("blend")
+        if cfg.search.grid_cells == SearchParams().grid_cells:  # added with the coarse grid: at its default, a
+            fp["scan"].pop("grid_cells")  # 32x32 model (every model the zoos hold) is searched as before
         if cfg.screening:  # likewise the screening: on, its settings are part of the run
             fp["scan"]["screening_params"] = cfg.screening_params.to_dict()
         else:

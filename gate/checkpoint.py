@@ -36,7 +36,8 @@ CHECKPOINT_JSON = "checkpoint.json"
 CHECKPOINT_NPZ = "checkpoint.npz"
 DATA_NPZ = "checkpoint-data.npz"
 FILES = (CHECKPOINT_JSON, CHECKPOINT_NPZ, DATA_NPZ)
-SCRATCH = frozenset({"u", "eps", "masks", "patterns", "delta", "amps"})  # rewritten by every ask()
+SCRATCH = frozenset({"u", "eps", "masks", "patterns", "delta", "amps",  # rewritten by every ask()
+                     "area"})  # the search grid's, set by init()
 VERSION = 1
 
 

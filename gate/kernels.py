@@ -102,13 +102,16 @@ def stamp_encode(images, masks, patterns, scale, offset, channels_first, out):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def stamp_classes(pool, classes, sample_idx, eval_idx, masks, patterns, scale, offset, channels_first, out):
+def stamp_classes(pool, classes, sample_idx, eval_idx, masks, patterns, rows, cols, scale, offset, channels_first,
+                  out):
     """One scan round for many classes in one pass: what one model call answers.
 
     For each class c = classes[g]: its n search samples (masks[c, :n], patterns[c, :n]) each on its B
     minibatch images pool[sample_idx[c]], then its current trigger (masks[c, n], patterns[c, n]) on its
     E check images pool[eval_idx[c]]. Rows per class: n*B + E, sample-major, then the trigger rows.
-    pool (N, H, W, C); sample_idx (K, B); eval_idx (K, E); masks (K, n+1, H, W); patterns (K, n+1, H, W, C).
+    pool (N, H, W, C); sample_idx (K, B); eval_idx (K, E); masks (K, n+1, gh, gw); patterns (K, n+1, gh, gw, C)
+    on the search grid, whose cell (rows[r], cols[c]) covers pixel (r, c) (:class:`gate.grid.Grid`; on a
+    pixel grid rows and cols are 0..H-1 and 0..W-1).
     """
     h, w, ch = pool.shape[1], pool.shape[2], pool.shape[3]
     n = masks.shape[1] - 1
@@ -120,10 +123,12 @@ def stamp_classes(pool, classes, sample_idx, eval_idx, masks, patterns, scale, o
         cls = classes[g]
         j, x = _round_source(t - g * per, n, b, cls, sample_idx, eval_idx)
         for r in range(h):
+            gr = rows[r]
             for c in range(w):
-                m = masks[cls, j, r, c]
+                gc = cols[c]
+                m = masks[cls, j, gr, gc]
                 for q in range(ch):
-                    _put(out, t, r, c, q, _blend(pool[x, r, c, q], m, patterns[cls, j, r, c, q]),
+                    _put(out, t, r, c, q, _blend(pool[x, r, c, q], m, patterns[cls, j, gr, gc, q]),
                          scale, offset, channels_first)
 
 

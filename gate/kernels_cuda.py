@@ -88,8 +88,8 @@ def stamp_encode_kernel(images, masks, patterns, scale, offset, channels_first, 
 
 
 @cuda.jit
-def stamp_classes_kernel(pool, classes, sample_idx, eval_idx, masks, patterns, scale, offset, channels_first,
-                         out):
+def stamp_classes_kernel(pool, classes, sample_idx, eval_idx, masks, patterns, rows, cols, scale, offset,
+                         channels_first, out):
     """Same rows as :func:`gate.kernels.stamp_classes`; one thread per (row, pixel, channel)."""
     t = cuda.grid(1)
     h, w, ch = pool.shape[1], pool.shape[2], pool.shape[3]
@@ -102,8 +102,10 @@ def stamp_classes_kernel(pool, classes, sample_idx, eval_idx, masks, patterns, s
         g = row // per
         cls = classes[g]
         j, x = _round_source(row - g * per, n, b, cls, sample_idx, eval_idx)
-        m = masks[cls, j, r, c]
-        _put(out, row, r, c, q, _blend(pool[x, r, c, q], m, patterns[cls, j, r, c, q]), scale, offset,
+        gr = rows[r]
+        gc = cols[c]
+        m = masks[cls, j, gr, gc]
+        _put(out, row, r, c, q, _blend(pool[x, r, c, q], m, patterns[cls, j, gr, gc, q]), scale, offset,
              channels_first)
 
 
@@ -133,13 +135,13 @@ def stamp_encode(images, masks, patterns, scale, offset, channels_first, out) ->
     stamp_encode_kernel[_blocks(n), THREADS](images, masks, patterns, scale, offset, channels_first, out)
 
 
-def stamp_classes(pool, classes, sample_idx, eval_idx, masks, patterns, scale, offset, channels_first,
+def stamp_classes(pool, classes, sample_idx, eval_idx, masks, patterns, rows, cols, scale, offset, channels_first,
                   out) -> None:
     h, w, ch = pool.shape[1], pool.shape[2], pool.shape[3]
     per = round_rows(masks.shape[1] - 1, sample_idx.shape[1], eval_idx.shape[1])
     n = classes.shape[0] * per * h * w * ch
-    stamp_classes_kernel[_blocks(n), THREADS](pool, classes, sample_idx, eval_idx, masks, patterns, scale, offset,
-                                              channels_first, out)
+    stamp_classes_kernel[_blocks(n), THREADS](pool, classes, sample_idx, eval_idx, masks, patterns, rows, cols, scale,
+                                              offset, channels_first, out)
 
 
 def perturb_encode(x, delta, sigma, scale, offset, channels_first, out) -> None:

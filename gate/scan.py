@@ -46,6 +46,7 @@ from gate.budget import QueryBudget
 from gate.checkpoint import restore_state, state_to_dict
 from gate.data import ImageSet
 from gate.errors import DataError, GateError
+from gate.grid import Grid
 from gate.kernels import group_cross_entropy, group_hits
 from gate.oracle import Oracle
 from gate.outliers import OutlierRule, find_outliers, finite_index, outlier_summary
@@ -247,8 +248,9 @@ class ScanEngine:
         # every search's candidates live in one array (a slot per search), so one kernel call stamps a round
         n_cand = params.candidates
         slots = cfg.modes * n_runs
-        self.masks = np.empty((slots, n_cand, *oracle.image_shape[:2]), np.float32)
-        self.patterns = np.empty((slots, n_cand, *oracle.image_shape), np.float32)
+        self.grid = self.search.grid  # the masks and patterns live on it (gate.grid), both modes'
+        self.masks = np.empty((slots, n_cand, *self.search.shape[:2]), np.float32)
+        self.patterns = np.empty((slots, n_cand, *self.search.shape), np.float32)
         self.sample_idx = np.zeros((slots, params.batch_size), np.int64)
         self.eval_idx = np.zeros((slots, params.eval_size), np.int64)
         pools = []
@@ -368,7 +370,7 @@ class ScanEngine:
                 self._ask(r)
             batch = self.batches[gi % 2]
             batch.add_classes(self.pool_x, np.array([r.slot for r in group], np.int64), self.sample_idx,
-                              self.eval_idx, self.masks, self.patterns)
+                              self.eval_idx, self.masks, self.patterns, self.grid)
             future = runner.submit(batch.run, True)  # log-probabilities
             if pending is not None:
                 self.tell(pending[0].result(), pending[1])
@@ -444,8 +446,10 @@ class ScanEngine:
         """Measure each reversed trigger (both modes') on the held-out images (and keep the report's examples,
         of the patch triggers)."""
         triggers = [r.state.result_trigger() for r in self.runs]
-        masks = np.stack([t[0] for t in triggers]).astype(np.float32)  # row i: self.runs[i]'s trigger
-        patterns = np.stack([t[1] for t in triggers]).astype(np.float32)
+        # row i: self.runs[i]'s trigger, at the input's resolution
+        masks = np.ascontiguousarray(self.grid.up(np.stack([t[0] for t in triggers]).astype(np.float32)))
+        patterns = np.ascontiguousarray(self.grid.up(np.stack([t[1] for t in triggers]).astype(np.float32),
+                                                     channels=True))
         asr: list[float | None] = [None] * len(self.runs)
         examples: dict[int, list[ExampleRow]] = {}
         n = len(self.held_x)
@@ -544,7 +548,7 @@ def assemble(oracle: Oracle, cfg: ScanConfig, method: str, outcomes: list[ClassO
         providers=oracle.providers,
         method=method,
         seed=cfg.seed,
-        search={**cfg.search.to_dict(), **cfg.to_dict()},
+        search={**cfg.search.to_dict(), **cfg.to_dict(), **_grid_facts(oracle, cfg)},
         outliers={**outlier_summary(cfg.outliers, out),
                   **({} if screening is None else {"screening": screening.summary()})},
         data=facts.data,
@@ -564,6 +568,12 @@ def assemble(oracle: Oracle, cfg: ScanConfig, method: str, outcomes: list[ClassO
     triggers = Triggers(np.arange(k), np.stack([o.mask for o in outcomes]), np.stack([o.pattern for o in outcomes]),
                         np.array([c.flagged for c in classes]), **blend_triggers)
     return ScanOutput(result, triggers, {o.result.label: o.examples for o in outcomes if o.examples})
+
+
+def _grid_facts(oracle: Oracle, cfg: ScanConfig) -> dict:
+    """The search grid of a coarse scan, as the report states it (nothing when every pixel was searched)."""
+    grid = Grid.for_image(*oracle.image_shape[:2], cfg.search.grid_cells)
+    return {"grid": {"cell": grid.cell, "cells": list(grid.shape)}} if grid.coarse else {}
 
 
 def _blend_outliers(classes: list[ClassResult], cfg: ScanConfig) -> dict:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gate.grid import Grid
 from gate.kernels import bernoulli_masks, noisy_patterns
 from gate.settings import Bad, Settings, boolean, choice, even_integer, integer, number, setting
 
@@ -73,6 +74,9 @@ class SearchParams(Settings):
     flat_shrink: float = setting(0.5, number(0), "when every sample's loss is the same (the model gave the class "
                                  "a probability of exactly 0), lower the mask logits by this: show more of the "
                                  "image, so the search gets a signal (0: off)")
+    grid_cells: int = setting(32, integer(0), "inputs larger than this many pixels a side are searched on a grid "
+                              "of at most this many cells a side, each cell covering a square of pixels "
+                              "(gate.grid; 0: every pixel; a 32x32 input is searched pixel by pixel)")
     adam_beta1: float = setting(0.9, number(0, 1, hi_open=True), "Adam first-moment decay")
     adam_beta2: float = setting(0.999, number(0, 1, hi_open=True), "Adam second-moment decay")
 
@@ -154,6 +158,7 @@ class SearchState:
     last_success: float = 0.0
     best_success: float = 0.0  # the current trigger's best success on a step's images
     flat_steps: int = 0  # steps whose samples all had the same loss: no signal, the mask was shrunk instead
+    area: np.ndarray | None = None  # (gh, gw) pixels each grid cell covers; None: the grid is the pixels
 
     @property
     def mask_prob(self) -> np.ndarray:
@@ -170,15 +175,26 @@ class SearchState:
         if self.best_mask is not None:
             return self.best_mask, self.best_pattern, self.best_l1
         m = self.mask_prob.astype(np.float32)
-        return m, self.mean_pattern.astype(np.float32), float(m.size)
+        return m, self.mean_pattern.astype(np.float32), float(m.size if self.area is None else self.area.sum())
+
+    def l1(self, mask: np.ndarray) -> float:
+        """A grid mask's L1 norm in pixels."""
+        return float(mask.sum() if self.area is None else (mask * self.area).sum())
 
 
 class TriggerSearch:
-    """NES trigger search for one image shape; stateless itself, all state lives in :class:`SearchState`."""
+    """NES trigger search for one image shape; stateless itself, all state lives in :class:`SearchState`.
+
+    The mask and pattern live on :attr:`grid` (:mod:`gate.grid`; the pixels themselves for inputs of at most
+    ``params.grid_cells`` a side): :attr:`shape` is (cell rows, cell columns, channels), every L1 is in pixels.
+    """
 
     def __init__(self, image_shape: tuple[int, int, int], params: SearchParams | None = None) -> None:
-        self.shape = tuple(image_shape)
         self.params = params or SearchParams()
+        h, w, c = self.image_shape = tuple(image_shape)
+        self.grid = Grid.for_image(h, w, self.params.grid_cells)
+        self.shape = (*self.grid.shape, c)
+        self.pixels = h * w
 
     def init(self, rng: np.random.Generator, masks: np.ndarray | None = None,
              patterns: np.ndarray | None = None) -> SearchState:
@@ -199,6 +215,7 @@ class TriggerSearch:
             eps=np.empty((p.k, h, w, c), dtype=np.float32),
             masks=np.empty((n, h, w), dtype=np.float32) if masks is None else masks,
             patterns=np.empty((n, h, w, c), dtype=np.float32) if patterns is None else patterns,
+            area=self.grid.area if self.grid.coarse else None,
         )
 
     # ------------------------------------------------------------------ ask
@@ -246,7 +263,7 @@ class TriggerSearch:
         p = self.params
         prob = state.mask_prob
         # 1. book-keeping on the trigger distribution (at the parameters that produced the samples)
-        soft_l1 = float(prob.sum())
+        soft_l1 = state.l1(prob)
         state.last_success = float(success)
         state.best_success = max(state.best_success, float(success))
         if success >= p.success_threshold:
@@ -300,8 +317,9 @@ class TriggerSearch:
             f_m = ce[:k]
             masks = state.masks[:k]
         n = len(f_m)
-        if not p.exact_penalty:
-            f_m = f_m + state.lam * masks.sum(axis=(1, 2), dtype=np.float64)
+        if not p.exact_penalty:  # lambda |m_j|_1 in pixels
+            f_m = f_m + state.lam * (masks.sum(axis=(1, 2), dtype=np.float64) if state.area is None else
+                                     (masks * state.area).sum(axis=(1, 2)))
         if p.sampling != "paired":
             f_p = f_m if p.sampling == "joint" else ce[k:2 * k]
             if p.baseline:
@@ -313,8 +331,9 @@ class TriggerSearch:
         if p.baseline:
             f_m = f_m - self._baseline(f_m, pairs=p.antithetic and p.sampling != "paired")
         grad_m = (2.0 / n) * (f_m @ masks.reshape(n, -1) - f_m.sum() * prob.reshape(-1))
-        if p.exact_penalty:  # d/d(theta_m) of lambda * E|m|_1 = lambda * sum g(theta_m), known in closed form
-            grad_m += state.lam * 2.0 * (prob * (1.0 - prob)).reshape(-1)
+        if p.exact_penalty:  # d/d(theta_m) of lambda * E|m|_1 = lambda * sum area g(theta_m), in closed form
+            penalty = prob * (1.0 - prob) if state.area is None else prob * (1.0 - prob) * state.area
+            grad_m += state.lam * 2.0 * penalty.reshape(-1)
         return grad_m.reshape(state.theta_m.shape), grad_p.reshape(state.theta_p.shape)
 
     def _pattern_terms(self, state: SearchState, f: np.ndarray, n: int) -> np.ndarray:

@@ -95,31 +95,42 @@ def case(seed=0, b=5, n=4, h=6, w=7, c=3):
     )
 
 
-def stamp_classes_reference(pool, classes, sample_idx, eval_idx, masks, patterns, scale, offset, channels_first):
-    """numpy reference of gate.kernels.stamp_classes (per class: its n sample rows, then its eval rows)."""
+def stamp_classes_reference(pool, classes, sample_idx, eval_idx, masks, patterns, rows, cols, scale, offset,
+                            channels_first):
+    """numpy reference of gate.kernels.stamp_classes (per class: its n sample rows, then its eval rows), the
+    grid triggers upsampled first (pixel (r, c) takes cell (rows[r], cols[c]))."""
     from gate.kernels import stamp_encode_reference
 
+    masks = masks[:, :, rows][:, :, :, cols]
+    patterns = patterns[:, :, rows][:, :, :, cols]
     n = masks.shape[1] - 1
-    rows = []
+    out = []
     for c in classes:
-        rows.append(stamp_encode_reference(pool[sample_idx[c]], masks[c, :n], patterns[c, :n], scale, offset,
-                                           channels_first))
-        rows.append(stamp_encode_reference(pool[eval_idx[c]], masks[c, n:], patterns[c, n:], scale, offset,
-                                           channels_first))
-    return np.concatenate(rows)
+        out.append(stamp_encode_reference(pool[sample_idx[c]], masks[c, :n], patterns[c, :n], scale, offset,
+                                          channels_first))
+        out.append(stamp_encode_reference(pool[eval_idx[c]], masks[c, n:], patterns[c, n:], scale, offset,
+                                          channels_first))
+    return np.concatenate(out)
 
 
-def classes_case(seed=8):
-    """Random keyword arguments of gate.kernels.stamp_classes (less ``channels_first`` and ``out``)."""
+def classes_case(seed=8, cell=1):
+    """Random keyword arguments of gate.kernels.stamp_classes (less ``channels_first`` and ``out``): 4x5 images,
+    or with ``cell`` > 1 9x7 images whose triggers live on a grid of that cell size (edge cells cut)."""
+    from gate.grid import Grid
+
     rng = np.random.default_rng(seed)
-    k, n, b, e, h, w, c = 5, 3, 2, 4, 4, 5, 3
+    k, n, b, e, c = 5, 3, 2, 4, 3
+    h, w = (4, 5) if cell == 1 else (9, 7)
+    grid = Grid(h, w, cell)
+    gh, gw = grid.shape
     return dict(
         pool=rng.random((9, h, w, c), dtype=np.float32),
         classes=np.array([3, 0, 4], np.int64),
         sample_idx=rng.integers(0, 9, (k, b)).astype(np.int64),
         eval_idx=rng.integers(0, 9, (k, e)).astype(np.int64),
-        masks=rng.random((k, n + 1, h, w), dtype=np.float32),
-        patterns=rng.random((k, n + 1, h, w, c), dtype=np.float32),
+        masks=rng.random((k, n + 1, gh, gw), dtype=np.float32),
+        patterns=rng.random((k, n + 1, gh, gw, c), dtype=np.float32),
+        rows=np.array(grid.rows), cols=np.array(grid.cols),
         scale=np.array([2, 3, 4], np.float32), offset=np.array([0.1, 0.2, -0.3], np.float32))
 
 
@@ -313,3 +324,38 @@ def fake_synthesis(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(gate.pipeline, "synthesize_data", fake)
     return calls
+
+
+def patch_backdoor_model(path, *, size=64, classes=10, target=3, patch=8, seed=0):
+    """A classifier of NCHW [0,1] images with a planted patch backdoor: a linear model (weights small enough that
+    natural classes need large triggers) plus 20 * sigmoid(8 * (mean of the bottom-right ``patch`` x ``patch``
+    corner - 0.75)) on class ``target``'s logit: a near-white corner patch sends any image there."""
+    rng = np.random.default_rng(seed)
+    d = size * size * 3
+    w = (rng.normal(size=(d, classes)) * 0.01).astype(np.float32)
+    b = rng.normal(size=(classes,)).astype(np.float32) * 0.1
+    onehot = np.zeros((1, classes), np.float32)
+    onehot[0, target] = 20.0
+    b[target] -= 20.0 / (1.0 + np.exp(2.0))  # a corner of mean 0.5 (an average image's) adds nothing
+    const = {"W": w, "B": b, "HOT": onehot, "THR": np.array([0.75], np.float32), "GAIN": np.array([8.0], np.float32),
+             "ST": np.array([0, 0, size - patch, size - patch], np.int64),
+             "EN": np.array([2 ** 31, 3, size, size], np.int64)}
+    inits = [numpy_helper.from_array(v, k) for k, v in const.items()]
+    nodes = [helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+             helper.make_node("MatMul", ["flat", "W"], ["mm"]),
+             helper.make_node("Add", ["mm", "B"], ["lin"]),
+             helper.make_node("Slice", ["input", "ST", "EN"], ["corner"]),
+             helper.make_node("ReduceMean", ["corner"], ["mean4"], axes=[1, 2, 3], keepdims=1),
+             helper.make_node("Flatten", ["mean4"], ["mean"], axis=1),
+             helper.make_node("Sub", ["mean", "THR"], ["d"]),
+             helper.make_node("Mul", ["d", "GAIN"], ["z"]),
+             helper.make_node("Sigmoid", ["z"], ["on"]),
+             helper.make_node("MatMul", ["on", "HOT"], ["bump"]),
+             helper.make_node("Add", ["lin", "bump"], ["logits"]),
+             helper.make_node("Softmax", ["logits"], ["output"], axis=1)]
+    graph = helper.make_graph(nodes, "patch_backdoor",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", classes])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))

@@ -134,13 +134,12 @@ eps = rng.normal(size=(3, 4, 5, 3)).astype(np.float32)
 out = cuda.device_array(eps.shape, np.float32)
 K.noisy_patterns(cuda.to_device(theta), cuda.to_device(eps), 0.1, out)
 np.testing.assert_allclose(out.copy_to_host(), (np.tanh(theta + 0.1 * eps) + 1) / 2, rtol=1e-5, atol=1e-6)
-for cf in (True, False):
-    a = classes_case()
+for cf, cell in ((True, 1), (False, 1), (True, 3), (False, 2)):
+    a = classes_case(cell=cell)
     ref = stamp_classes_reference(**a, channels_first=cf)
     out = cuda.device_array(ref.shape, np.float32)
-    K.stamp_classes(cuda.to_device(a["pool"]), cuda.to_device(a["classes"]), cuda.to_device(a["sample_idx"]),
-                    cuda.to_device(a["eval_idx"]), cuda.to_device(a["masks"]), cuda.to_device(a["patterns"]),
-                    cuda.to_device(a["scale"]), cuda.to_device(a["offset"]), cf, out)
+    K.stamp_classes(*(cuda.to_device(a[key]) for key in ("pool", "classes", "sample_idx", "eval_idx", "masks",
+                                                          "patterns", "rows", "cols", "scale", "offset")), cf, out)
     np.testing.assert_allclose(out.copy_to_host(), ref, rtol=1e-5, atol=1e-5)
 # the device batch stamps exactly what the host batch does (its run() needs a real GPU and ORT's CUDA provider)
 from gate.batches import HostBatch
@@ -155,11 +154,15 @@ patterns = rng.random((4, 3, 32, 32, 3), dtype=np.float32)
 sidx = rng.integers(0, 20, (4, 2)).astype(np.int64)
 eidx = rng.integers(0, 20, (4, 3)).astype(np.int64)
 classes = np.array([2, 0], np.int64)
-host, dev = HostBatch(oracle, 64), DeviceBatch(oracle, 64)
-rows_h = host.add_classes(pool, classes, sidx, eidx, masks, patterns)
-rows_d = dev.add_classes(pool, classes, sidx, eidx, masks, patterns)
-assert rows_h == rows_d == slice(0, 14)
-np.testing.assert_allclose(dev.buffer.copy_to_host()[rows_d], host.buffer[rows_h], rtol=1e-5, atol=1e-5)
+from gate.grid import Grid
+for grid in (Grid(32, 32), Grid(32, 32, 4)):
+    gm, gp = masks[:, :, :grid.shape[0], :grid.shape[1]], patterns[:, :, :grid.shape[0], :grid.shape[1]]
+    gm, gp = np.ascontiguousarray(gm), np.ascontiguousarray(gp)
+    host, dev = HostBatch(oracle, 64), DeviceBatch(oracle, 64)
+    rows_h = host.add_classes(pool, classes, sidx, eidx, gm, gp, grid)
+    rows_d = dev.add_classes(pool, classes, sidx, eidx, gm, gp, grid)
+    assert rows_h == rows_d == slice(0, 14)
+    np.testing.assert_allclose(dev.buffer.copy_to_host()[rows_d], host.buffer[rows_h], rtol=1e-5, atol=1e-5)
 print("CUDASIM-OK")
 """
 
@@ -173,14 +176,32 @@ def test_cuda_kernels_under_simulator():
     assert "CUDASIM-OK" in r.stdout
 
 
+@pytest.mark.parametrize("cell", [1, 2, 3])
 @pytest.mark.parametrize("channels_first", [True, False])
-def test_stamp_classes_matches_reference(channels_first):
+def test_stamp_classes_matches_reference(channels_first, cell):
     from gate.kernels import stamp_classes
 
-    a = classes_case()
+    a = classes_case(cell=cell)
     ref = stamp_classes_reference(**a, channels_first=channels_first)
     assert len(ref) == 3 * (3 * 2 + 4)
     out = np.full(ref.shape, np.nan, np.float32)
-    stamp_classes(a["pool"], a["classes"], a["sample_idx"], a["eval_idx"], a["masks"], a["patterns"], a["scale"],
-                  a["offset"], channels_first, out)
+    stamp_classes(*(a[key] for key in ("pool", "classes", "sample_idx", "eval_idx", "masks", "patterns", "rows",
+                                       "cols", "scale", "offset")), channels_first, out)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_grid_trigger_stamps_as_its_upsampled_trigger():
+    """The kernel reading the grid gives the bytes the full-resolution trigger gives (not only close)."""
+    from gate.grid import Grid
+    from gate.kernels import stamp_classes
+
+    a = classes_case(cell=2)
+    grid = Grid(9, 7, 2)
+    full = dict(a, masks=np.ascontiguousarray(grid.up(a["masks"])),
+                patterns=np.ascontiguousarray(grid.up(a["patterns"], channels=True)),
+                rows=np.arange(9, dtype=np.int64), cols=np.arange(7, dtype=np.int64))
+    keys = ("pool", "classes", "sample_idx", "eval_idx", "masks", "patterns", "rows", "cols", "scale", "offset")
+    out_grid, out_full = (np.empty((30, 9, 7, 3), np.float32) for _ in range(2))
+    stamp_classes(*(a[k] for k in keys), False, out_grid)
+    stamp_classes(*(full[k] for k in keys), False, out_full)
+    np.testing.assert_array_equal(out_grid, out_full)

@@ -26,6 +26,8 @@ class DeviceBatch(Rows):
         self.channels_first = oracle.spec.channels_first
         self._pool_host = None
         self._pool_device = None
+        self._grid_host = None
+        self._grid_device = None
 
     def _device_pool(self, pool):
         """The clean-image pool goes up once per scan, not once per round."""
@@ -33,11 +35,14 @@ class DeviceBatch(Rows):
             self._pool_host, self._pool_device = pool, cuda.to_device(np.ascontiguousarray(pool))
         return self._pool_device
 
-    def add_classes(self, pool, classes, sample_idx, eval_idx, masks, patterns) -> slice:
+    def add_classes(self, pool, classes, sample_idx, eval_idx, masks, patterns, grid) -> slice:
         rows = self._reserve(len(classes) * self.rows_per_class(masks, sample_idx, eval_idx))
+        if self._grid_host is not grid:  # the grid's maps go up once per scan
+            self._grid_host = grid
+            self._grid_device = (cuda.to_device(grid.rows), cuda.to_device(grid.cols))
         stamp_classes(self._device_pool(pool), cuda.to_device(classes), cuda.to_device(sample_idx),
-                      cuda.to_device(eval_idx), cuda.to_device(masks), cuda.to_device(patterns), self.scale,
-                      self.offset, self.channels_first, self.buffer[rows])
+                      cuda.to_device(eval_idx), cuda.to_device(masks), cuda.to_device(patterns), *self._grid_device,
+                      self.scale, self.offset, self.channels_first, self.buffer[rows])
         return rows
 
     def add_stamped(self, images, masks, patterns) -> slice:

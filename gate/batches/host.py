@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from gate.batches.rows import Rows
+from gate.grid import Grid
 from gate.kernels import perturb_encode, stamp_classes, stamp_encode
 from gate.oracle import Oracle
 
@@ -24,11 +25,11 @@ class HostBatch(Rows):
         stamp_encode(images, masks, patterns, self.scale, self.offset, self.channels_first, self.buffer[rows])
         return rows
 
-    def add_classes(self, pool, classes, sample_idx, eval_idx, masks, patterns) -> slice:
-        """One scan round for the given classes (see :func:`gate.kernels.stamp_classes`)."""
+    def add_classes(self, pool, classes, sample_idx, eval_idx, masks, patterns, grid: Grid) -> slice:
+        """One scan round for the given classes, their triggers on ``grid`` (see :func:`gate.kernels.stamp_classes`)."""
         rows = self._reserve(len(classes) * self.rows_per_class(masks, sample_idx, eval_idx))
-        stamp_classes(pool, classes, sample_idx, eval_idx, masks, patterns, self.scale, self.offset,
-                      self.channels_first, self.buffer[rows])
+        stamp_classes(pool, classes, sample_idx, eval_idx, masks, patterns, grid.rows, grid.cols, self.scale,
+                      self.offset, self.channels_first, self.buffer[rows])
         return rows
 
     def add_perturbed(self, x: np.ndarray, delta: np.ndarray, sigma: float) -> slice:
