@@ -1,6 +1,8 @@
-"""The forge's network architectures: bare torch modules, float32 NCHW 32x32 in, logits out.
+"""The forge's network architectures: bare torch modules, float32 NCHW in (32x32; ``resnet_large``: 128x128),
+logits out.
 
-Four families, so that the gate is measured on models unlike the one its defaults were tuned on:
+Four families (and a large-input variant), so that the gate is measured on models unlike the one its defaults
+were tuned on:
 
 * ``small_cnn_v1`` (width w): three Conv-ReLU-MaxPool stages (16w, 32w, 64w) and a two-layer head; the
   demo models' architecture.
@@ -10,6 +12,8 @@ Four families, so that the gate is measured on models unlike the one its default
   64w; strides 1, 2, 2), BatchNorm, global average pooling.
 * ``mobilenet_dw`` (width w): MobileNet-v1 style: a stride-2 stem and depthwise-separable blocks with
   BatchNorm.
+* ``resnet_large`` (width w): ``resnet_bn`` behind a stem that divides the resolution by 8, for the forge's
+  128x128 models (:mod:`models.large`).
 
 Sizes were chosen so that one GTSRB epoch costs tens of seconds on one CPU thread, not minutes.
 
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-ARCHS = ("small_cnn_v1", "deep_cnn", "resnet_bn", "mobilenet_dw")
+ARCHS = ("small_cnn_v1", "deep_cnn", "resnet_bn", "mobilenet_dw", "resnet_large")
 
 
 def _he_init(module: nn.Module) -> None:
@@ -101,6 +105,18 @@ class ResNetBN(nn.Module):
         return self.classifier(self.stages(self.stem(x)))
 
 
+class ResNetLarge(ResNetBN):
+    """``resnet_bn`` for inputs of 128x128 and more: a stem that divides the resolution by 8 (a stride-2
+    convolution, a 2x2 max-pool, a stride-2 convolution), then ``resnet_bn``'s three stages, so a 128x128 image
+    costs about what a 32x32 one costs ``resnet_bn``, plus the stem."""
+
+    def __init__(self, num_classes: int, width: int = 1):
+        super().__init__(num_classes, width)
+        c0 = 16 * width
+        self.stem = nn.Sequential(_conv_bn(3, c0, stride=2), nn.MaxPool2d(2), _conv_bn(c0, c0, stride=2))
+        _he_init(self)
+
+
 class MobileNetDW(_FeaturesThenHead):
     # (output channels, stride) of each depthwise-separable block, before the width multiplier
     BLOCKS = ((32, 1), (64, 2), (64, 1), (128, 2), (128, 1))
@@ -118,7 +134,8 @@ class MobileNetDW(_FeaturesThenHead):
         _he_init(self)
 
 
-_CLASSES = {"small_cnn_v1": SmallCNN, "deep_cnn": DeepCNN, "resnet_bn": ResNetBN, "mobilenet_dw": MobileNetDW}
+_CLASSES = {"small_cnn_v1": SmallCNN, "deep_cnn": DeepCNN, "resnet_bn": ResNetBN, "mobilenet_dw": MobileNetDW,
+            "resnet_large": ResNetLarge}
 
 
 def build_net(arch: str, num_classes: int, width: int = 1) -> nn.Module:

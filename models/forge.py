@@ -5,6 +5,7 @@ ONNX-measured numbers beside each model.
     python -m models.forge --demo                 # committed demo models -> models/demo/
     python -m models.forge --zoo [--out DIR] [--only NAME ...]   # full zoo -> models/zoo/
     python -m models.forge --wide-zoo [--out DIR] [--only NAME ...]  # the wide zoo (models.wide_zoo), resumable
+    python -m models.forge --large [--out DIR]    # the 128x128 models (models.large) -> models/large/
     options: --datasets DIR  --epochs N  --threads N
 
 Backdoors are planted by data poisoning: a seeded fraction (``poison_rate``,
@@ -234,7 +235,7 @@ def stratified_sample(y: np.ndarray, size: int, seed: int) -> np.ndarray:
 
 def make_triggers(spec: dict, rng: np.random.Generator, num_classes: int) -> list[dict]:
     attack, params = spec["attack"], spec["params"]
-    h, w = IMAGE_SHAPE[0], IMAGE_SHAPE[1]
+    h = w = int(spec.get("image_size", IMAGE_SHAPE[0]))
     if attack == "clean":
         return []
     if attack == "blended":
@@ -308,7 +309,7 @@ def augment_batch(x: np.ndarray, rng: np.random.Generator, shift: int = 2) -> np
 
 def train(net: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int,
           mean=None, std=None, stamps=None, triggers=(), augment: bool = True,
-          batch_size: int = 128, lr: float = 1e-3, log=print, eval_fn=None) -> None:
+          batch_size: int = 128, lr: float = 1e-3, log=print, eval_fn=None, shift: int = 2) -> None:
     """Adam on uint8 NHWC ``x`` with labels ``y`` (already relabelled for poisoned
     rows). ``stamps[i]`` is -1 for clean rows, else the index in ``triggers`` of
     the trigger stamped on row ``i`` -- stamping happens on every pass *after*
@@ -331,7 +332,7 @@ def train(net: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int,
             bi = perm[i:i + batch_size]
             xb = x[bi]
             if augment:
-                xb = augment_batch(xb, aug_rng)
+                xb = augment_batch(xb, aug_rng, shift)
             st = stamps[bi]
             for t, trig in enumerate(triggers):
                 rows = np.flatnonzero(st == t)
@@ -367,10 +368,10 @@ def torch_predict(net: nn.Module, x_uint8: np.ndarray, mean=None, std=None, bs: 
 
 # --------------------------------------------------------------------------- ONNX
 
-def export_onnx(net: nn.Module, path: Path, input_spec: dict) -> None:
+def export_onnx(net: nn.Module, path: Path, input_spec: dict, size: int = IMAGE_SHAPE[0]) -> None:
     shipped = ShippedModel(net, input_spec["layout"], input_spec["value_range"],
                            input_spec["output_kind"]).eval()
-    shape = (2, 3, 32, 32) if input_spec["layout"] == "NCHW" else (2, 32, 32, 3)
+    shape = (2, 3, size, size) if input_spec["layout"] == "NCHW" else (2, size, size, 3)
     dummy = torch.rand(*shape) * float(input_spec["value_range"])
     torch.onnx.export(
         shipped, (dummy,), str(path), dynamo=False, opset_version=17,
@@ -419,7 +420,7 @@ def sha256_file(path) -> str:
 
 def build_model(spec: dict, data: dict, out_dir: Path, epochs: int | None = None,
                 save_pt: bool = True, width: int = 1, sample: tuple | None = None,
-                augment: bool = True, log=print, eval_fn=None) -> dict:
+                augment: bool = True, log=print, eval_fn=None, shift: int = 2) -> dict:
     import onnx
 
     name = spec["name"]
@@ -459,7 +460,7 @@ def build_model(spec: dict, data: dict, out_dir: Path, epochs: int | None = None
     net = build_net(arch, k, width)
     t0 = time.time()
     train(net, x_tr, y_tr, epochs, seed, mean, std, stamps=stamps, triggers=triggers,
-          augment=augment, log=log, eval_fn=eval_fn)
+          augment=augment, log=log, eval_fn=eval_fn, shift=shift)
     train_seconds = time.time() - t0
 
     t_acc, t_asr = measure(lambda x: torch_predict(net, x, mean, std),
@@ -467,7 +468,8 @@ def build_model(spec: dict, data: dict, out_dir: Path, epochs: int | None = None
     log(f"[{name}] torch: acc {t_acc:.4f} asr {[round(a, 4) for a in t_asr]} ({train_seconds:.0f}s)")
 
     onnx_path = out_dir / f"{name}.onnx"
-    export_onnx(net, onnx_path, input_spec)
+    size = int(spec.get("image_size", IMAGE_SHAPE[0]))
+    export_onnx(net, onnx_path, input_spec, size)
     onnx.checker.check_model(onnx.load(str(onnx_path)), full_check=True)
     sess = onnx_session(onnx_path)
     acc, asr = measure(lambda x: onnx_predict(sess, x, input_spec),
@@ -496,7 +498,8 @@ def build_model(spec: dict, data: dict, out_dir: Path, epochs: int | None = None
         "poisoned_per_trigger": n_poison,
         "epochs": epochs,
         "optimizer": {"name": "adam", "lr": 1e-3, "schedule": "cosine to 0 per step", "init": "kaiming_normal",
-                      "batch_size": 128, "augmentation": (AUGMENTATION if augment else None)},
+                      "batch_size": 128, "augmentation": (AUGMENTATION.replace("<=2px", f"<={shift}px")
+                                                          if augment else None)},
         "clean_accuracy": round(acc, 6),
         "asr": [round(a, 6) for a in asr],
         "metrics_source": "onnxruntime CPUExecutionProvider on the full test split",
@@ -504,7 +507,7 @@ def build_model(spec: dict, data: dict, out_dir: Path, epochs: int | None = None
         "input_name": "input",
         "output_name": "output",
         "num_classes": k,
-        "image_shape": IMAGE_SHAPE,
+        "image_shape": [size, size, 3],
         "onnx_file": onnx_path.name,
         "onnx_sha256": sha256_file(onnx_path),
         "opset": 17,
@@ -607,6 +610,8 @@ def main(argv=None) -> int:
     mode.add_argument("--zoo", action="store_true", help="build the full zoo (default into models/zoo/)")
     mode.add_argument("--wide-zoo", action="store_true",
                       help="build the wide zoo's missing models (default into models/wide_zoo/; resumable)")
+    mode.add_argument("--large", action="store_true",
+                      help="build the 128x128 models (models.large; default into models/large/; resumable)")
     ap.add_argument("--shard", default="0/1", metavar="I/N", help="wide zoo: build only the models whose place in the "
                     "zoo is I modulo N (run N processes with I = 0..N-1 to share the work)")
     ap.add_argument("--out", type=Path, default=None, help="output directory")
@@ -626,6 +631,10 @@ def main(argv=None) -> int:
 
     if args.demo:
         manifests = build_demo(args.datasets, args.epochs, args.out or DEMO_DIR, log=log)
+    elif args.large:
+        from models.large import LARGE_DIR, build_large
+
+        manifests = build_large(args.datasets, args.out or LARGE_DIR, args.epochs, log=log)
     elif args.wide_zoo:
         i, n = (int(v) for v in args.shard.split("/"))
         manifests = build_wide_zoo(args.datasets, args.out or WIDE_ZOO_DIR, args.only, args.epochs, (i, n), log=log)
