@@ -165,7 +165,7 @@ class BlendSearch(TriggerSearch):
             eps=np.empty((p.k, h, w, c), dtype=np.float32),
             masks=np.empty((n, h, w), dtype=np.float32) if masks is None else masks,
             patterns=np.empty((n, h, w, c), dtype=np.float32) if patterns is None else patterns,
-            pixels=self.pixels,  # the input's pixels (the pattern may live on a coarser grid)
+            pixels=self.grid.pixels,  # the input's pixels (the pattern may live on a coarser grid)
         )
 
     # ------------------------------------------------------------------ ask

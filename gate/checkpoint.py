@@ -37,7 +37,7 @@ CHECKPOINT_NPZ = "checkpoint.npz"
 DATA_NPZ = "checkpoint-data.npz"
 FILES = (CHECKPOINT_JSON, CHECKPOINT_NPZ, DATA_NPZ)
 SCRATCH = frozenset({"u", "eps", "masks", "patterns", "delta", "amps",  # rewritten by every ask()
-                     "area"})  # the search grid's, set by init()
+                     "grid"})  # the search grid, set by init()
 VERSION = 1
 
 

@@ -72,11 +72,17 @@ class Grid:
         """Whether a cell covers more than one pixel."""
         return self.cell > 1
 
+    @property
+    def pixels(self) -> int:
+        return self.h * self.w
+
+    def weigh(self, a: np.ndarray) -> np.ndarray:
+        """Per-cell values (..., gh, gw) times the pixels each cell covers (on a pixel grid: ``a`` itself)."""
+        return a * self.area if self.coarse else a
+
     def l1(self, mask: np.ndarray) -> float:
         """The L1 norm in pixels of a grid mask (gh, gw): each cell counts once per pixel it covers."""
-        if not self.coarse:
-            return float(mask.sum())
-        return float((mask * self.area).sum())
+        return float(self.weigh(mask).sum())
 
     def up(self, a: np.ndarray, *, channels: bool = False) -> np.ndarray:
         """Grid arrays (..., gh, gw) (``channels``: (..., gh, gw, C)) at the input's resolution (..., H, W[, C]).

@@ -158,7 +158,7 @@ class SearchState:
     last_success: float = 0.0
     best_success: float = 0.0  # the current trigger's best success on a step's images
     flat_steps: int = 0  # steps whose samples all had the same loss: no signal, the mask was shrunk instead
-    area: np.ndarray | None = None  # (gh, gw) pixels each grid cell covers; None: the grid is the pixels
+    grid: Grid | None = None  # what the mask and pattern live on (set by init; gate.grid)
 
     @property
     def mask_prob(self) -> np.ndarray:
@@ -175,11 +175,7 @@ class SearchState:
         if self.best_mask is not None:
             return self.best_mask, self.best_pattern, self.best_l1
         m = self.mask_prob.astype(np.float32)
-        return m, self.mean_pattern.astype(np.float32), float(m.size if self.area is None else self.area.sum())
-
-    def l1(self, mask: np.ndarray) -> float:
-        """A grid mask's L1 norm in pixels."""
-        return float(mask.sum() if self.area is None else (mask * self.area).sum())
+        return m, self.mean_pattern.astype(np.float32), float(self.grid.pixels)
 
 
 class TriggerSearch:
@@ -191,10 +187,9 @@ class TriggerSearch:
 
     def __init__(self, image_shape: tuple[int, int, int], params: SearchParams | None = None) -> None:
         self.params = params or SearchParams()
-        h, w, c = self.image_shape = tuple(image_shape)
+        h, w, c = image_shape
         self.grid = Grid.for_image(h, w, self.params.grid_cells)
         self.shape = (*self.grid.shape, c)
-        self.pixels = h * w
 
     def init(self, rng: np.random.Generator, masks: np.ndarray | None = None,
              patterns: np.ndarray | None = None) -> SearchState:
@@ -215,7 +210,7 @@ class TriggerSearch:
             eps=np.empty((p.k, h, w, c), dtype=np.float32),
             masks=np.empty((n, h, w), dtype=np.float32) if masks is None else masks,
             patterns=np.empty((n, h, w, c), dtype=np.float32) if patterns is None else patterns,
-            area=self.grid.area if self.grid.coarse else None,
+            grid=self.grid,
         )
 
     # ------------------------------------------------------------------ ask
@@ -263,7 +258,7 @@ class TriggerSearch:
         p = self.params
         prob = state.mask_prob
         # 1. book-keeping on the trigger distribution (at the parameters that produced the samples)
-        soft_l1 = state.l1(prob)
+        soft_l1 = state.grid.l1(prob)
         state.last_success = float(success)
         state.best_success = max(state.best_success, float(success))
         if success >= p.success_threshold:
@@ -318,8 +313,7 @@ class TriggerSearch:
             masks = state.masks[:k]
         n = len(f_m)
         if not p.exact_penalty:  # lambda |m_j|_1 in pixels
-            f_m = f_m + state.lam * (masks.sum(axis=(1, 2), dtype=np.float64) if state.area is None else
-                                     (masks * state.area).sum(axis=(1, 2)))
+            f_m = f_m + state.lam * state.grid.weigh(masks).sum(axis=(1, 2), dtype=np.float64)
         if p.sampling != "paired":
             f_p = f_m if p.sampling == "joint" else ce[k:2 * k]
             if p.baseline:
@@ -332,8 +326,7 @@ class TriggerSearch:
             f_m = f_m - self._baseline(f_m, pairs=p.antithetic and p.sampling != "paired")
         grad_m = (2.0 / n) * (f_m @ masks.reshape(n, -1) - f_m.sum() * prob.reshape(-1))
         if p.exact_penalty:  # d/d(theta_m) of lambda * E|m|_1 = lambda * sum area g(theta_m), in closed form
-            penalty = prob * (1.0 - prob) if state.area is None else prob * (1.0 - prob) * state.area
-            grad_m += state.lam * 2.0 * penalty.reshape(-1)
+            grad_m += state.lam * 2.0 * state.grid.weigh(prob * (1.0 - prob)).reshape(-1)
         return grad_m.reshape(state.theta_m.shape), grad_p.reshape(state.theta_p.shape)
 
     def _pattern_terms(self, state: SearchState, f: np.ndarray, n: int) -> np.ndarray:

@@ -79,7 +79,7 @@ def test_the_penalty_gradient_weights_each_cell_by_its_pixels():
 def test_a_32px_input_is_searched_pixel_by_pixel():
     search = TriggerSearch((32, 32, 3), SearchParams())
     assert not search.grid.coarse and search.shape == (32, 32, 3)
-    assert search.init(np.random.default_rng(0)).area is None  # the arithmetic is the pixel search's, unchanged
+    assert not search.init(np.random.default_rng(0)).grid.coarse  # the arithmetic is the pixel search's, unchanged
 
 
 @pytest.fixture(scope="module")
