@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 from bench.compare import RESULTS_MD, write_results_section
+from bench.scaling import cached, run
 from bench.speed import ort_throughput
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,13 +50,8 @@ def test_images(out: Path, datasets: Path) -> Path:
 
 def scan_row(model: Path, data: Path, out: Path) -> dict:
     folder = out / model.stem
-    env = {**os.environ, "BACKDOOR_GATE_CACHE": "off"}
-    t0 = time.perf_counter()
-    with open(out / f"{model.stem}.log", "w") as log:
-        code = subprocess.run([sys.executable, "-m", "gate", "scan", str(model), "--data", str(data), "--out",
-                               str(folder), "--quiet", "--device", "cpu"], cwd=ROOT, stdout=log,
-                              stderr=subprocess.STDOUT, env=env).returncode
-    wall = time.perf_counter() - t0
+    code, wall = run(["scan", str(model), "--data", str(data), "--out", str(folder), "--quiet", "--device", "cpu"],
+                     out / f"{model.stem}.log")
     report = json.loads((folder / "report.json").read_text())
     manifest = json.loads(model.with_suffix(".json").read_text())
     targets = sorted({t["target"] for t in manifest["triggers"]})
@@ -112,14 +105,10 @@ def main(argv=None) -> int:
     data = test_images(args.out, args.datasets)
     rows = []
     for model, images in [(DEMO, SAMPLE), *((LARGE_DIR / f"{s['name']}.onnx", data) for s in LARGE_SPECS)]:
-        path = args.out / f"{model.stem}.json"
-        if args.resume and path.is_file():
-            rows.append(json.loads(path.read_text()))
-            continue
-        print(f"  scanning {model.name}", file=sys.stderr, flush=True)
-        row = scan_row(model, images, args.out)
-        path.write_text(json.dumps(row, indent=1) + "\n")
-        rows.append(row)
+        def make(model=model, images=images) -> dict:
+            print(f"  scanning {model.name}", file=sys.stderr, flush=True)
+            return scan_row(model, images, args.out)
+        rows.append(cached(args.out / f"{model.stem}.json", args.resume, make))
     body = markdown(rows)
     print(body)
     if args.record:

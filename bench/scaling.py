@@ -70,7 +70,7 @@ def l1s(report: Path) -> list[float]:
 
 def cached(path: Path, resume: bool, make) -> dict:
     if resume and path.is_file():
-        print(f"  reusing {path.relative_to(ROOT)}", file=sys.stderr, flush=True)
+        print(f"  reusing {path}", file=sys.stderr, flush=True)
         return json.loads(path.read_text())
     row = make()
     path.parent.mkdir(parents=True, exist_ok=True)

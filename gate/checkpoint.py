@@ -106,6 +106,11 @@ def restore_state(state: Any, meta: dict, arrays) -> None:
 
 
 # --------------------------------------------------------------------------- the files
+def has_checkpoint(out: str | Path) -> bool:
+    """Whether the folder holds an interrupted run's checkpoint (its scan state or its synthetic images)."""
+    return (Path(out) / CHECKPOINT_JSON).is_file() or (Path(out) / DATA_NPZ).is_file()
+
+
 def fingerprint(model_sha256: str, policy: dict, data: str, method: str) -> dict:
     return {"model_sha256": model_sha256, "policy": json.loads(json.dumps(policy)), "data": data,
             "method": method, "tool_version": __version__, "format": VERSION}

@@ -159,10 +159,10 @@ def run_part(job: Job, labels: list[int], max_queries: int | None) -> PartResult
     return PartResult(engine.labels, engine.outcomes(), engine.facts())
 
 
-def _task(runner: Callable[[Job, list[int], int | None], PartResult], job: Job, labels: list[int],
-          max_queries: int | None) -> PartResult:
-    """What a Ray task runs: ``runner`` (any picklable callable; :func:`run_part`) on its part."""
-    return runner(job, labels, max_queries)
+def call(runner: Callable, *args):
+    """What a Ray task runs: ``runner`` (any picklable callable: :func:`run_part` on a part of a scan,
+    :func:`gate.fleet.run_model` on a whole model) on its arguments."""
+    return runner(*args)
 
 
 def check_config(cfg: ScanConfig) -> None:
@@ -250,7 +250,7 @@ def ray_scan(oracle: Oracle, images: ImageSet, cfg: ScanConfig, options: RayOpti
         budgets = split_budget(cfg.max_queries, labels, k)
         job = Job(model, oracle.sha256, stated_spec(oracle), options.device, oracle.max_batch,
                   max(1, int(options.cpus)), images, cfg, method, examples)
-        task = ray.remote(_task).options(num_cpus=options.cpus, num_gpus=options.gpus,
+        task = ray.remote(call).options(num_cpus=options.cpus, num_gpus=options.gpus,
                                           max_retries=options.retries, retry_exceptions=False)
         job_ref = ray.put(job)
         progress.emit(ScanStarted(k, cfg.search.max_steps))

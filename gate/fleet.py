@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from gate.checkpoint import Checkpoint
 from gate.data import ImageSet
-from gate.distributed import RayOptions, connect, model_bytes, open_model_bytes, stated_spec, task_result
+from gate.distributed import RayOptions, call, connect, model_bytes, open_model_bytes, stated_spec, task_result
 from gate.oracle import Oracle
 from gate.pipeline import GateRun, load_data, run_gate, with_fallback
 from gate.policy import Policy
@@ -56,11 +56,6 @@ def run_model(job: ModelJob) -> GateRun:
     return run_gate(oracle, policy, images=job.images, examples=job.examples)
 
 
-def _task(runner: Callable[[ModelJob], GateRun], job: ModelJob) -> GateRun:
-    """What a Ray task runs: ``runner`` (any picklable callable; :func:`run_model`) on the job."""
-    return runner(job)
-
-
 class RayModels:
     """A connection to a Ray cluster that runs whole models' gate runs; :meth:`scan` stands where
     :func:`gate.pipeline.run_gate` does in ``gate run`` and may be called from several threads at once."""
@@ -70,7 +65,7 @@ class RayModels:
         self.options = options
         self.runner = runner
         self.ray, self._started = connect(options.address)
-        self._task = self.ray.remote(_task).options(num_cpus=options.cpus, num_gpus=options.gpus,
+        self._task = self.ray.remote(call).options(num_cpus=options.cpus, num_gpus=options.gpus,
                                                     max_retries=options.retries, retry_exceptions=False)
         self._stopped = threading.Event()
 

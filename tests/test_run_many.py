@@ -168,6 +168,21 @@ def test_no_model_and_ray_flags_without_ray_are_usage_errors(assets, tmp_path, c
     assert "only with --ray" in capsys.readouterr().err
 
 
+def test_a_model_that_never_ran_is_not_answered_from_the_cache(assets, tmp_path, capsys):
+    """Ray unreachable: no model is judged, so none may end as an earlier run's cached accept."""
+    pytest.importorskip("ray")
+    args = ["run-many", str(assets / "m0.onnx"), "--data", str(assets / "data.npz"), "--policy",
+            str(assets / "accept.yaml"), "--cache-dir", str(tmp_path / "cache"),
+            *[f for f in FAST if f != "--no-cache"]]
+    assert main([*args, "--out", str(tmp_path / "first")]) == 0  # scanned and cached
+    assert main([*args, "--out", str(tmp_path / "again")]) == 0  # answered from the cache: it does hold the verdict
+    assert json.loads((tmp_path / "again" / "m0" / "report.json").read_text())["decision"]["cache"]["status"] == "hit"
+    port = 9  # discard: nothing listens there
+    assert main([*args, "--out", str(tmp_path / "out"), "--ray", f"127.0.0.1:{port}"]) == 2
+    assert outcome(tmp_path / "out" / "m0") == "error" and outcome(tmp_path / "out") == "error"
+    assert "cannot reach the Ray cluster" in summary(tmp_path / "out")["models"][0]["reason"]
+
+
 def _run_many_cli(out: Path, models: list[Path], data: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "gate", "run-many", *map(str, models), "--data", str(data), "--out", str(out),
             "--k", "6", "--batch-size", "4", "--max-images", "100", "--quiet", "--no-cache", *extra]

@@ -84,9 +84,10 @@ def add_ray_args(p: argparse.ArgumentParser, *, models: bool = False) -> None:
 RAY_ONLY = ("ray_parts", "ray_cpus", "ray_gpus", "ray_retries")
 
 
-def ray_options(args: argparse.Namespace, policy: Policy):
+def ray_options(args: argparse.Namespace, policy: Policy | None):
     """The :class:`gate.distributed.RayOptions` of ``--ray`` (None without it); UsageError for what it cannot
-    do (--remote, --resume, screening, the bandit) or when Ray is not installed, before any query."""
+    do (--remote, --resume, screening, the bandit) or when Ray is not installed, before any query. ``policy``
+    None: whole models run as Ray tasks (``gate run-many``), so nothing a scan decides across classes is refused."""
     address = getattr(args, "ray", None)
     if address is None:
         given_flags = [f"--{k.replace('_', '-')}" for k in RAY_ONLY if getattr(args, k, None) is not None]
@@ -103,7 +104,8 @@ def ray_options(args: argparse.Namespace, policy: Policy):
         raise UsageError("--ray scans a model file: it does not support --remote")
     if getattr(args, "resume", False):
         raise UsageError("--ray does not checkpoint: it does not support --resume")
-    check_config(policy.scan_config())
+    if policy is not None:
+        check_config(policy.scan_config())
     if importlib.util.find_spec("ray") is None:
         raise UsageError(NEEDS_RAY)
     stated = {k: getattr(args, f"ray_{k}") for k in ("parts", "cpus", "gpus", "retries")

@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gate.checkpoint import CHECKPOINT_JSON, DATA_NPZ, Checkpoint
+from gate.checkpoint import Checkpoint, has_checkpoint
 from gate.commands.common import (
     add_policy_args,
     add_ray_args,
@@ -161,7 +161,7 @@ def execute(args: argparse.Namespace, *, renderers: bool, scan: Callable[..., Ga
         raise UsageError("--checkpoint-every must be 0 or more seconds")
     if not args.progress_every >= 0:
         raise UsageError("--progress-every must be 0 or more seconds")
-    if args.resume and not (out / CHECKPOINT_JSON).is_file() and not (out / DATA_NPZ).is_file():
+    if args.resume and not has_checkpoint(out):
         raise UsageError(f"--resume: no checkpoint in {out} (nothing to continue)")
     class_names = read_class_names(args.labels) if getattr(args, "labels", None) else None
     if getattr(args, "model_name", None) is not None:
@@ -253,7 +253,7 @@ INTERRUPTED = threading.Event()  # set by SIGTERM (and by gate run-many's SIGINT
 
 def _terminated(signum, frame) -> None:
     INTERRUPTED.set()
-    raise KeyboardInterrupt("SIGTERM")
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _claim(out: Path, args, policy: Policy, renderers: bool) -> None:

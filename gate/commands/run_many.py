@@ -34,7 +34,9 @@ from pathlib import Path
 
 import yaml
 
-from gate.commands.run import INTERRUPTED, _now, add_gate_args, execute
+from gate.checkpoint import has_checkpoint
+from gate.commands.common import ray_options
+from gate.commands.run import INTERRUPTED, _now, _terminated, add_gate_args, execute
 from gate.decision import EXIT_CODES, EXIT_USAGE, exit_code_help
 from gate.errors import GateError, UsageError
 from gate.report import atomic_write, begin_run, write_exit_files
@@ -166,48 +168,20 @@ def model_args(args: argparse.Namespace, entry: Entry, out: Path) -> argparse.Na
         a.labels = entry.labels
     if entry.policy is not None:
         a.policy = entry.policy
-    from gate.checkpoint import CHECKPOINT_JSON, DATA_NPZ
-
-    folder = Path(a.out)
-    a.resume = bool(args.resume) and ((folder / CHECKPOINT_JSON).is_file() or (folder / DATA_NPZ).is_file())
+    a.resume = bool(args.resume) and has_checkpoint(a.out)
     return a
-
-
-def _ray_options(args: argparse.Namespace):
-    """The :class:`gate.distributed.RayOptions` of ``--ray`` for whole models (None without it)."""
-    given_flags = [f"--{k.replace('_', '-')}" for k in ("ray_cpus", "ray_gpus", "ray_retries")
-                   if getattr(args, k, None) is not None]
-    if args.ray is None:
-        if given_flags:
-            raise UsageError(f"{', '.join(given_flags)} only with --ray")
-        return None
-    import importlib.util
-
-    from gate.distributed import NEEDS_RAY, RayOptions
-
-    if not args.ray.strip():
-        raise UsageError("--ray needs an address: local, auto, HOST:PORT or ray://HOST:PORT")
-    if args.resume:
-        raise UsageError("--ray does not checkpoint: it does not support --resume")
-    if importlib.util.find_spec("ray") is None:
-        raise UsageError(NEEDS_RAY)
-    stated = {k: getattr(args, f"ray_{k}") for k in ("cpus", "gpus", "retries")
-              if getattr(args, f"ray_{k}") is not None}
-    options = RayOptions(address=args.ray.strip(), device=args.device, **stated)
-    options.check()
-    return options
 
 
 def execute_many(args: argparse.Namespace) -> int:
     entries = collect(args)
-    options = _ray_options(args)
+    options = ray_options(args, None)
     out = Path(args.out)
     started = _now()
     _claim(out, entries, started)
     rows: dict[str, dict] = {}
     INTERRUPTED.clear()
     in_main = threading.current_thread() is threading.main_thread()  # signals can only be caught there
-    previous = {sig: signal.signal(sig, _interrupted) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    previous = {sig: signal.signal(sig, _terminated) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
     try:
         if options is None:
             for i, e in enumerate(entries):
@@ -228,11 +202,6 @@ def execute_many(args: argparse.Namespace) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return _finish(out, entries, rows, started)
-
-
-def _interrupted(signum, frame) -> None:
-    INTERRUPTED.set()
-    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _claim(out: Path, entries: list[Entry], started: str) -> None:
@@ -292,7 +261,7 @@ def _on_ray(args: argparse.Namespace, entries: list[Entry], out: Path, options, 
             for e in entries:
                 rows[e.name] = _failed(args, e, out, str(exc))
             return
-        quiet = argparse.Namespace(**{**vars(args), "quiet": True})
+        quiet = _quiet(args)
         with ThreadPoolExecutor(max_workers=min(len(entries), max(models.slots(), 1) * 2)) as pool:
             futures = {e.name: pool.submit(_one, quiet, e, out, models.scan) for e in entries}
             try:
@@ -312,13 +281,18 @@ def _on_ray(args: argparse.Namespace, entries: list[Entry], out: Path, options, 
             models.close()
 
 
+def _quiet(args: argparse.Namespace) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(args), "quiet": True})
+
+
 def _failed(args: argparse.Namespace, entry: Entry, out: Path, message: str) -> dict:
-    """A model whose run could not start: its folder's fail-closed reports, as gate run writes them."""
+    """A model whose run could not start: its folder's fail-closed reports, as gate run writes them (never an
+    answer from the verdict cache: this run did not judge the model)."""
 
     def cannot(oracle, policy, **_):
         raise GateError(message)
 
-    return _one(argparse.Namespace(**{**vars(args), "quiet": True}), entry, out, cannot)
+    return _one(argparse.Namespace(**{**vars(_quiet(args)), "no_cache": True}), entry, out, cannot)
 
 
 def _finish(out: Path, entries: list[Entry], rows: dict[str, dict], started: str) -> int:
