@@ -28,6 +28,7 @@ from pathlib import Path
 import numba
 import numpy as np
 
+from gate.decision import RULE_SMALL_TRIGGER
 from gate.errors import GateError
 from gate.kernels import stamp_encode
 from gate.oracle import file_sha256, softmax
@@ -171,6 +172,21 @@ class ScanTriggers:
         return [int(v) for v in self.triggers.labels]
 
 
+def shielded_classes(report: dict) -> list[int]:
+    """The classes whose reversed triggers the shield stamps: those the outlier rule flagged, then those a
+    small effective trigger convicted (rule BG003: a reject that names a class the outlier rule may not
+    have flagged, e.g. on a synthetic-data scan whose L1 spread is wide). A model rejected because of a
+    class is never served without that class's trigger."""
+    classes = [int(v) for v in report["flagged"]]
+    decision = report.get("decision")
+    findings = decision.get("findings") if isinstance(decision, dict) else None
+    for f in findings or []:
+        if isinstance(f, dict) and f.get("rule") == RULE_SMALL_TRIGGER and f.get("class") is not None:
+            if int(f["class"]) not in classes:
+                classes.append(int(f["class"]))
+    return classes
+
+
 def unverified(report: dict) -> str | None:
     """Why a report cannot vouch for a model's triggers (None: it can): the shield is only as good as the
     scan behind it, so an incomplete scan, a review or error decision, or a report without the model's hash
@@ -189,8 +205,8 @@ def unverified(report: dict) -> str | None:
 def load_scan_triggers(report_path: str | os.PathLike, triggers_path: str | os.PathLike | None = None,
                        model_sha256: str | None = None, allow_unverified: bool = False,
                        warn=None) -> ScanTriggers:
-    """Read report.json and the triggers of its flagged classes (triggers.npz beside the report unless
-    given). ``model_sha256``: refuse a report written for another model file. A report :func:`unverified`
+    """Read report.json and the triggers of its :func:`shielded_classes` (triggers.npz beside the report
+    unless given). ``model_sha256``: refuse a report written for another model file. A report :func:`unverified`
     refuses is an error unless ``allow_unverified`` (then ``warn`` is told why)."""
     report_path = Path(report_path)
     report = read_report(report_path)
@@ -207,7 +223,7 @@ def load_scan_triggers(report_path: str | os.PathLike, triggers_path: str | os.P
         raise GateError(f"{report_path} was written for another model (sha256 {reported[:12]}..., this model "
                         f"is {model_sha256[:12]}...): its triggers do not apply")
     path = Path(triggers_path) if triggers_path is not None else report_path.parent / "triggers.npz"
-    flagged = [int(v) for v in report["flagged"]]
+    flagged = shielded_classes(report)
     all_triggers = Triggers.load(path)
     missing = [lab for lab in flagged if lab not in set(int(v) for v in all_triggers.labels)]
     if missing:

@@ -8,9 +8,12 @@
 The same command today must give the same report, timings aside. A change that is meant to move scan results
 regenerates the files with the command above and says so in its commit (last: search.grid_cells added to the
 reports' search and policy blocks by hand, every class result and the decision unchanged: a 32x32 model is searched
-pixel by pixel, bit for bit as before). The numbers are the floating-point arithmetic of the machine that wrote
-them (numba fastmath, SIMD width): on a CPU of another kind a few classes' L1 norms move in the 8th digit and the
-test fails there, without any change in the code.
+pixel by pixel, bit for bit as before). The numbers are those of the machine that wrote them: on a CPU of
+another kind numba's fastmath, numpy's SIMD exp/log and onnxruntime's MLAS kernels round differently in the last
+bits, and a stochastic search amplifies that (a Bernoulli draw lands the other side of its probability): on a CI
+machine a class's L1 moved by 0.07 % and its binary L1 by 2 pixels, with no change in the code. So measurements
+(real numbers and pixel counts) are compared to within 1 % (or 0.01 absolute, for anomaly indices near 0); the
+structure, query and step counts, statuses, flagged classes and the decision are compared exactly.
 """
 
 from __future__ import annotations
@@ -27,6 +30,39 @@ from tests.helpers import DEMO, ROOT
 GOLDEN = ROOT / "tests" / "golden"
 SMALL = ["--policy", "policies/default.yaml", "--data", "models/demo/gtsrb_sample.npz", "--max-steps", "25",
          "--max-images", "150", "--quiet"]
+
+
+TOLERANCE = {"rel": 1e-2, "abs": 1e-2}
+PIXEL_COUNTS = {"binary_l1"}  # integers a search measures, as rounding-sensitive as the L1 norm itself
+
+
+def _differences(before, after, where="report"):
+    """Where two reports differ: exact for everything but floats, which may move in their last digits."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        if before.keys() != after.keys():
+            return [f"{where}: keys {sorted(before.keys() ^ after.keys())} differ"]
+        return [d for k in before for d in _differences(before[k], after[k], f"{where}.{k}")]
+    if isinstance(before, list) and isinstance(after, list):
+        if len(before) != len(after):
+            return [f"{where}: {len(before)} items became {len(after)}"]
+        return [d for i, (b, a) in enumerate(zip(before, after)) for d in _differences(b, a, f"{where}[{i}]")]
+    measured = (isinstance(before, float) and isinstance(after, float)) or (
+        where.rsplit(".", 1)[-1] in PIXEL_COUNTS and type(before) is type(after) is int)
+    if measured:
+        return [] if after == pytest.approx(before, **TOLERANCE) else [f"{where}: {before!r} became {after!r}"]
+    if type(before) is not type(after) or before != after:
+        return [f"{where}: {before!r} became {after!r}"]
+    return []
+
+
+def test_the_golden_comparison_tolerates_float_noise_and_nothing_else():
+    report = {"l1": 871.7230640390004, "binary_l1": 986, "queries": 5430, "flagged": [29], "status": "max_steps"}
+    assert _differences(report, {**report, "l1": 872.365663006103, "binary_l1": 988}) == []  # seen on CI
+    assert _differences(report, {**report, "l1": 890.0}) == ["report.l1: 871.7230640390004 became 890.0"]
+    assert _differences(report, {**report, "binary_l1": 1000}) == ["report.binary_l1: 986 became 1000"]
+    assert _differences(report, {**report, "queries": 5431}) == ["report.queries: 5430 became 5431"]
+    assert _differences(report, {**report, "flagged": []}) == ["report.flagged: 1 items became 0"]
+    assert _differences(report, {**report, "queries": 5430.0}) == ["report.queries: 5430 became 5430.0"]
 
 
 def _without_timings(d):
@@ -47,7 +83,8 @@ def test_gate_run_gives_the_golden_report(name, tmp_path, monkeypatch, capsys):
     assert code == before["decision"]["exit_code"]
     for report in (before, after):
         report.pop("generated", None)
-    assert after == before
+    differences = _differences(before, after)
+    assert differences == [], "\n".join(differences)
 
 
 @pytest.mark.slow

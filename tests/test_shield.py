@@ -3,6 +3,8 @@ and the demo backdoored model (clean images pass, triggered ones are refused).""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -142,6 +144,27 @@ def test_load_scan_triggers_selects_the_flagged_classes(tmp_path):
         load_scan_triggers(tmp_path / "nope.json")
     report3 = write_scan(tmp_path / "scan3", path, tr, flagged=[])
     assert load_scan_triggers(report3).flagged == []
+
+
+def test_a_class_convicted_by_a_small_trigger_is_shielded_even_when_not_an_outlier(tmp_path):
+    """A synthetic-data scan of the demo rejected class 29 by BG003 (a 1 % trigger moving 95 % of the
+    held-out images) while its outlier p-value was 0.15: the shield must still stamp class 29's trigger."""
+    path = tmp_path / "m.onnx"
+    linear_model(path)
+    rng = np.random.default_rng(0)
+    tr = Triggers(np.arange(5), rng.random((5, 4, 4), dtype=np.float32), rng.random((5, 4, 4, 3), dtype=np.float32),
+                  np.array([False, True, False, False, False]))
+    report_path = write_scan(tmp_path / "scan", path, tr)
+    report = json.loads(report_path.read_text())
+    report["decision"]["findings"] = [
+        {"rule": "BG001", "outcome": "reject", "class": 1, "message": "class 1 flagged"},
+        {"rule": "BG003", "outcome": "reject", "class": 3, "message": "class 3: a small trigger"},
+        {"rule": "BG003", "outcome": "reject", "class": 1, "message": "class 1: a small trigger"},
+        {"rule": "BG005", "outcome": "review", "message": "searches"}]
+    report_path.write_text(json.dumps(report))
+    st = load_scan_triggers(report_path)
+    assert st.flagged == [1, 3]
+    np.testing.assert_array_equal(st.triggers.masks, tr.masks[[1, 3]])
 
 
 # ---------------------------------------------------------------------- calibration helpers

