@@ -45,7 +45,8 @@ def _differences(before, after, where="report"):
     if isinstance(before, list) and isinstance(after, list):
         if len(before) != len(after):
             return [f"{where}: {len(before)} items became {len(after)}"]
-        return [d for i, (b, a) in enumerate(zip(before, after)) for d in _differences(b, a, f"{where}[{i}]")]
+        pairs = enumerate(zip(before, after, strict=True))
+        return [d for i, (b, a) in pairs for d in _differences(b, a, f"{where}[{i}]")]
     measured = (isinstance(before, float) and isinstance(after, float)) or (
         where.rsplit(".", 1)[-1] in PIXEL_COUNTS and type(before) is type(after) is int)
     if measured:
