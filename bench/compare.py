@@ -83,13 +83,16 @@ class Settings:
     synthetic_per_class: int = 10
     seed: int = 0
     screening: bool = False  # the gate's screening (gate.screening) in every B3D / B3D-SS scan
+    grid_cells: int | None = None  # search.grid_cells (None: the policy's default)
 
     def scan_config(self) -> ScanConfig:
+        grid = {} if self.grid_cells is None else {"grid_cells": self.grid_cells}
         if self.quick:
-            return ScanConfig(search=SearchParams(k=8, batch_size=2, eval_size=8, max_steps=8), seed=self.seed,
-                              max_images=self.max_images, held_out=20, bandit_warmup=4, bandit_every=2,
-                              screening=self.screening)
-        return ScanConfig(seed=self.seed, max_images=self.max_images, screening=self.screening)
+            return ScanConfig(search=SearchParams(k=8, batch_size=2, eval_size=8, max_steps=8, **grid),
+                              seed=self.seed, max_images=self.max_images, held_out=20, bandit_warmup=4,
+                              bandit_every=2, screening=self.screening)
+        return ScanConfig(search=SearchParams(**grid), seed=self.seed, max_images=self.max_images,
+                          screening=self.screening)
 
     def synth_config(self) -> SynthConfig:
         if self.quick:
@@ -116,6 +119,8 @@ class Settings:
         d = asdict(self)
         if not self.screening:  # added with the screening; off, records made before still match
             d.pop("screening")
+        if self.grid_cells is None:  # likewise the grid (the scan fingerprint holds the value in use)
+            d.pop("grid_cells")
         return d
 
 
@@ -566,6 +571,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--eval-images", type=int, help="held-out clean images to measure reversed triggers (200)")
     ap.add_argument("--synthetic-per-class", type=int, help="B3D-SS synthetic images per class (10; quick 2)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--grid-cells", type=int, default=None, help="search.grid_cells for B3D/B3D-SS scans (default: "
+                    "the policy's; 16 searches a 32x32 model on 2x2-pixel cells)")
     ap.add_argument("--screening", action="store_true", help="B3D/B3D-SS scans with the gate's screening "
                     "(gate.screening); compare with an unscreened run by python -m bench.cost")
     ap.add_argument("--threads", type=int, default=0, help="onnxruntime/torch threads (0: library default)")
@@ -591,6 +598,8 @@ def main(argv=None) -> int:
             settings = replace(settings, synthetic_per_class=args.synthetic_per_class)
     if args.screening:
         settings = replace(settings, screening=True)
+    if args.grid_cells is not None:
+        settings = replace(settings, grid_cells=args.grid_cells)
     if args.max_images:
         settings = replace(settings, max_images=args.max_images)
     if args.eval_images:

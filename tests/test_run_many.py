@@ -121,6 +121,25 @@ def test_an_error_and_no_reject_is_exit_2(assets, tmp_path):
     assert outcome(out) == "error"
 
 
+def test_one_models_usage_error_is_its_row_and_stderr_line_and_the_rest_go_on(assets, tmp_path, capsys):
+    out = tmp_path / "out"
+    (tmp_path / "labels.txt").write_text("one\ntwo\n")  # 2 names for a 5-class model
+    m = manifest(tmp_path / "fleet.yaml", [str(assets / "m0.onnx"),
+                                           {"model": str(assets / "m1.onnx"), "labels": str(tmp_path / "labels.txt")}])
+    code = main(["run-many", "--manifest", str(m), "--data", str(assets / "data.npz"), "--policy",
+                 str(assets / "accept.yaml"), "--out", str(out), *FAST])
+    assert code == 2 and [r["outcome"] for r in summary(out)["models"]] == ["accept", "usage"]
+    captured = capsys.readouterr()
+    assert "gate: m1: usage error:" in captured.err and "usage error" not in captured.out.split("|")[0]
+    row = [line for line in (out / "summary.md").read_text().splitlines() if line.startswith("| m1 |")]
+    assert len(row) == 1 and "usage error:" in row[0] and "report.html" not in row[0]
+    assert not (out / "m1" / "report.html").exists()
+    report = json.loads((out / "m1" / "report.json").read_text())  # claimed "running" first, then why not judged
+    assert report["decision"]["outcome"] == "error" and "2 class names" in report["decision"]["reasons"][0]
+    assert 'outcome="running"} 1' not in (out / "m1" / "metrics.prom").read_text()
+    assert outcome(out / "m1") == "usage"
+
+
 def test_no_folder_keeps_an_earlier_accept_while_the_run_goes_on(assets, tmp_path, monkeypatch):
     out = tmp_path / "out"
     args = ["run-many", str(assets / "m0.onnx"), str(assets / "m1.onnx"), "--data", str(assets / "data.npz"),
@@ -228,7 +247,8 @@ def test_on_ray_the_same_reports_as_here(assets, tmp_path, cluster):
         {"model": str(DEMO / "gtsrb_badnets3x3.onnx"), "name": "demo", "data": str(DEMO / "gtsrb_sample.npz")},
     ])
     common = ["run-many", "--manifest", str(m), "--data", str(assets / "data.npz"), *FAST]
-    assert main([*common, "--out", str(here)]) == main([*common, "--out", str(there), "--ray", "auto"]) == 1
+    on_ray = ["--out", str(there), "--ray", "auto", "--ray-cpus", "1"]  # --ray-cpus is run-many's, not the models'
+    assert main([*common, "--out", str(here)]) == main([*common, *on_ray]) == 1
     for name in ("m0", "m1", "demo"):
         a, b = (json.loads((d / name / "report.json").read_text()) for d in (here, there))
         assert [c["l1"] for c in a["classes"]] == [c["l1"] for c in b["classes"]]  # bit-identical

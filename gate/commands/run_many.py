@@ -27,6 +27,7 @@ import copy
 import json
 import re
 import signal
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from pathlib import Path
 import yaml
 
 from gate.checkpoint import has_checkpoint
-from gate.commands.common import ray_options
+from gate.commands.common import RAY_ONLY, ray_options
 from gate.commands.run import INTERRUPTED, _now, _terminated, add_gate_args, execute
 from gate.decision import EXIT_CODES, EXIT_USAGE, exit_code_help
 from gate.errors import GateError, UsageError
@@ -158,6 +159,8 @@ def model_args(args: argparse.Namespace, entry: Entry, out: Path) -> argparse.Na
     """``gate run``'s arguments for one model: the command line's, with the entry's replacements."""
     a = copy.copy(args)
     a.model, a.out, a.ray, a.remote, a.model_name = entry.model, str(out / entry.name), None, None, entry.model_name
+    for k in RAY_ONLY:  # run-many's own: a model runs whole in one task, its scan not split again
+        setattr(a, k, None)
     if entry.data is not None:
         a.data, a.synthetic = entry.data, False
     if entry.synthetic is not None:
@@ -226,11 +229,24 @@ def _one(args: argparse.Namespace, entry: Entry, out: Path, scan) -> dict:
     try:
         code = execute(a, renderers=True, scan=scan)
     except UsageError as exc:  # a usage error of this model only (its data, labels, policy): the others go on
-        print(f"gate: {entry.name}: usage error: {exc}", flush=True)
-        write_exit_files(Path(a.out), "usage", EXIT_USAGE)
+        print(f"gate: {entry.name}: usage error: {exc}", file=sys.stderr, flush=True)
+        _usage_reports(Path(a.out), entry, f"usage error: {exc}")
         return {"name": entry.name, "model": entry.model, "outcome": "usage", "exit_code": EXIT_USAGE,
                 "reason": str(exc), "out": a.out}
     return _row(entry, Path(a.out), code)
+
+
+def _usage_reports(folder: Path, entry: Entry, message: str) -> None:
+    """The folder of a model whose command line was wrong: it was claimed ("running"), so it now says why it
+    has no verdict (report.json, metrics.prom: the error decision, fail closed; exit files: usage, 4)."""
+    from gate.decision import Decision
+    from gate.metrics import export
+    from gate.report import write_error_reports
+
+    decision = Decision.error(message)
+    write_error_reports(folder, decision, None, {"path": entry.model}, message, renderers=False)
+    export(folder, None, decision, entry.model, model_name=entry.model_name)
+    write_exit_files(folder, "usage", EXIT_USAGE)
 
 
 def _row(entry: Entry, folder: Path, code: int) -> dict:
@@ -326,13 +342,16 @@ def summary_table(rows: list[dict]) -> str:
     | model | outcome | exit | flagged | queries | seconds | report |
     |---|---|---|---|---|---|---|
     | a | reject | 1 | 29 | 1,200 | 3.2 | o/a/report.html |
+
+    A model whose command line was wrong has no report: its row gives the reason.
     """
     lines = ["| model | outcome | exit | flagged | queries | seconds | report |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         flagged = ", ".join(map(str, r.get("flagged") or [])) or "-"
         queries = f"{r['queries']:,}" if isinstance(r.get("queries"), int) else "-"
         seconds = f"{r['seconds']:.1f}" if isinstance(r.get("seconds"), int | float) else "-"
+        report = f"usage error: {r.get('reason', '')}" if r["outcome"] == "usage" else f"{r['out']}/report.html"
         lines.append(f"| {r['name']} | {r['outcome']} | {r['exit_code']} | {flagged} | {queries} | {seconds} | "
-                     f"{r['out']}/report.html |")
+                     f"{report} |")
     return "\n".join(lines)
 
