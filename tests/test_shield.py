@@ -124,12 +124,17 @@ def test_triggers_must_fit_the_model(tmp_path):
 
 
 # ---------------------------------------------------------------------- loading a scan
-def test_load_scan_triggers_selects_the_flagged_classes(tmp_path):
+def five_triggers(tmp_path, flagged: list[bool]) -> tuple:
+    """A linear model and random triggers for its 5 classes, ``flagged`` as given."""
     path = tmp_path / "m.onnx"
     linear_model(path)
     rng = np.random.default_rng(0)
-    tr = Triggers(np.arange(5), rng.random((5, 4, 4), dtype=np.float32), rng.random((5, 4, 4, 3), dtype=np.float32),
-                  np.array([False, False, True, False, True]))
+    return path, Triggers(np.arange(5), rng.random((5, 4, 4), dtype=np.float32),
+                          rng.random((5, 4, 4, 3), dtype=np.float32), np.array(flagged))
+
+
+def test_load_scan_triggers_selects_the_flagged_classes(tmp_path):
+    path, tr = five_triggers(tmp_path, [False, False, True, False, True])
     report = write_scan(tmp_path / "scan", path, tr)
     st = load_scan_triggers(report, model_sha256=file_sha256(path))
     assert st.flagged == [2, 4]
@@ -149,11 +154,7 @@ def test_load_scan_triggers_selects_the_flagged_classes(tmp_path):
 def test_a_class_convicted_by_a_small_trigger_is_shielded_even_when_not_an_outlier(tmp_path):
     """A synthetic-data scan of the demo rejected class 29 by BG003 (a 1 % trigger moving 95 % of the
     held-out images) while its outlier p-value was 0.15: the shield must still stamp class 29's trigger."""
-    path = tmp_path / "m.onnx"
-    linear_model(path)
-    rng = np.random.default_rng(0)
-    tr = Triggers(np.arange(5), rng.random((5, 4, 4), dtype=np.float32), rng.random((5, 4, 4, 3), dtype=np.float32),
-                  np.array([False, True, False, False, False]))
+    path, tr = five_triggers(tmp_path, [False, True, False, False, False])
     report_path = write_scan(tmp_path / "scan", path, tr)
     report = json.loads(report_path.read_text())
     report["decision"]["findings"] = [
