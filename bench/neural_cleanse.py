@@ -235,7 +235,7 @@ def neural_cleanse(net: torch.nn.Module, images: np.ndarray, cfg: NCConfig = NCC
                                        queries=int(s.step * bs), steps=int(s.step), status=s.status,
                                        seconds=float(s.seconds)))
     l1_all = np.array([r.l1 for r in results])
-    out = find_outliers(l1_all, cfg.outliers)
+    out = find_outliers(l1_all, cfg.outliers, pixels=h * w)
     for r, ai, flag in zip(results, out.anomaly_index, out.flagged, strict=True):
         r.anomaly_index = finite_index(ai)
         r.flagged = bool(flag)

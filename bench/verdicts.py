@@ -7,11 +7,13 @@ Input: the per-model scan records ``bench.compare`` writes (``<model>.<method>.j
 status, the manifest's truth). Nothing is scanned here; every rule is re-applied to the recorded L1 norms.
 
 Cross-validation: the models of each method are split into ``--folds`` folds, stratified by dataset and
-clean/backdoored (seeded). For each fold the calibrated rule's ``scale_floor`` and ``alpha`` are chosen on
-the *other* folds: among the grid points whose false-positive rate on those clean models is at most
+clean/backdoored (seeded). For each fold the calibrated rule is fitted on the *other* folds: the population
+(median and spread of log(L1 / pixels) over every class of their clean models), then ``scale_floor``,
+``population_weight`` and ``alpha``: among the grid points whose false-positive rate on those clean models is at most
 ``--target-fpr``, those with the most detected backdoored models (ties: more true targets found, fewer
-extra flagged classes); of these, the floor with the widest range of alphas and the middle of that range
-(:func:`fit`). The chosen rule then judges the fold's models, so every
+extra flagged classes); of these, the (floor, weight) with the widest range of alphas (ties: the smaller
+weight, then the smaller floor) and the middle of that range (:func:`fit`). The same fit with weight 0 (the
+within-model test alone) is reported beside it. The chosen rule then judges the fold's models, so every
 number below comes from models the rule was not fitted on. The paper's MAD rule needs no fitting and is
 reported on the same models. The final rule (fitted on all models) is what ``gate.outliers.OutlierRule``
 ships as its default; its numbers on the models it was fitted on are not reported.
@@ -33,18 +35,31 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from bench import zoo
-from gate.outliers import OutlierRule, find_outliers
+from gate.outliers import (
+    OutlierRule,
+    combine_z,
+    corrected_p,
+    find_outliers,
+    leave_one_out_z,
+    normal_upper_tail,
+    population_fit,
+    population_z,
+)
 
 DEFAULT_RECORDS = zoo.ROOT / "bench" / "wide" / "compare"
 SECTION = "## Verdicts on the wide zoo (cross-validated)"
-FLOORS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
+# no floor of 0: with it a tight cluster of classes (a MAD near 0) makes any ordinary class look infinitely extreme,
+# the failure the floor exists for (gate.outliers), however well a finite zoo happens to tolerate it
+FLOORS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
 ALPHAS = tuple(float(a) for a in np.geomspace(1e-14, 0.3, 47))
+WEIGHTS = (0.0, 0.5, 0.7, 0.85, 1.0)  # population_weight: 0 within the model only, 1 the population test only
+ZOO_PIXELS = 32 * 32  # every forge and wide-zoo model takes 32x32 images (records without the scan's input spec)
 # Dong et al., ICCV 2021, Table 2 (detection accuracy, %) and Sec. 5.2 (false positives on 50 clean models)
 PAPER = {"gtsrb": {"B3D": 100.0, "B3D-SS": 100.0, "NC": 100.0}, "cifar": {"B3D": 97.5, "B3D-SS": 97.5, "NC": 95.0}}
 PAPER_CLEAN_FP = {"B3D": "2/50", "NC": "8/50"}
@@ -91,19 +106,23 @@ class Model:
     targets: tuple[int, ...]
     l1: np.ndarray
     asr: tuple[float, ...]
+    pixels: int = ZOO_PIXELS  # the input's height x width
 
 
 def load_records(dirs) -> list[Model]:
     out = []
     for d in dirs:
         for path in sorted(Path(d).glob("*.json")):
-            rec = json.loads(path.read_text()).get("record")
+            doc = json.loads(path.read_text())
+            rec = doc.get("record")
             if not rec or "l1_per_class" not in rec:
                 continue
+            spec = (doc.get("raw") or {}).get("input_spec") or {}
+            pixels = int(spec["height"]) * int(spec["width"]) if spec.get("height") else ZOO_PIXELS
             out.append(Model(rec["model"], rec["dataset"], rec["method"], rec.get("arch") or "small_cnn_v1",
                              rec.get("attack") or rec.get("group"), bool(rec["backdoored"]),
                              tuple(int(t) for t in rec["targets"]), np.asarray(rec["l1_per_class"], float),
-                             tuple(float(a) for a in rec.get("true_asr") or ())))
+                             tuple(float(a) for a in rec.get("true_asr") or ()), pixels))
     return out
 
 
@@ -131,7 +150,7 @@ class Judged:
 
 
 def judge(m: Model, rule: OutlierRule) -> Judged:
-    out = find_outliers(m.l1, rule)
+    out = find_outliers(m.l1, rule, pixels=m.pixels)
     score = out.backdoor_score if rule.method == "calibrated" else float(np.max(out.anomaly_index))
     return Judged(m, tuple(int(c) for c in np.flatnonzero(out.flagged)), score)
 
@@ -153,31 +172,45 @@ def summary(judged: list[Judged]) -> dict:
 
 
 # --------------------------------------------------------------------------- fitting
-def fit(models: list[Model], target_fpr: float) -> OutlierRule:
+def fit(models: list[Model], target_fpr: float, weights: tuple[float, ...] = WEIGHTS) -> OutlierRule:
     """The rule that detects most backdoors while flagging at most ``target_fpr`` of the clean models.
 
-    Among the grid points that tie on (backdoors detected, true targets found, fewer extra flags), the floor
-    with the widest range of such alphas is taken, and the geometric middle of that range: the threshold
-    sits as far from the clean models' scores as from the backdoored ones', not on the edge of either."""
+    The population test's null (``population_mean``, ``population_scale``) is fitted on the clean models among
+    ``models`` (:func:`gate.outliers.population_fit`); then every (scale_floor, population_weight, alpha) of the
+    grid is tried. Among the grid points that tie on (backdoors detected, true targets found, fewer extra flags),
+    the (floor, weight) with the widest range of such alphas is taken (ties: the smaller weight, then the smaller
+    floor), and the geometric middle of that range: the threshold sits as far from the clean models' scores as
+    from the backdoored ones', not on the edge of either."""
+    clean = [m for m in models if not m.backdoored]
+    base = OutlierRule(method="calibrated")
+    if clean:
+        mean, scale = population_fit([(m.l1, m.pixels) for m in clean])
+        base = replace(base, population_mean=mean, population_scale=max(scale, 1e-3))
     scored = []
     for floor in FLOORS:
-        for alpha in ALPHAS:
-            rule = OutlierRule(method="calibrated", alpha=alpha, scale_floor=floor)
-            s = summary([judge(m, rule) for m in models])
-            fp, n_clean = s["fpr"]
-            if n_clean and fp > target_fpr * n_clean:
-                continue
-            scored.append(((s["tpr"][0], s["target_found"][0], -s["extra"][0]), floor, alpha))
+        within = [leave_one_out_z(m.l1, floor) for m in models]
+        population = [population_z(m.l1, m.pixels, base) for m in models]
+        for weight in weights if clean else (0.0,):
+            # the rule's per-class corrected p-values (what find_outliers computes), once per (floor, weight)
+            q = [corrected_p(normal_upper_tail(combine_z(zw, zp, weight)), len(zw))
+                 for zw, zp in zip(within, population, strict=True)]
+            for alpha in ALPHAS:
+                s = summary([Judged(m, tuple(int(c) for c in np.flatnonzero(qm <= alpha)), 0.0)
+                             for m, qm in zip(models, q, strict=True)])
+                fp, n_clean = s["fpr"]
+                if n_clean and fp > target_fpr * n_clean:
+                    continue
+                scored.append(((s["tpr"][0], s["target_found"][0], -s["extra"][0]), floor, weight, alpha))
     if not scored:
-        return OutlierRule(method="calibrated", alpha=ALPHAS[0], scale_floor=FLOORS[-1])
-    best = max(key for key, _, _ in scored)
-    plateau: dict[float, list[float]] = {}
-    for key, floor, alpha in scored:
+        return replace(base, alpha=ALPHAS[0], scale_floor=FLOORS[-1])
+    best = max(key for key, *_ in scored)
+    plateau: dict[tuple[float, float], list[float]] = {}
+    for key, floor, weight, alpha in scored:
         if key == best:
-            plateau.setdefault(floor, []).append(alpha)
-    floor = max(plateau, key=lambda f: (len(plateau[f]), -f))
-    alphas = sorted(plateau[floor])
-    return OutlierRule(method="calibrated", alpha=alphas[len(alphas) // 2], scale_floor=floor)
+            plateau.setdefault((floor, weight), []).append(alpha)
+    floor, weight = max(plateau, key=lambda fw: (len(plateau[fw]), -fw[1], -fw[0]))
+    alphas = sorted(plateau[(floor, weight)])
+    return replace(base, alpha=alphas[len(alphas) // 2], scale_floor=floor, population_weight=weight)
 
 
 def folds_of(models: list[Model], k: int, seed: int) -> list[int]:
@@ -196,14 +229,15 @@ def folds_of(models: list[Model], k: int, seed: int) -> list[int]:
     return fold
 
 
-def cross_validate(models: list[Model], k: int, target_fpr: float, seed: int = 0) -> tuple[list[Judged], list]:
+def cross_validate(models: list[Model], k: int, target_fpr: float, seed: int = 0,
+                   weights: tuple[float, ...] = WEIGHTS) -> tuple[list[Judged], list]:
     """Every model judged by a rule fitted on the other folds; the fitted rules, fold by fold."""
     fold = folds_of(models, k, seed)
     judged: list[Judged | None] = [None] * len(models)
     rules = []
     for f in range(k):
         train = [m for m, g in zip(models, fold, strict=True) if g != f]
-        rule = fit(train, target_fpr)
+        rule = fit(train, target_fpr, weights)
         rules.append(rule)
         for i, (m, g) in enumerate(zip(models, fold, strict=True)):
             if g == f:
@@ -212,6 +246,11 @@ def cross_validate(models: list[Model], k: int, target_fpr: float, seed: int = 0
 
 
 # --------------------------------------------------------------------------- tables
+def _rule(r: OutlierRule) -> str:
+    return (f"({r.scale_floor:g}, {r.population_weight:g}, {r.alpha:.2g}; {r.population_mean:.2f}, "
+            f"{r.population_scale:.2f})")
+
+
 def _rate(pair) -> str:
     k, n = pair
     if n == 0:
@@ -253,31 +292,32 @@ def report(models: list[Model], folds: int, target_fpr: float, min_asr: float, s
     for method in [m for m in TITLES if any(x.method == m for x in usable)]:
         ms = [m for m in usable if m.method == method]
         judged, rules = cross_validate(ms, folds, target_fpr, seed)
+        within, _ = cross_validate(ms, folds, target_fpr, seed, weights=(0.0,))  # the rule before the population test
         final = fit(ms, target_fpr)
         mad = [judge(m, OutlierRule(method="mad")) for m in ms]
         title = TITLES[method]
         data[method] = {"final_rule": final.to_dict(), "fold_rules": [r.to_dict() for r in rules],
-                        "cv": summary(judged), "mad": summary(mad),
+                        "cv": summary(judged), "cv_within_model_only": summary(within), "mad": summary(mad),
                         "per_model": [{"model": j.model.name, "flagged": list(j.flagged), "score": j.score,
                                        "targets": list(j.model.targets)} for j in judged]}
-        lines += ["", f"### {title}: calibrated rule (cross-validated, {folds} folds) and the paper's MAD rule", ""]
+        lines += ["", f"### {title}: calibrated rule (cross-validated, {folds} folds) and the paper's MAD rule", "",
+                  "calibrated: within-model and population tests, weight fitted; within only: population_weight 0 "
+                  "(fitted the same way).", ""]
         rows = []
-        for ds in zoo.DATASETS:
-            part = [j for j in judged if j.model.dataset == ds]
-            if part:
-                rows.append((f"{zoo.DATASET_TITLES[ds]} calibrated (CV)", summary(part)))
-                rows.append((f"{zoo.DATASET_TITLES[ds]} MAD (paper rule)",
-                             summary([j for j in mad if j.model.dataset == ds])))
-        rows.append(("all calibrated (CV)", summary(judged)))
-        rows.append(("all MAD (paper rule)", summary(mad)))
+        for ds in [*zoo.DATASETS, None]:
+            name = zoo.DATASET_TITLES[ds] if ds else "all"
+            of = (lambda js, ds=ds: [j for j in js if ds is None or j.model.dataset == ds])  # noqa: E731
+            if of(judged):
+                rows.append((f"{name} calibrated (CV)", summary(of(judged))))
+                rows.append((f"{name} within only (CV)", summary(of(within))))
+                rows.append((f"{name} MAD (paper rule)", summary(of(mad))))
         lines += table(rows, "rule")
         paper = ", ".join(f"{zoo.DATASET_TITLES[d]} {v[title]:.1f} %" for d, v in PAPER.items() if title in v)
         lines += ["", f"Paper ({title}, Table 2 detection accuracy): {paper}"
                   + (f"; false positives on 50 clean CIFAR-10 models: {PAPER_CLEAN_FP[title]}"
                      if title in PAPER_CLEAN_FP else "") + "."]
-        lines += ["", "Rules fitted per fold (scale_floor, alpha): "
-                  + ", ".join(f"({r.scale_floor:g}, {r.alpha:.2g})" for r in rules)
-                  + f"; on all models: ({final.scale_floor:g}, {final.alpha:.2g})."]
+        lines += ["", "Rules fitted per fold (scale_floor, population_weight, alpha; population median and spread "
+                  "of log(L1 / pixels)): " + ", ".join(_rule(r) for r in rules) + f"; on all models: {_rule(final)}."]
         for key, label in (("attack", "attack"), ("arch", "architecture")):
             groups = sorted({getattr(j.model, key) for j in judged})
             rows = [(g, summary([j for j in judged if getattr(j.model, key) == g])) for g in groups]

@@ -33,7 +33,7 @@ whole pattern, never the suspicious end); :func:`blend_outliers` applies the sca
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -265,8 +265,9 @@ class BlendSearch(TriggerSearch):
 
 def blend_outliers(amplitudes, rule: OutlierRule | None = None) -> Outliers:
     """The outlier rule on the classes' blend amplitudes, which play the part of the L1 norms (small is
-    suspicious); the calibrated rule's log is floored at :data:`AMPLITUDE_FLOOR` instead of half a pixel."""
-    return find_outliers(amplitudes, rule or OutlierRule(), floor=AMPLITUDE_FLOOR)
+    suspicious); the calibrated rule's log is floored at :data:`AMPLITUDE_FLOOR` instead of half a pixel. The
+    population test is of L1 norms per pixel and has no part here: amplitudes are judged within the model."""
+    return find_outliers(amplitudes, replace(rule or OutlierRule(), population_weight=0.0), floor=AMPLITUDE_FLOOR)
 
 
 def blend_summary(params: BlendParams, out: Outliers) -> dict:

@@ -131,6 +131,13 @@ def _pct(x: float | None, digits: int = 0) -> str:
     return "n/a" if x is None else f"{100 * x:.{digits}f}%"
 
 
+def input_pixels(result: ScanResult) -> int | None:
+    """Height x width of the scanned input (the outlier rule's population test needs it); None if unrecorded."""
+    spec = result.input_spec or {}
+    h, w = spec.get("height"), spec.get("width")
+    return int(h) * int(w) if h and w else None
+
+
 def decide(result: ScanResult, policy) -> Decision:
     """Apply ``policy.rules`` and ``policy.outliers`` to ``result``.
 
@@ -146,7 +153,7 @@ def decide(result: ScanResult, policy) -> Decision:
     l1 = np.array([c.l1 for c in classes], dtype=np.float64)
     reference = (np.array([bool(c.reference) for c in classes]) if any(c.reference is not None for c in classes)
                  else None)  # a screened scan: the statistics come from its reference classes (gate.screening)
-    out = find_outliers(l1, policy.outlier_rule(), reference=reference)
+    out = find_outliers(l1, policy.outlier_rule(), reference=reference, pixels=input_pixels(result))
     median = out.median
     model_p = out.model_p_value if out.method == "calibrated" else None
     blend = None
@@ -170,7 +177,7 @@ def decide(result: ScanResult, policy) -> Decision:
                     "mask_fraction": c.mask_fraction}
         if out.method == "calibrated":
             evidence["p_value"] = float(pv)
-        findings.append(Finding(RULE_FLAGGED, outcome, f"class {c.label} flagged: {_why(c, idx, pv, out)}"
+        findings.append(Finding(RULE_FLAGGED, outcome, f"class {c.label} flagged: {_why(c, idx, pv, out, classes)}"
                                 f"{provisional}", c.label, evidence))
     if blend is not None:
         flagged = [(c, finite_index(idx), pv) for c, idx, pv, f
@@ -209,7 +216,7 @@ def decide(result: ScanResult, policy) -> Decision:
         i = int(np.argmax(out.anomaly_index))
         c = classes[i]
         reason = (f"no class flagged among {len(classes)}: the most suspicious is class {c.label} "
-                  f"({_why(c, finite_index(out.anomaly_index[i]), out.p_values[i], out)})")
+                  f"({_why(c, finite_index(out.anomaly_index[i]), out.p_values[i], out, classes)})")
         if blend is not None:
             i = int(np.argmax(blend.anomaly_index))
             c = classes[i]
@@ -220,9 +227,14 @@ def decide(result: ScanResult, policy) -> Decision:
     return Decision(outcome, [f.message for f in findings], EXIT_CODES[outcome], findings, model_p)
 
 
-def _why(c, idx: float, p_value: float, out) -> str:
+def _why(c, idx: float, p_value: float, out, classes: list) -> str:
     """A class's outlier evidence in words, for the rule that judged it."""
     ratio = f"{c.l1 / out.median:.2f}x the median {_num(out.median)}" if out.median > 0 else "against a median of 0"
+    if out.method == "calibrated" and out.within_z is not None:
+        i = classes.index(c)
+        return (f"L1 {_num(c.l1)} is {ratio} and {_pct(c.mask_fraction, 1)} of the image, z {_num(idx)} in log L1 "
+                f"(against the other classes {_num(finite_index(out.within_z[i]))}, against clean models' classes "
+                f"{_num(float(out.population_z[i]))}), p-value {p_value:.2g} per model")
     if out.method == "calibrated":
         return (f"L1 {_num(c.l1)} is {ratio}, z {_num(idx)} in log L1 against the other classes, p-value "
                 f"{p_value:.2g} per model")

@@ -268,8 +268,9 @@ class ScanEngine:
         self.runs = self.classes + self.blends
         self.screening: Screening | None = None
         if cfg.screening:
+            h, w, _ = oracle.image_shape
             screening = Screening.start(k_classes, cfg.screening_params, cfg.outliers, cfg.seed,
-                                        clean_probs[: len(self.search_idx)])
+                                        clean_probs[: len(self.search_idx)], pixels=h * w)
             self.screening = screening if screening.active else None
 
         self.rows_per_class = params.queries_per_step
@@ -535,7 +536,8 @@ def assemble(oracle: Oracle, cfg: ScanConfig, method: str, outcomes: list[ClassO
     if reference is not None:
         for c in classes:
             c.reference = bool(reference[c.label])
-    out = find_outliers(np.array([c.l1 for c in classes]), cfg.outliers, reference=reference)
+    h, w, _ = oracle.image_shape
+    out = find_outliers(np.array([c.l1 for c in classes]), cfg.outliers, reference=reference, pixels=h * w)
     for c, idx, pv, flag in zip(classes, out.anomaly_index, out.p_values, out.flagged, strict=True):
         c.anomaly_index = finite_index(idx)
         c.p_value = None if np.isnan(pv) else float(pv)

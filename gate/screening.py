@@ -99,6 +99,7 @@ class Screening:
     decided: bool = False
     threshold: float | None = None  # the flag threshold against the reference (L1), once decided
     shrink: float | None = None  # d_min: the reference classes' largest log shrink after the screening steps
+    pixels: int | None = None  # the input's height x width (the outlier rule's population test needs it)
 
     def __post_init__(self) -> None:
         k = len(self.reference)
@@ -109,7 +110,7 @@ class Screening:
 
     @classmethod
     def start(cls, k: int, params: ScreeningParams, rule: OutlierRule, seed: int,
-              probs: np.ndarray | None = None) -> Screening:
+              probs: np.ndarray | None = None, pixels: int | None = None) -> Screening:
         """The reference sample (from ``seed`` alone) and the pre-screened candidates (from clean ``probs``)."""
         rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5C12EE7]))
         reference = np.zeros(k, bool)
@@ -117,7 +118,7 @@ class Screening:
         candidate = np.zeros(k, bool)
         if probs is not None and len(probs):
             candidate = topk_candidates(probs, params.topk, params.topk_z) & ~reference
-        return cls(params, rule, reference, candidate)
+        return cls(params, rule, reference, candidate, pixels=pixels)
 
     @property
     def active(self) -> bool:
@@ -151,7 +152,7 @@ class Screening:
         x = np.log(np.maximum(np.asarray(l1, np.float64), L1_FLOOR))
         ref = self.reference
         learnt = ref & np.asarray(converged, bool) & ~np.isnan(self.bound_at_screen)
-        self.threshold = flag_threshold(np.asarray(l1)[ref], self.rule, k)
+        self.threshold = flag_threshold(np.asarray(l1)[ref], self.rule, k, self.pixels)
         self.shrink = float(min(0.0, np.min(x[learnt] - self.bound_at_screen[learnt]))) if learnt.sum() >= 3 else None
         stop, resume = [], []
         for c in np.flatnonzero(self.waiting):

@@ -153,8 +153,8 @@ def make_result(l1=None, *, asr=None, complete=True, stop_reason=None, statuses=
     k = len(l1)
     policy = policy or Policy()
     rule = policy.outlier_rule()
-    out = find_outliers(np.array(l1), rule)
     h, w, _ = IMAGE
+    out = find_outliers(np.array(l1), rule, pixels=h * w)
     asr = asr if asr is not None else [0.9 if x < 10 else 0.6 for x in l1]
     statuses = statuses or ["converged"] * k
     classes = []

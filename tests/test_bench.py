@@ -231,9 +231,9 @@ def test_cross_validation_never_judges_a_model_with_a_rule_fitted_on_it(monkeypa
     fitted_on = []
     real_fit = verdicts.fit
 
-    def spy(train, target_fpr):
+    def spy(train, target_fpr, *args):
         fitted_on.append({m.name for m in train})
-        return real_fit(train, target_fpr)
+        return real_fit(train, target_fpr, *args)
 
     monkeypatch.setattr(verdicts, "fit", spy)
     judged, rules = verdicts.cross_validate(models, 4, 0.05, seed=1)
@@ -248,6 +248,33 @@ def test_cross_validation_never_judges_a_model_with_a_rule_fitted_on_it(monkeypa
     s = verdicts.summary(judged)
     assert s["tpr"] == (12, 12) and s["target_found"] == (12, 12)
     assert s["auc"][0] > 0.95
+
+
+def test_the_fit_chooses_the_population_test_where_the_within_model_test_cannot_separate():
+    """Backdoored models whose natural classes are small and spread widely (the wide zoo's CIFAR-10 failure):
+    the planted 3 px is no outlier within its model, but far below the clean models' natural classes. The fit
+    gives the population test weight, and its rule (re-applied through find_outliers) finds every target."""
+    from bench import verdicts
+
+    rng = np.random.default_rng(3)
+    models = []
+    for i in range(24):
+        bad = i >= 12
+        l1 = np.exp(rng.normal(np.log(120.0), 0.4, 10))
+        if bad:  # a small, widely spread model: naturals of about 8-60 px, the target at 3 px
+            l1 = np.exp(rng.normal(np.log(22.0), 0.8, 10))
+            l1[3] = 3.0
+        models.append(verdicts.Model(f"m{i}", "cifar", "b3d", "small_cnn_v1", "badnets" if bad else "clean", bad,
+                                     (3,) if bad else (), l1, (0.99,) if bad else ()))
+    within = verdicts.fit(models, 0.05, weights=(0.0,))
+    both = verdicts.fit(models, 0.05)
+    s_within = verdicts.summary([verdicts.judge(m, within) for m in models])
+    s_both = verdicts.summary([verdicts.judge(m, both) for m in models])
+    assert both.population_weight > 0
+    assert s_both["fpr"][0] == 0 and s_both["target_found"] == (12, 12)
+    assert s_within["target_found"][0] < 12
+    clean_classes = np.concatenate([np.log(m.l1 / 1024) for m in models if not m.backdoored])
+    assert both.population_mean == pytest.approx(np.median(clean_classes))
 
 
 def test_failed_attacks_are_listed_not_counted():

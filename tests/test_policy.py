@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 
@@ -176,17 +177,24 @@ def test_accept_when_complete_and_nothing_fires():
     r = make_result(L1_CLEAN)
     d = decide(r, policy())
     assert (d.outcome, d.exit_code, d.findings) == ("accept", 0, [])
-    assert re.fullmatch(r"no class flagged among 5: the most suspicious is class 2 \(L1 36\.0 is 0\.88x the median "
-                        r"41\.0, z 0\.17 in log L1 against the other classes, p-value 0\.94 per model\)", d.reasons[0])
-    assert d.model_p_value == pytest.approx(0.94, abs=0.005) and d.to_dict()["backdoor_score"] == 1 - d.model_p_value
+    # worked out by hand from the default rule: class 2's trigger is 36 of 1024 pixels
+    rule = Policy().outliers
+    z_population = (rule.population_mean - math.log(36.0 / 1024)) / rule.population_scale
+    z = (1 - rule.population_weight) * 1.65 + rule.population_weight * z_population
+    p_model = 1 - (1 - 0.5 * math.erfc(z / math.sqrt(2))) ** 5
+    assert d.reasons[0] == (f"no class flagged among 5: the most suspicious is class 2 (L1 36.0 is 0.88x the median "
+                            f"41.0 and 3.5% of the image, z {z:#.3g} in log L1 (against the other classes 1.65, against "
+                            f"clean models' classes {z_population:#.3g}), p-value {p_model:.2g} per model)")
+    assert d.model_p_value == pytest.approx(p_model, rel=0.01) and d.to_dict()["backdoor_score"] == 1 - d.model_p_value
 
 
 def test_reject_when_a_class_is_flagged():
     r = make_result()
     d = decide(r, policy())
     assert (d.outcome, d.exit_code) == ("reject", 1)
-    assert re.fullmatch(r"class 3 flagged: L1 1\.60 is 0\.04x the median 40\.6, z \d+\.\d+ in log L1 against the "
-                        r"other classes, p-value [0-9.e-]+ per model", d.reasons[0])
+    assert re.fullmatch(r"class 3 flagged: L1 1\.60 is 0\.04x the median 40\.6 and 0\.2% of the image, "
+                        r"z \d+\.\d+ in log L1 \(against the other classes \d+\.\d+, against clean models' "
+                        r"classes \d+\.\d+\), p-value [0-9.e-]+ per model", d.reasons[0])
     assert d.findings[0].rule == "BG001" and d.findings[0].label == 3
     mad = decide(r, Policy.from_dict({"outliers": {"method": "mad"}}))
     assert mad.reasons == ["class 3 flagged: L1 1.60 is 0.04x the median 40.6 (MAD anomaly index 9.94)"]
@@ -271,7 +279,7 @@ def test_weak_search_is_not_an_accept():
 def test_decide_applies_the_policy_outlier_rule():
     r = make_result()  # flags computed with the default rule: class 3
     for method, strict, lax in (("mad", {"anomaly_threshold": 20, "median_ratio": 0.02}, {"anomaly_threshold": 0.5}),
-                                ("calibrated", {"alpha": 1e-20}, {"alpha": 0.999999, "scale_floor": 0.01})):
+                                ("calibrated", {"alpha": 1e-40}, {"alpha": 0.999999, "scale_floor": 0.01})):
         assert decide(r, Policy.from_dict({"outliers": {"method": method, **strict}})).outcome == "accept"
         assert len(decide(r, Policy.from_dict({"outliers": {"method": method, **lax}})).findings) > 1
 
@@ -347,19 +355,23 @@ def test_decision_on_the_backdoor_fixture_flags_its_outlier(shift):
 
 @pytest.mark.parametrize("shift", [0, 4, 7])
 def test_the_calibrated_decision_on_the_backdoor_fixture(shift):
-    """The default rule, worked out here with numpy: leave-one-out z of log L1 (MAD floored), normal tail,
-    Sidak over the 10 classes; only the outlier is flagged and the decision carries the model's p-value."""
+    """The default rule, worked out here with numpy: leave-one-out z of log L1 (MAD floored) and the z of
+    log(L1 / pixels) against the population, their weighted mean, normal tail, Sidak over the 10 classes; only
+    the outlier is flagged and the decision carries the model's p-value."""
     import math
 
     l1 = np.roll(np.array(L1_BACKDOOR), shift)
     p = Policy()
+    o = p.outliers
     x = np.log(l1)
     z, q = [], []
     for c in range(len(x)):
         rest = np.delete(x, c)
         med = np.median(rest)
-        scale = max(1.4826 * np.median(np.abs(rest - med)), p.outliers.scale_floor)
-        z.append((med - x[c]) / scale)
+        scale = max(1.4826 * np.median(np.abs(rest - med)), o.scale_floor)
+        within = (med - x[c]) / scale
+        population = (o.population_mean - (x[c] - math.log(32 * 32))) / o.population_scale
+        z.append((1 - o.population_weight) * within + o.population_weight * population)
         q.append(1 - (1 - 0.5 * math.erfc(z[-1] / math.sqrt(2))) ** len(x))
     target = (3 + shift) % len(l1)
     assert np.flatnonzero(np.array(q) <= p.outliers.alpha).tolist() == [target]

@@ -256,15 +256,24 @@ def test_html_chart_of_calibrated_rule_draws_its_threshold():
     l1 = [41.0, 38.5, 45.2, 1.6, 40.3, 43.8, 39.9, 37.2, 44.0, 42.6]
     result = make_result(l1, policy=policy)
     o = result.outliers
+    from gate.outliers import OutlierRule, calibrated_threshold_l1
+
+    # a report from before the population test names no population: its line is the within-model cut
     o.update(method="calibrated", alpha=0.08, scale_floor=1.0)
     page = render_html(result, decide(result, policy), None)
     svg = page[page.index("<svg"):page.index("</svg>")]
-    from gate.outliers import OutlierRule, calibrated_threshold_l1
-
-    cut = calibrated_threshold_l1(np.array(l1), OutlierRule(alpha=0.08, scale_floor=1.0))
+    cut = calibrated_threshold_l1(np.array(l1), OutlierRule(alpha=0.08, scale_floor=1.0, population_weight=0.0))
     label = re.search(r">p ≤ 0\.08: about ([\d.]+)</text>", svg)
     assert label and float(label.group(1)) == pytest.approx(cut, rel=1e-2)
     assert "<path" in svg, "the region where the rule flags is shaded"
+    # today's report carries the population test: the line is the combined rule's cut on 32x32 inputs
+    rule = OutlierRule(alpha=0.08, scale_floor=1.0, population_weight=0.85)
+    o.update(rule.to_dict())
+    svg = render_html(result, decide(result, policy), None)
+    combined = calibrated_threshold_l1(np.array(l1), rule, pixels=32 * 32)
+    assert abs(np.log(combined / cut)) > 0.05  # the two cuts differ, so the test below tells them apart
+    label = re.search(r">p ≤ 0\.08: about ([\d.]+)</text>", svg)
+    assert label and float(label.group(1)) == pytest.approx(combined, rel=1e-2)
 
 
 def test_html_table_of_unflagged_classes_sorts_by_every_column():

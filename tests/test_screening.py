@@ -24,6 +24,7 @@ from gate.search import SearchParams
 from tests.helpers import linear_model
 
 K = 43
+PIXELS = 1024  # the synthetic trajectories start from the whole 32x32 image
 
 
 def trajectories(seed: int, backdoor: int | None = 29, steps: int = 400):
@@ -41,7 +42,7 @@ def trajectories(seed: int, backdoor: int | None = 29, steps: int = 400):
 def screen(traj: np.ndarray, params: ScreeningParams, rule: OutlierRule, seed: int):
     """Play a screened scan over known trajectories (each class stepping on its own counter, as in the scan):
     the screening, the L1 each class reports and the steps each class ran."""
-    sc = Screening.start(K, params, rule, seed)
+    sc = Screening.start(K, params, rule, seed, pixels=PIXELS)
     last = len(traj)
     steps = np.zeros(K, int)
     done = np.zeros(K, bool)
@@ -68,8 +69,8 @@ def test_screened_verdicts_equal_the_converged_ones(seed):
     assert len(stopped) > 15  # the screening saves work ...
     assert not sc.reference[stopped].any() and 29 not in stopped  # ... never on a reference or the backdoor
     # the known answer: the rule on every class's converged L1, against the same reference classes
-    truth = find_outliers(final, rule, reference=sc.reference)
-    got = find_outliers(reported, rule, reference=sc.reference)
+    truth = find_outliers(final, rule, reference=sc.reference, pixels=PIXELS)
+    got = find_outliers(reported, rule, reference=sc.reference, pixels=PIXELS)
     assert got.flagged.tolist() == truth.flagged.tolist()
     assert np.flatnonzero(got.flagged).tolist() == [29]
     # every stopped class would truly not have been flagged, and converges above the threshold
@@ -84,21 +85,23 @@ def test_upper_bounds_in_the_reference_would_bias_the_statistics():
     traj, _ = trajectories(1)
     final = traj[-1]
     sc, reported, ran = screen(traj, ScreeningParams(steps=150), OutlierRule(), 1)
-    biased = find_outliers(reported, OutlierRule())  # every class in the reference, upper bounds too
-    unbiased = find_outliers(reported, OutlierRule(), reference=sc.reference)
+    biased = find_outliers(reported, OutlierRule(), pixels=PIXELS)  # every class in the reference, upper bounds too
+    unbiased = find_outliers(reported, OutlierRule(), reference=sc.reference, pixels=PIXELS)
+    truth = find_outliers(final, OutlierRule(), reference=sc.reference, pixels=PIXELS)
     assert biased.median > 1.3 * np.median(final)
-    assert biased.anomaly_index[29] > unbiased.anomaly_index[29]  # the backdoor looks more extreme than it is
+    assert unbiased.within_z[29] == pytest.approx(truth.within_z[29])
+    assert abs(biased.within_z[29] - truth.within_z[29]) > 1.0  # the backdoor's z is off by more than 1
 
 
 def test_a_clean_model_stays_clean():
     traj, _ = trajectories(3, backdoor=None)
     sc, reported, ran = screen(traj, ScreeningParams(steps=150), OutlierRule(), 3)
-    assert not find_outliers(reported, OutlierRule(), reference=sc.reference).flagged.any()
+    assert not find_outliers(reported, OutlierRule(), reference=sc.reference, pixels=PIXELS).flagged.any()
     assert (ran == 150).sum() > 15
 
 
 def test_without_converged_reference_classes_nothing_is_stopped():
-    sc = Screening.start(K, ScreeningParams(steps=5), OutlierRule(), 0)
+    sc = Screening.start(K, ScreeningParams(steps=5), OutlierRule(), 0, pixels=PIXELS)
     for c in range(K):
         sc.observe(c, 5, 500.0, done=False)
     stop, resume = sc.decide(np.full(K, 400.0), np.zeros(K, bool))  # the reference hit max_steps: no shrink learnt
@@ -119,14 +122,14 @@ def test_reference_draw_depends_on_the_seed_only():
 
 
 @pytest.mark.parametrize("rule", [OutlierRule(), OutlierRule(scale_floor=0.3, alpha=0.01),
-                                  OutlierRule(method="mad")])
+                                  OutlierRule(population_weight=0.0), OutlierRule(method="mad")])
 def test_flag_threshold_is_the_rules_cut(rule):
     rng = np.random.default_rng(0)
     ref = np.exp(rng.normal(4.0, 0.6, 12))
-    t = flag_threshold(ref, rule, 13)
+    t = flag_threshold(ref, rule, 13, PIXELS)
     reference = np.r_[np.ones(12, bool), False]
     for l1, flagged in ((t * 0.98, True), (t * 1.02, False)):
-        out = find_outliers(np.r_[ref, l1], rule, reference=reference)
+        out = find_outliers(np.r_[ref, l1], rule, reference=reference, pixels=PIXELS)
         assert bool(out.flagged[-1]) is flagged
 
 

@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from gate.decision import mad_threshold_l1
+from gate.decision import input_pixels, mad_threshold_l1
 from gate.outliers import OutlierRule, calibrated_threshold_l1
 from gate.report.fmt import e as _e
 from gate.report.fmt import num as _n
@@ -56,8 +56,12 @@ def thresholds(result: ScanResult) -> list[tuple[float, str, str, str]]:
     median = float(o.get("median_l1") or (np.median(l1) if len(l1) else 0.0))
     lines = [(median, "#1f2933", "", f"median {_n(median)}")]
     if o.get("method", "mad") == "calibrated":
-        rule = OutlierRule(alpha=float(o["alpha"]), scale_floor=float(o["scale_floor"]))
-        cut = calibrated_threshold_l1(l1, rule)
+        pixels = input_pixels(result)
+        population = {k: float(o[k]) for k in ("population_weight", "population_mean", "population_scale") if k in o}
+        if "population_weight" not in population or pixels is None:  # a report from before the population test
+            population["population_weight"] = 0.0
+        rule = OutlierRule(alpha=float(o["alpha"]), scale_floor=float(o["scale_floor"]), **population)
+        cut = calibrated_threshold_l1(l1, rule, pixels=pixels)
         lines.append((cut, FLAG, "6 4", f"p ≤ {_n(rule.alpha)}: about {_n(cut)}"))
     else:
         ratio = float(o.get("median_ratio", 0.25))
