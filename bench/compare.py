@@ -84,15 +84,16 @@ class Settings:
     seed: int = 0
     screening: bool = False  # the gate's screening (gate.screening) in every B3D / B3D-SS scan
     grid_cells: int | None = None  # search.grid_cells (None: the policy's default)
+    blend: bool = False  # the gate's blend mode (gate.blend) beside the patch search in every B3D / B3D-SS scan
 
     def scan_config(self) -> ScanConfig:
         grid = {} if self.grid_cells is None else {"grid_cells": self.grid_cells}
         if self.quick:
             return ScanConfig(search=SearchParams(k=8, batch_size=2, eval_size=8, max_steps=8, **grid),
                               seed=self.seed, max_images=self.max_images, held_out=20, bandit_warmup=4,
-                              bandit_every=2, screening=self.screening)
+                              bandit_every=2, screening=self.screening, blend=self.blend)
         return ScanConfig(search=SearchParams(**grid), seed=self.seed, max_images=self.max_images,
-                          screening=self.screening)
+                          screening=self.screening, blend=self.blend)
 
     def synth_config(self) -> SynthConfig:
         if self.quick:
@@ -121,6 +122,8 @@ class Settings:
             d.pop("screening")
         if self.grid_cells is None:  # likewise the grid (the scan fingerprint holds the value in use)
             d.pop("grid_cells")
+        if not self.blend:  # likewise the blend mode
+            d.pop("blend")
         return d
 
 
@@ -243,6 +246,10 @@ def run_b3d(man, data, settings, oracle, eval_pred, method, log) -> tuple[dict, 
                status_per_class=[c.status for c in res.classes], notes={c.label: c.note for c in res.classes if c.note},
                binary_l1_per_class=[c.binary_l1 for c in res.classes],
                synthesis_success=None if synth is None else synth["success_rate"])
+    if settings.blend:  # each mode's own evidence: the blend amplitudes and which mode flagged which class
+        rec.update(blend_amplitude_per_class=[c.blend_amplitude for c in res.classes],
+                   patch_flagged=[c.label for c in res.classes if c.patch_flagged],
+                   blend_flagged=[c.label for c in res.classes if c.blend_flagged])
     finish_record(rec, man, [c.l1 for c in res.classes], [c.anomaly_index for c in res.classes], res.flagged,
                   trig.masks, trig.patterns, oracle, data, eval_pred,
                   scan_asr=[c.trigger_asr for c in res.classes])
@@ -575,6 +582,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "the policy's; 16 searches a 32x32 model on 2x2-pixel cells)")
     ap.add_argument("--screening", action="store_true", help="B3D/B3D-SS scans with the gate's screening "
                     "(gate.screening); compare with an unscreened run by python -m bench.cost")
+    ap.add_argument("--blend", action="store_true", help="B3D/B3D-SS scans with the gate's blend mode beside the "
+                    "patch search (records: blend amplitudes, which mode flagged which class)")
     ap.add_argument("--threads", type=int, default=0, help="onnxruntime/torch threads (0: library default)")
     ap.add_argument("--resume", action="store_true", help="reuse per-run results in OUT/compare/ made with the "
                     "same settings and search/synthesis/NC configuration (not checked: the code version)")
@@ -600,6 +609,8 @@ def main(argv=None) -> int:
         settings = replace(settings, screening=True)
     if args.grid_cells is not None:
         settings = replace(settings, grid_cells=args.grid_cells)
+    if args.blend:
+        settings = replace(settings, blend=True)
     if args.max_images:
         settings = replace(settings, max_images=args.max_images)
     if args.eval_images:

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import zoo
+from gate.blend import blend_outliers
 from gate.outliers import (
     OutlierRule,
     combine_z,
@@ -107,6 +108,7 @@ class Model:
     l1: np.ndarray
     asr: tuple[float, ...]
     pixels: int = ZOO_PIXELS  # the input's height x width
+    blend: np.ndarray | None = None  # per-class blend amplitudes, from a scan with the blend mode (--blend-records)
 
 
 def load_records(dirs) -> list[Model]:
@@ -122,8 +124,17 @@ def load_records(dirs) -> list[Model]:
             out.append(Model(rec["model"], rec["dataset"], rec["method"], rec.get("arch") or "small_cnn_v1",
                              rec.get("attack") or rec.get("group"), bool(rec["backdoored"]),
                              tuple(int(t) for t in rec["targets"]), np.asarray(rec["l1_per_class"], float),
-                             tuple(float(a) for a in rec.get("true_asr") or ()), pixels))
+                             tuple(float(a) for a in rec.get("true_asr") or ()), pixels,
+                             None if rec.get("blend_amplitude_per_class") is None
+                             else np.asarray(rec["blend_amplitude_per_class"], float)))
     return out
+
+
+def with_blend(models: list[Model], blend_models: list[Model]) -> list[Model]:
+    """``models`` with the blend amplitudes of the same model and method's blend-mode scan, where there is one.
+    The patch L1 norms stay those of ``models`` (the patch-only scan), so the patch rows do not move."""
+    amplitudes = {(b.name, b.method): b.blend for b in blend_models if b.blend is not None}
+    return [replace(m, blend=amplitudes.get((m.name, m.method), m.blend)) for m in models]
 
 
 def attack_took(m: Model, min_asr: float) -> bool:
@@ -149,10 +160,17 @@ class Judged:
         return len(set(self.flagged) - set(self.model.targets))
 
 
-def judge(m: Model, rule: OutlierRule) -> Judged:
+def judge(m: Model, rule: OutlierRule, blend: bool = False) -> Judged:
+    """The rule on the model's patch L1 norms; with ``blend`` (and the model's blend amplitudes) the gate's
+    decision with the blend mode: a class is flagged when either mode flags it, the score the larger one."""
     out = find_outliers(m.l1, rule, pixels=m.pixels)
     score = out.backdoor_score if rule.method == "calibrated" else float(np.max(out.anomaly_index))
-    return Judged(m, tuple(int(c) for c in np.flatnonzero(out.flagged)), score)
+    flagged = set(int(c) for c in np.flatnonzero(out.flagged))
+    if blend and m.blend is not None:
+        b = blend_outliers(m.blend, rule)
+        flagged |= set(int(c) for c in np.flatnonzero(b.flagged))
+        score = max(score, b.backdoor_score if rule.method == "calibrated" else float(np.max(b.anomaly_index)))
+    return Judged(m, tuple(sorted(flagged)), score)
 
 
 def summary(judged: list[Judged]) -> dict:
@@ -230,8 +248,9 @@ def folds_of(models: list[Model], k: int, seed: int) -> list[int]:
 
 
 def cross_validate(models: list[Model], k: int, target_fpr: float, seed: int = 0,
-                   weights: tuple[float, ...] = WEIGHTS) -> tuple[list[Judged], list]:
-    """Every model judged by a rule fitted on the other folds; the fitted rules, fold by fold."""
+                   weights: tuple[float, ...] = WEIGHTS, blend: bool = False) -> tuple[list[Judged], list]:
+    """Every model judged by a rule fitted on the other folds (``blend``: with the blend mode's amplitudes too;
+    the fit sees the patch L1 norms only); the fitted rules, fold by fold."""
     fold = folds_of(models, k, seed)
     judged: list[Judged | None] = [None] * len(models)
     rules = []
@@ -241,7 +260,7 @@ def cross_validate(models: list[Model], k: int, target_fpr: float, seed: int = 0
         rules.append(rule)
         for i, (m, g) in enumerate(zip(models, fold, strict=True)):
             if g == f:
-                judged[i] = judge(m, rule)
+                judged[i] = judge(m, rule, blend)
     return judged, rules
 
 
@@ -285,6 +304,22 @@ def table(rows: list[tuple[str, dict]], first: str) -> list[str]:
     return out
 
 
+def blend_rows(ms: list[Model], judged: list[Judged], folds: int, target_fpr: float, seed: int,
+               data: dict) -> list[str]:
+    """On the models scanned with the blend mode too: the cross-validated rule on the patch L1s alone and
+    with the blend amplitudes beside them (the same fold rules)."""
+    if not any(m.blend is not None for m in ms):
+        return []
+    both, _ = cross_validate(ms, folds, target_fpr, seed, blend=True)
+    patch = [j for j in judged if j.model.blend is not None]
+    both = [j for j in both if j.model.blend is not None]
+    data["cv_blend_models_patch"], data["cv_blend_models_with_blend"] = summary(patch), summary(both)
+    data["per_model_with_blend"] = [{"model": j.model.name, "flagged": list(j.flagged), "score": j.score,
+                                     "targets": list(j.model.targets)} for j in both]
+    return ["", f"The {len(both)} models also scanned with the blend mode (--blend-records), same fold rules:", "",
+            *table([("patch only (CV)", summary(patch)), ("patch + blend (CV)", summary(both))], "rule")]
+
+
 def report(models: list[Model], folds: int, target_fpr: float, min_asr: float, seed: int) -> tuple[str, dict]:
     lines, data = [], {}
     failed = [m for m in models if not attack_took(m, min_asr)]
@@ -312,6 +347,7 @@ def report(models: list[Model], folds: int, target_fpr: float, min_asr: float, s
                 rows.append((f"{name} within only (CV)", summary(of(within))))
                 rows.append((f"{name} MAD (paper rule)", summary(of(mad))))
         lines += table(rows, "rule")
+        lines += blend_rows(ms, judged, folds, target_fpr, seed, data[method])
         paper = ", ".join(f"{zoo.DATASET_TITLES[d]} {v[title]:.1f} %" for d, v in PAPER.items() if title in v)
         lines += ["", f"Paper ({title}, Table 2 detection accuracy): {paper}"
                   + (f"; false positives on 50 clean CIFAR-10 models: {PAPER_CLEAN_FP[title]}"
@@ -332,6 +368,8 @@ def report(models: list[Model], folds: int, target_fpr: float, min_asr: float, s
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.verdicts", description=__doc__.split("\n\n")[0])
     ap.add_argument("--records", nargs="+", type=Path, default=[DEFAULT_RECORDS])
+    ap.add_argument("--blend-records", nargs="+", type=Path, default=[],
+                    help="records of the same models scanned with the blend mode (python -m bench.compare --blend)")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--target-fpr", type=float, default=0.03)
     ap.add_argument("--min-asr", type=float, default=0.9)
@@ -340,7 +378,7 @@ def main(argv=None) -> int:
     ap.add_argument("--record", action="store_true", help="write the tables into bench/RESULTS.md")
     ap.add_argument("--results-md", type=Path, default=zoo.ROOT / "bench" / "RESULTS.md")
     args = ap.parse_args(argv)
-    models = load_records(args.records)
+    models = with_blend(load_records(args.records), load_records(args.blend_records))
     if not models:
         print(f"error: no scan records in {', '.join(map(str, args.records))} (python -m bench.compare --wide)",
               file=sys.stderr)

@@ -289,6 +289,50 @@ def test_failed_attacks_are_listed_not_counted():
     assert "Not counted, the attack did not take" in text and models[-1].name in text
 
 
+def test_blend_records_add_the_blend_modes_flags_with_the_same_fold_rules(tmp_path):
+    """A blended backdoor whose patch L1 is ordinary but whose blend amplitude stands out: the patch rows miss
+    it, the patch + blend row finds it; amplitudes reach the models from records of a --blend scan."""
+    from dataclasses import replace
+
+    from bench import verdicts
+
+    rng = np.random.default_rng(5)
+    models = _fake_models(8, 8)
+    blended = []
+    for i, m in enumerate(models[-4:]):  # four of the backdoored: patch L1 ordinary, blend amplitude tiny
+        l1 = m.l1.copy()
+        l1[3] = float(np.median(l1))
+        blended.append(replace(m, name=f"b{i}", attack="blended", l1=l1))
+    models = models[:-4] + blended
+    natural = np.geomspace(0.2, 0.4, 10)  # the blend amplitudes of natural classes, evenly spread
+    blend_scans = [replace(m, blend=np.where(np.arange(10) == 3, 0.004, rng.permutation(natural))
+                           if m.attack == "blended" else rng.permutation(natural)) for m in models]
+    both = verdicts.with_blend(models, blend_scans)
+    assert all(b.blend is not None and np.array_equal(b.l1, m.l1) for b, m in zip(both, models, strict=True))
+    text, data = verdicts.report(both, 2, 0.05, 0.9, 0)
+    patch, with_blend = data["b3d"]["cv_blend_models_patch"], data["b3d"]["cv_blend_models_with_blend"]
+    assert patch["target_found"] == (4, 8) and with_blend["target_found"] == (8, 8)  # the 4 blended: blend only
+    assert with_blend["fpr"] == patch["fpr"]  # the blend mode adds no false positive here
+    assert "patch + blend (CV)" in text
+    # the record field a --blend scan writes is what load_records reads
+    rec = {"model": "x", "dataset": "cifar", "method": "b3d", "backdoored": False, "targets": [],
+           "l1_per_class": [50.0] * 10, "blend_amplitude_per_class": [0.3] * 10}
+    (tmp_path / "x.b3d.json").write_text(json.dumps({"record": rec}))
+    assert verdicts.load_records([tmp_path])[0].blend.tolist() == [0.3] * 10
+
+
+def test_blend_scans_have_their_own_fingerprint_and_leave_old_records_valid():
+    """--resume compares fingerprints: a blend-mode scan must never reuse a patch-only record (or the reverse),
+    and the patch-only fingerprint must stay what it was before the option existed."""
+    from bench.compare import Settings, fingerprint
+
+    plain, blend = fingerprint(Settings(), "b3d"), fingerprint(Settings(blend=True), "b3d")
+    assert plain != blend
+    assert "blend" not in plain["settings"] and "blend" not in plain["scan"]
+    assert blend["settings"]["blend"] is True and blend["scan"]["blend"] is True
+    assert Settings(blend=True).scan_config().blend and not Settings().scan_config().blend
+
+
 def _cost_record(model, k, flagged, queries, statuses):
     return {"record": {"model": model, "num_classes": k, "flagged": flagged, "complete": True,
                        "queries": {"scan": queries, "scan_per_class": queries / k}, "statuses": statuses}}

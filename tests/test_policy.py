@@ -182,9 +182,10 @@ def test_accept_when_complete_and_nothing_fires():
     z_population = (rule.population_mean - math.log(36.0 / 1024)) / rule.population_scale
     z = (1 - rule.population_weight) * 1.65 + rule.population_weight * z_population
     p_model = 1 - (1 - 0.5 * math.erfc(z / math.sqrt(2))) ** 5
-    assert d.reasons[0] == (f"no class flagged among 5: the most suspicious is class 2 (L1 36.0 is 0.88x the median "
-                            f"41.0 and 3.5% of the image, z {z:#.3g} in log L1 (against the other classes 1.65, against "
-                            f"clean models' classes {z_population:#.3g}), p-value {p_model:.2g} per model)")
+    assert d.reasons[0] == (f"no class flagged among 5: the most suspicious is class 2 (L1 36.0 is 0.88x the "
+                            f"median 41.0 and 3.5% of the image, z {z:#.3g} in log L1 (against the other classes "
+                            f"1.65, against clean models' classes {z_population:#.3g}), p-value {p_model:.2g} per "
+                            f"model)")
     assert d.model_p_value == pytest.approx(p_model, rel=0.01) and d.to_dict()["backdoor_score"] == 1 - d.model_p_value
 
 
