@@ -109,6 +109,7 @@ class Model:
     asr: tuple[float, ...]
     pixels: int = ZOO_PIXELS  # the input's height x width
     blend: np.ndarray | None = None  # per-class blend amplitudes, from a scan with the blend mode (--blend-records)
+    blend_l1: np.ndarray | None = None  # that scan's own patch L1 norms (the searches share the budget: not ``l1``)
 
 
 def load_records(dirs) -> list[Model]:
@@ -131,10 +132,14 @@ def load_records(dirs) -> list[Model]:
 
 
 def with_blend(models: list[Model], blend_models: list[Model]) -> list[Model]:
-    """``models`` with the blend amplitudes of the same model and method's blend-mode scan, where there is one.
-    The patch L1 norms stay those of ``models`` (the patch-only scan), so the patch rows do not move."""
-    amplitudes = {(b.name, b.method): b.blend for b in blend_models if b.blend is not None}
-    return [replace(m, blend=amplitudes.get((m.name, m.method), m.blend)) for m in models]
+    """``models`` with the same model and method's blend-mode scan (its blend amplitudes and its own patch L1
+    norms), where there is one. ``l1`` stays that of the patch-only scan: the fit and the patch rows do not move."""
+    scans = {(b.name, b.method): b for b in blend_models if b.blend is not None}
+    out = []
+    for m in models:
+        b = scans.get((m.name, m.method))
+        out.append(m if b is None else replace(m, blend=b.blend, blend_l1=b.l1))
+    return out
 
 
 def attack_took(m: Model, min_asr: float) -> bool:
@@ -161,12 +166,13 @@ class Judged:
 
 
 def judge(m: Model, rule: OutlierRule, blend: bool = False) -> Judged:
-    """The rule on the model's patch L1 norms; with ``blend`` (and the model's blend amplitudes) the gate's
-    decision with the blend mode: a class is flagged when either mode flags it, the score the larger one."""
-    out = find_outliers(m.l1, rule, pixels=m.pixels)
+    """The rule on the model's patch L1 norms; with ``blend`` (and the model's blend-mode scan) the gate's
+    decision on that scan: a class is flagged when either mode flags it, the score the larger one."""
+    with_blend = blend and m.blend is not None
+    out = find_outliers(m.blend_l1 if with_blend and m.blend_l1 is not None else m.l1, rule, pixels=m.pixels)
     score = out.backdoor_score if rule.method == "calibrated" else float(np.max(out.anomaly_index))
     flagged = set(int(c) for c in np.flatnonzero(out.flagged))
-    if blend and m.blend is not None:
+    if with_blend:
         b = blend_outliers(m.blend, rule)
         flagged |= set(int(c) for c in np.flatnonzero(b.flagged))
         score = max(score, b.backdoor_score if rule.method == "calibrated" else float(np.max(b.anomaly_index)))
@@ -316,7 +322,8 @@ def blend_rows(ms: list[Model], judged: list[Judged], folds: int, target_fpr: fl
     data["cv_blend_models_patch"], data["cv_blend_models_with_blend"] = summary(patch), summary(both)
     data["per_model_with_blend"] = [{"model": j.model.name, "flagged": list(j.flagged), "score": j.score,
                                      "targets": list(j.model.targets)} for j in both]
-    return ["", f"The {len(both)} models also scanned with the blend mode (--blend-records), same fold rules:", "",
+    return ["", f"The {len(both)} models also scanned with the blend mode (--blend-records), same fold rules: the "
+            "patch-only scan, and the --blend scan (its own patch L1 norms and its blend amplitudes):", "",
             *table([("patch only (CV)", summary(patch)), ("patch + blend (CV)", summary(both))], "rule")]
 
 

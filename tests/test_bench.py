@@ -308,7 +308,8 @@ def test_blend_records_add_the_blend_modes_flags_with_the_same_fold_rules(tmp_pa
     blend_scans = [replace(m, blend=np.where(np.arange(10) == 3, 0.004, rng.permutation(natural))
                            if m.attack == "blended" else rng.permutation(natural)) for m in models]
     both = verdicts.with_blend(models, blend_scans)
-    assert all(b.blend is not None and np.array_equal(b.l1, m.l1) for b, m in zip(both, models, strict=True))
+    assert all(b.blend is not None and np.array_equal(b.l1, m.l1) and np.array_equal(b.blend_l1, m.l1)
+               for b, m in zip(both, models, strict=True))
     text, data = verdicts.report(both, 2, 0.05, 0.9, 0)
     patch, with_blend = data["b3d"]["cv_blend_models_patch"], data["b3d"]["cv_blend_models_with_blend"]
     assert patch["target_found"] == (4, 8) and with_blend["target_found"] == (8, 8)  # the 4 blended: blend only
