@@ -56,6 +56,13 @@ def _metric(out: Path, outcome: str) -> float:
     raise AssertionError(f"no decision metric for {outcome}")
 
 
+def _sigint_default() -> None:
+    """In the child: SIGINT back to its default, so Python installs its KeyboardInterrupt handler. A test run
+    started in the background by a non-interactive shell (``make test &``) inherits SIGINT ignored, and an
+    ignored SIGINT stays ignored across exec: the scan would run on."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupted_run_leaves_fail_closed_reports_not_the_earlier_accept(tiny, tmp_path, capsys, sig):
@@ -65,7 +72,7 @@ def test_an_interrupted_run_leaves_fail_closed_reports_not_the_earlier_accept(ti
     proc = subprocess.Popen([sys.executable, "-m", "gate.cli", "run", str(DEMO / "gtsrb_badnets3x3.onnx"),
                              "--policy", str(ROOT / "policies" / "default.yaml"), "--out", str(out),
                              "--data", str(DEMO / "gtsrb_sample.npz")], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default)
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
