@@ -264,15 +264,14 @@ def find_outliers(l1, rule: OutlierRule = OutlierRule(), floor: float = L1_FLOOR
         flagged = ((l1 < median) & (index > rule.anomaly_threshold)) | (l1 < rule.median_ratio * median)
         return Outliers("mad", median, mad, index, np.full(len(l1), np.nan), flagged)
     within = leave_one_out_z(l1, rule.scale_floor, floor, reference)
-    if rule.population_weight == 0:
-        q = corrected_p(normal_upper_tail(within), len(l1))
-        return Outliers("calibrated", median, mad, within, q, q <= rule.alpha)
-    if pixels is None:
-        raise ValueError("the population test (outliers.population_weight > 0) needs the input's pixel count")
-    pop = population_z(l1, pixels, rule, floor)
+    pop = None
+    if rule.population_weight > 0:
+        if pixels is None:
+            raise ValueError("the population test (outliers.population_weight > 0) needs the input's pixel count")
+        pop = population_z(l1, pixels, rule, floor)
     z = combine_z(within, pop, rule.population_weight)
     q = corrected_p(normal_upper_tail(z), len(l1))
-    return Outliers("calibrated", median, mad, z, q, q <= rule.alpha, within, pop)
+    return Outliers("calibrated", median, mad, z, q, q <= rule.alpha, None if pop is None else within, pop)
 
 
 def outlier_summary(rule: OutlierRule, out: Outliers) -> dict:
