@@ -179,7 +179,21 @@ def base_record(man: dict, method: str) -> dict:
             "attack": man.get("attack"), "arch": man.get("arch"), "width": man.get("width"),
             "num_classes": man.get("num_classes"), "backdoored": bool(man.get("backdoored", man.get("triggers"))),
             "targets": zoo.targets(man), "true_asr": man.get("asr", []),
-            "clean_accuracy_manifest": man.get("clean_accuracy"), "method": method}
+            "clean_accuracy_manifest": man.get("clean_accuracy"), "method": method, "cpu": cpu_description()}
+
+
+def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU model and the SIMD sets that choose onnxruntime's and numba's float kernels. A scan is bit for bit
+    reproducible on one machine (threads, batch make-up and the blend mode do not move its L1 norms), not across
+    CPUs: the search's trajectory amplifies last-bit differences (bench/RESULTS.md, "Scan L1s across machines")."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return platform.processor() or "?"
+    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "?")
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
+    return f"{name} ({' '.join(simd) or 'no avx2'})"
 
 
 def finish_record(rec: dict, man: dict, l1, anomaly, flagged, masks, patterns, oracle, data, eval_pred,
@@ -493,7 +507,7 @@ def environment(threads: int) -> dict:
 
     env = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
            "threads": threads, "onnxruntime": onnxruntime.__version__, "gate": gate.__version__,
-           "numpy": np.__version__}
+           "numpy": np.__version__, "cpu": cpu_description()}
     try:
         import torch
 

@@ -109,7 +109,7 @@ class Model:
     asr: tuple[float, ...]
     pixels: int = ZOO_PIXELS  # the input's height x width
     blend: np.ndarray | None = None  # per-class blend amplitudes, from a scan with the blend mode (--blend-records)
-    blend_l1: np.ndarray | None = None  # that scan's own patch L1 norms (the searches share the budget: not ``l1``)
+    blend_l1: np.ndarray | None = None  # that scan's own patch L1 norms (another machine's: need not be ``l1``)
 
 
 def load_records(dirs) -> list[Model]:

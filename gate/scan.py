@@ -26,9 +26,9 @@ searches are two runs of the same rounds (the arrays hold a slot per run, a mode
 query budget and its held-out reserve cover both, and each blend trigger is measured on the held-out
 images too. The blend amplitudes get the outlier rule of their own (:func:`gate.blend.blend_outliers`); a
 class is flagged when either mode flags it (``ClassResult.patch_flagged`` / ``blend_flagged`` say which).
-The patch searches draw from the same random streams as without the blend mode, yet their L1s are not
-those of a patch-only scan (equal on 2 of 10 wide-zoo models, up to 4.7x apart for a class on others): compare
-verdicts, not L1s, across the two.
+The patch searches draw from the same random streams as without the blend mode, so on one machine their L1s
+are those of a patch-only scan bit for bit (measured). Across machines they are not: the search amplifies the
+last-bit differences of another CPU's float kernels (bench/RESULTS.md, "Scan L1s across machines").
 """
 
 from __future__ import annotations

@@ -360,3 +360,15 @@ def test_cost_pairs_models_and_counts_verdicts_and_queries(tmp_path):
     assert totals["by_classes"][43]["per_class_screened"] == pytest.approx(50_000)
     text = cost.table(rows, totals)
     assert "| m43 | 43 | [29] | [29, 3] | **no** |" in text and "12 / 31" in text
+
+
+def test_cpu_description_names_the_model_and_its_simd_sets(tmp_path):
+    from bench.compare import cpu_description
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu sse2 avx2 fma avx512f\n"
+                    "processor\t: 1\nmodel name\t: Test CPU 9000\nflags\t\t: fpu sse2 avx2 fma avx512f\n")
+    assert cpu_description(info) == "Test CPU 9000 (avx2 fma avx512f)"
+    info.write_text("model name\t: Old CPU\nflags\t\t: fpu sse2\n")
+    assert cpu_description(info) == "Old CPU (no avx2)"
+    assert isinstance(cpu_description(tmp_path / "missing"), str)
