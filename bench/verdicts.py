@@ -26,7 +26,9 @@ clean: nothing flagged), false-positive rate (clean models with a flag), TPR (ba
 true target found (backdoored models with a true target flagged), extra flagged classes per model (flags on
 classes that are not true targets; the interval is the Wilson interval of "a model has any extra flag"), and
 the ROC-AUC of the per-model backdoor score (1 - the model's p-value; interval: Hanley & McNeil's standard
-error). Split by attack and by architecture.
+error). Split by attack and by architecture. Where more than one method has records, a last table puts them
+side by side on the models every method scanned (:func:`same_models_rows`): false positives on the same clean
+models, as the paper compares B3D with Neural Cleanse.
 """
 
 from __future__ import annotations
@@ -327,16 +329,38 @@ def blend_rows(ms: list[Model], judged: list[Judged], folds: int, target_fpr: fl
             *table([("patch only (CV)", summary(patch)), ("patch + blend (CV)", summary(both))], "rule")]
 
 
+def same_models_rows(by_method: dict[str, tuple[list[Judged], list[Judged]]], data: dict) -> list[str]:
+    """Every method on the models that all of them scanned (each judged by its own cross-validated rule and by
+    the paper's MAD rule): the side-by-side comparison, false positives on the same clean models included."""
+    if len(by_method) < 2:
+        return []
+    common = set.intersection(*({j.model.name for j in judged} for judged, _ in by_method.values()))
+    if not common:
+        return []
+    rows, data["same_models"] = [], {"models": sorted(common)}
+    for method, (judged, mad) in by_method.items():
+        for label, js in (("calibrated (CV)", judged), ("MAD (paper rule)", mad)):
+            summ = summary([j for j in js if j.model.name in common])
+            rows.append((f"{TITLES[method]} {label}", summ))
+            data["same_models"][f"{method} {label}"] = summ
+    n_clean = sum(not j.model.backdoored for j in next(iter(by_method.values()))[0] if j.model.name in common)
+    return ["", f"### Side by side on the {len(common)} models every method scanned ({n_clean} clean)", "",
+            "Each method's cross-validated rule is the one fitted on its own records (folds as above); the MAD rows "
+            "need no fit.", "", *table(rows, "method, rule")]
+
+
 def report(models: list[Model], folds: int, target_fpr: float, min_asr: float, seed: int) -> tuple[str, dict]:
     lines, data = [], {}
     failed = [m for m in models if not attack_took(m, min_asr)]
     usable = [m for m in models if attack_took(m, min_asr)]
+    by_method: dict[str, tuple[list[Judged], list[Judged]]] = {}
     for method in [m for m in TITLES if any(x.method == m for x in usable)]:
         ms = [m for m in usable if m.method == method]
         judged, rules = cross_validate(ms, folds, target_fpr, seed)
         within, _ = cross_validate(ms, folds, target_fpr, seed, weights=(0.0,))  # the rule before the population test
         final = fit(ms, target_fpr)
         mad = [judge(m, OutlierRule(method="mad")) for m in ms]
+        by_method[method] = (judged, mad)
         title = TITLES[method]
         data[method] = {"final_rule": final.to_dict(), "fold_rules": [r.to_dict() for r in rules],
                         "cv": summary(judged), "cv_within_model_only": summary(within), "mad": summary(mad),
@@ -365,6 +389,7 @@ def report(models: list[Model], folds: int, target_fpr: float, min_asr: float, s
             groups = sorted({getattr(j.model, key) for j in judged})
             rows = [(g, summary([j for j in judged if getattr(j.model, key) == g])) for g in groups]
             lines += ["", f"{title}, calibrated (CV), by {label}:", ""] + table(rows, label)
+    lines += same_models_rows(by_method, data)
     if failed:
         lines += ["", "Not counted, the attack did not take (true ASR below "
                   f"{min_asr:.0%}): " + ", ".join(f"{m.name} ({m.method}, ASR {min(m.asr) if m.asr else 0:.2f})"

@@ -372,3 +372,27 @@ def test_cpu_description_names_the_model_and_its_simd_sets(tmp_path):
     info.write_text("model name\t: Old CPU\nflags\t\t: fpu sse2\n")
     assert cpu_description(info) == "Old CPU (no avx2)"
     assert isinstance(cpu_description(tmp_path / "missing"), str)
+
+
+def test_methods_side_by_side_on_the_models_all_of_them_scanned():
+    from dataclasses import replace
+
+    from bench import verdicts
+
+    b3d = _fake_models(8, 8)
+    # NC scanned only 12 of the 16 models, and its clean models carry one small natural trigger each (MAD flags it)
+    nc = []
+    for m in b3d[2:14]:
+        l1 = m.l1.copy()
+        if not m.backdoored:
+            l1[5] = l1.min() / 3
+        nc.append(replace(m, method="nc", l1=l1))
+    text, data = verdicts.report(b3d + nc, 2, 0.05, 0.9, 0)
+    same = data["same_models"]
+    assert same["models"] == sorted(m.name for m in nc)
+    assert "Side by side on the 12 models every method scanned (6 clean)" in text
+    for key in ("b3d calibrated (CV)", "b3d MAD (paper rule)", "nc calibrated (CV)", "nc MAD (paper rule)"):
+        assert same[key]["models"] == 12 and same[key]["clean"] == 6
+    assert same["nc MAD (paper rule)"]["fpr"] == (6, 6)  # every NC clean model's small natural class
+    text_one, data_one = verdicts.report(b3d, 2, 0.05, 0.9, 0)
+    assert "same_models" not in data_one and "Side by side" not in text_one
