@@ -343,8 +343,7 @@ def same_models_rows(by_method: dict[str, tuple[list[Judged], list[Judged]]], da
             summ = summary([j for j in js if j.model.name in common])
             rows.append((f"{TITLES[method]} {label}", summ))
             data["same_models"][f"{method} {label}"] = summ
-    n_clean = sum(not j.model.backdoored for j in next(iter(by_method.values()))[0] if j.model.name in common)
-    return ["", f"### Side by side on the {len(common)} models every method scanned ({n_clean} clean)", "",
+    return ["", f"### Side by side on the {len(common)} models every method scanned ({summ['clean']} clean)", "",
             "Each method's cross-validated rule is the one fitted on its own records (folds as above); the MAD rows "
             "need no fit.", "", *table(rows, "method, rule")]
 
