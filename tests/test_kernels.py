@@ -190,6 +190,24 @@ def test_stamp_classes_matches_reference(channels_first, cell):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cell", [1, 2])
+def test_stamp_classes_writes_the_same_values_in_either_layout(cell):
+    """The channels-first path loops channel by channel, the channels-last path pixel by pixel: the values they
+    write are the same bit for bit (a scan's result must not depend on the model's layout)."""
+    from gate.kernels import stamp_classes
+
+    a = classes_case(cell=cell)
+    args = [a[key] for key in ("pool", "classes", "sample_idx", "eval_idx", "masks", "patterns", "rows", "cols",
+                               "scale", "offset")]
+    ref = stamp_classes_reference(**a, channels_first=False)
+    last = np.full(ref.shape, np.nan, np.float32)
+    first = np.full((ref.shape[0], ref.shape[3], ref.shape[1], ref.shape[2]), np.nan, np.float32)
+    stamp_classes(*args, False, last)
+    stamp_classes(*args, True, first)
+    assert np.isfinite(last).all()
+    np.testing.assert_array_equal(first, last.transpose(0, 3, 1, 2))
+
+
 def test_a_grid_trigger_stamps_as_its_upsampled_trigger():
     """The kernel reading the grid gives the bytes the full-resolution trigger gives (not only close)."""
     from gate.grid import Grid
