@@ -1,0 +1,74 @@
+"""bench.screen_replay: a screening schedule replayed on a traced scan is the screened scan itself."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from bench.screen_replay import l1_at, replay, top_probs, trace_scan, unscreened_flags
+from gate.data import ImageSet
+from gate.oracle import Oracle
+from gate.outliers import OutlierRule
+from gate.scan import ScanConfig, ScanEngine
+from gate.screening import SCREENED_OUT, ScreeningParams
+from gate.search import SearchParams
+from tests.helpers import linear_model
+
+CFG = ScanConfig(search=SearchParams(k=8, batch_size=2, eval_size=4, max_steps=150, early_stop_patience=5),
+                 max_images=80, held_out=10)
+SCHEDULES = [ScreeningParams(steps=6, reference_min=5, reference_fraction=0.0),
+             ScreeningParams(steps=3, reference_min=3, reference_fraction=0.0, margin=0.0),
+             ScreeningParams(steps=12, reference_min=8, reference_fraction=0.0, margin=1.0)]
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory):
+    path = tmp_path_factory.mktemp("replay") / "linear20.onnx"
+    linear_model(path, size=6, classes=20, seed=4, softmax=True)
+    images = ImageSet(np.random.default_rng(1).random((80, 6, 6, 3), dtype=np.float32), None, "uniform noise")
+    return path, images, trace_scan(Oracle(path, threads=1), images, CFG)
+
+
+def test_the_trace_is_the_plain_scan(traced):
+    path, images, trace = traced
+    plain = ScanEngine(Oracle(path, threads=1), images, CFG).run().result
+    assert [c["l1"] for c in trace["classes"]] == [c.l1 for c in plain.classes]
+    assert [l1_at(c["path"], c["steps"]) for c in trace["classes"]] == [c.l1 for c in plain.classes]
+    assert trace["queries"] == plain.queries["scan"] and trace["flagged"] == plain.flagged
+    assert unscreened_flags(trace, CFG.outliers) == plain.flagged
+
+
+@pytest.mark.parametrize("params", SCHEDULES)
+@pytest.mark.parametrize("seed", [0, 3])
+def test_a_replayed_schedule_gives_the_screened_scan(traced, params, seed):
+    """Flags, queries, steps and every class's reported L1: the replay and a real screened scan agree exactly."""
+    path, images, trace = traced
+    cfg = dataclasses.replace(CFG, screening=True, screening_params=params, seed=seed)
+    if seed:  # the class streams come from the seed too: trace that seed's plain scan
+        trace = trace_scan(Oracle(path, threads=1), images, dataclasses.replace(CFG, seed=seed))
+    real = ScanEngine(Oracle(path, threads=1), images, cfg).run().result
+    got = replay(trace, params, cfg.outliers, seed)
+    assert got["flagged"] == real.flagged
+    assert got["queries"] == real.queries["scan"]
+    assert got["steps"] == [c.steps for c in real.classes]
+    assert got["screened_out"] == sum(c.status == SCREENED_OUT for c in real.classes)
+    assert [l1_at(c["path"], s) for c, s in zip(trace["classes"], got["steps"], strict=True)] == \
+        [c.l1 for c in real.classes]
+
+
+def test_every_class_in_the_reference_is_the_plain_scan(traced):
+    _, _, trace = traced
+    got = replay(trace, ScreeningParams(reference_min=20), OutlierRule(), 0)
+    assert got["flagged"] == trace["flagged"] and got["queries"] == trace["queries"] and got["screened_out"] == 0
+
+
+def test_a_path_gives_the_l1_after_any_step():
+    path = [[0, 1024.0], [3, 500.0], [7, 80.0]]
+    assert [l1_at(path, s) for s in (0, 2, 3, 6, 7, 100)] == [1024.0, 1024.0, 500.0, 500.0, 80.0, 80.0]
+
+
+def test_stand_in_probabilities_keep_the_top_label_order():
+    top = [[2, 0, 1], [1, 2, 0]]
+    assert np.argsort(-top_probs(top, 4), axis=1)[:, :3].tolist() == top
