@@ -118,9 +118,27 @@ def run_traces(names, zoo_dir, datasets_dir, out: Path, resume: bool, threads: i
 
 # --------------------------------------------------------------------------- replay
 def l1_at(path: list, step: int) -> float:
-    """A class's L1 after ``step`` steps, from its path of (step, L1) changes."""
+    """A class's L1 after ``step`` steps, from its path of (step, L1) changes.
+
+    >>> l1_at([[0, 1024.0], [3, 500.0], [7, 80.0]], 5)
+    500.0
+    """
     steps = [s for s, _ in path]
     return float(path[int(np.searchsorted(steps, step, side="right")) - 1][1])
+
+
+class Paths:
+    """Every class's path as arrays: the L1 of class c after step s, for many (c, s) at once."""
+
+    def __init__(self, classes: list[dict]) -> None:
+        self.steps = [np.array([s for s, _ in c["path"]], np.int64) for c in classes]
+        self.values = [np.array([v for _, v in c["path"]], np.float64) for c in classes]
+
+    def at(self, c: int, step: int) -> float:
+        return float(self.values[c][np.searchsorted(self.steps[c], step, side="right") - 1])
+
+    def all_at(self, steps) -> np.ndarray:
+        return np.array([self.at(c, int(s)) for c, s in enumerate(steps)])
 
 
 def top_probs(top: list, k: int) -> np.ndarray:
@@ -140,12 +158,13 @@ def replay(trace: dict, params: ScreeningParams, rule: OutlierRule, seed: int) -
         raise ValueError(f"traces keep the top {TOP} labels; screening.topk {params.topk} needs more")
     sc = Screening.start(k, params, rule, seed, top_probs(trace["top"], k), pixels=pixels)
     last = np.array([c["steps"] for c in classes])
+    paths = Paths(classes)
     step = np.zeros(k, np.int64)
     done = np.zeros(k, bool)
     out = np.zeros(k, bool)  # screened out
 
     def screen() -> None:
-        l1 = np.array([l1_at(c["path"], s) for c, s in zip(classes, step, strict=True)])
+        l1 = paths.all_at(step)
         converged = done & ~out & np.array([c["status"] == "converged" for c in classes])
         stop, _ = sc.decide(l1, converged)
         done[stop] = True
@@ -162,12 +181,12 @@ def replay(trace: dict, params: ScreeningParams, rule: OutlierRule, seed: int) -
             step[active] += 1
             done[active] = step[active] >= last[active]
             for c in active:
-                sc.observe(int(c), int(step[c]), l1_at(classes[c]["path"], int(step[c])), bool(done[c]))
+                sc.observe(int(c), int(step[c]), paths.at(c, int(step[c])), bool(done[c]))
             if sc.ready(done):
                 screen()
     else:
         step = last.copy()
-    l1 = np.array([l1_at(c["path"], s) for c, s in zip(classes, step, strict=True)])
+    l1 = paths.all_at(step)
     found = find_outliers(l1, rule, reference=sc.reference if sc.active else None, pixels=pixels)
     queries = trace["clean_queries"] + int(step.sum()) * trace["rows_per_step"] + k * trace["held_out"]
     return {"flagged": np.flatnonzero(found.flagged).tolist(), "queries": queries, "screened_out": int(out.sum()),

@@ -11,6 +11,10 @@ layout and value range (``scale[c]*v + offset[c]``), ready for ``InferenceSessio
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -40,6 +44,25 @@ def round_source(rem, n, b, cls, sample_idx, eval_idx):
 _blend = njit(inline="always", fastmath=True)(blend)
 _round_rows = njit(inline="always")(round_rows)
 _round_source = njit(inline="always")(round_source)
+
+
+@contextmanager
+def stamping_threads(n: int | None) -> Iterator[None]:
+    """The parallel kernels below use at most ``n`` threads while inside (None: numba's setting as it is).
+
+    A scan on a CPU model stamps the next group while onnxruntime answers the last on the same cores: two
+    stamping threads beside ORT's own oversubscribe them. The kernels have no reductions, so the values they
+    write do not depend on the thread count. numba's setting is per calling thread; it is restored on exit.
+    """
+    if n is None:
+        yield
+        return
+    before = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
 
 
 def stamp(images: np.ndarray, masks: np.ndarray, patterns: np.ndarray) -> np.ndarray:

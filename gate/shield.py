@@ -25,12 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numba
 import numpy as np
 
 from gate.decision import RULE_SMALL_TRIGGER
 from gate.errors import GateError
-from gate.kernels import stamp_encode
+from gate.kernels import stamp_encode, stamping_threads
 from gate.oracle import file_sha256, softmax
 from gate.result import Triggers, read_report
 from gate.spec import InputSpec
@@ -118,14 +117,9 @@ class Shield:
         if self.active:
             x = batch.transpose(0, 2, 3, 1) if self.spec.channels_first else batch
             x = np.ascontiguousarray(x, dtype=np.float32)
-            threads = numba.get_num_threads()
-            if rows <= SERIAL_ROWS:
-                numba.set_num_threads(1)  # thread-local: other threads keep their setting
-            try:
+            with stamping_threads(1 if rows <= SERIAL_ROWS else None):  # thread-local: others keep theirs
                 stamp_encode(x, self.masks, self.patterns, self._one, self._zero, self.spec.channels_first,
                              out[n:])
-            finally:
-                numba.set_num_threads(threads)
         return out
 
     def score(self, raw: np.ndarray, n: int) -> Scored:

@@ -223,3 +223,21 @@ def test_a_grid_trigger_stamps_as_its_upsampled_trigger():
     stamp_classes(*(a[k] for k in keys), False, out_grid)
     stamp_classes(*(full[k] for k in keys), False, out_full)
     np.testing.assert_array_equal(out_grid, out_full)
+
+
+def test_stamping_threads_sets_numba_inside_and_restores_it_after():
+    import numba
+
+    from gate.kernels import stamping_threads
+
+    before = numba.get_num_threads()
+    with stamping_threads(1):
+        assert numba.get_num_threads() == 1
+    assert numba.get_num_threads() == before
+    with pytest.raises(RuntimeError), stamping_threads(1):
+        raise RuntimeError("a failing round")
+    assert numba.get_num_threads() == before
+    with stamping_threads(None):
+        assert numba.get_num_threads() == before
+    with stamping_threads(10_000):  # never above numba's pool
+        assert numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
