@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from bench import zoo
 from bench.compare import RESULTS_MD, Settings, cpu_description, write_results_section
@@ -53,9 +54,20 @@ MARGINS = (0.5,)
 
 
 # --------------------------------------------------------------------------- tracing
-def trace_fingerprint(settings: Settings) -> dict:
-    cfg = settings.scan_config()
+def trace_fingerprint(settings: Settings, policy: Policy) -> dict:
+    cfg = policy.scan_config()
     return {"settings": settings.to_dict(), "scan": {**cfg.search.to_dict(), **cfg.to_dict()}}
+
+
+def parse_changes(items: list[str]) -> dict:
+    """``["search.lambda_init=0.01", ...]`` as policy overrides (values read as YAML: numbers, booleans)."""
+    changes = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set takes FIELD=VALUE (e.g. search.lambda_init=0.01), got {item!r}")
+        changes[key.strip()] = yaml.safe_load(value)
+    return changes
 
 
 def trace_scan(oracle, images, cfg: ScanConfig, policy: Policy | None = None) -> dict:
@@ -88,10 +100,11 @@ def trace_scan(oracle, images, cfg: ScanConfig, policy: Policy | None = None) ->
     }
 
 
-def run_traces(names, zoo_dir, datasets_dir, out: Path, resume: bool, threads: int, say) -> None:
+def run_traces(names, zoo_dir, datasets_dir, out: Path, resume: bool, threads: int, say,
+               changes: dict | None = None) -> None:
     settings = Settings()
-    policy = settings.policy("b3d")
-    fp = trace_fingerprint(settings)
+    policy = settings.policy("b3d").override(changes or {})
+    fp = trace_fingerprint(settings, policy)
     data_cache: dict = {}
     for name in names:
         path = out / "traces" / f"{name}.json"
@@ -287,6 +300,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     tr.add_argument("--datasets-dir", type=Path, default=zoo.DATASETS_DIR)
     tr.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: library default)")
     tr.add_argument("--resume", action="store_true", help="keep traces made with the same scan settings")
+    tr.add_argument("--set", dest="changes", nargs="+", default=[], metavar="FIELD=VALUE",
+                    help="policy fields to change from the default (e.g. search.lambda_init=0.01): a search to try")
     tb = sub.add_parser("table", help="replay every schedule on every trace")
     tb.add_argument("--models", nargs="+", metavar="NAME", help="only these traces")
     tb.add_argument("--seeds", type=int, default=20, help="reference draws per trace (seeds 0..N-1)")
@@ -316,7 +331,8 @@ def main(argv=None) -> int:
         if missing and args.models:
             print(f"error: not in {zoo_dir}: {', '.join(missing)}", file=sys.stderr)
             return 2
-        run_traces(names, zoo_dir, args.datasets_dir, args.out, args.resume, args.threads, say)
+        run_traces(names, zoo_dir, args.datasets_dir, args.out, args.resume, args.threads, say,
+                   parse_changes(args.changes))
         return 0
     traces = load_traces(args.out, args.models)
     if not traces:
