@@ -224,43 +224,94 @@ def schedules(steps=STEPS, reference_min=REFERENCE_MIN, margins=MARGINS) -> list
     return out
 
 
-def evaluate(traces: list[dict], params: ScreeningParams, rule: OutlierRule, seeds: range) -> dict:
-    """One schedule over every trace and reference draw: agreement, misses, false flags and cost."""
-    runs = same = lost = false = 0
-    queries = plain = classes = 0
-    worst: list[str] = []
-    for t in traces:
-        base = unscreened_flags(t, rule)
-        for seed in seeds:
-            r = replay(t, params, rule, seed)
-            runs += 1
-            same += r["flagged"] == base
-            if t["backdoored"] and set(base) & set(t["targets"]) and not set(r["flagged"]) & set(t["targets"]):
-                lost += 1
-                worst.append(f"{t['model']}@{seed}")
-            false += (not t["backdoored"]) and bool(r["flagged"])
-            queries += r["queries"]
-            plain += t["queries"]
-            classes += t["num_classes"]
-    return {"params": params.to_dict(), "runs": runs, "same": same, "target_lost": lost, "clean_flagged": false,
-            "per_class": queries / classes, "per_class_unscreened": plain / classes, "lost_at": worst[:5]}
+COUNTS = ("runs", "same", "target_lost", "clean_flagged", "queries", "queries_unscreened", "classes")
 
 
-def table(rows: list[dict], traces: list[dict], seeds: range, rule: OutlierRule) -> str:
-    models = ", ".join(f"{t['model']} ({t['num_classes']} classes)" for t in traces)
+def tally(trace: dict, params: ScreeningParams, rule: OutlierRule, seeds: range) -> dict:
+    """One schedule on one trace over ``seeds`` reference draws: how often its flags equal the unscreened
+    scan's, true targets the unscreened scan flags and the screened one loses, clean models flagged, queries."""
+    base = unscreened_flags(trace, rule)
+    targets = set(trace["targets"])
+    out = dict.fromkeys(COUNTS, 0) | {"lost_at": []}
+    for seed in seeds:
+        r = replay(trace, params, rule, seed)
+        out["runs"] += 1
+        out["same"] += r["flagged"] == base
+        if trace["backdoored"] and set(base) & targets and not set(r["flagged"]) & targets:
+            out["target_lost"] += 1
+            out["lost_at"].append(f"{trace['model']}@{seed}")
+        out["clean_flagged"] += (not trace["backdoored"]) and bool(r["flagged"])
+        out["queries"] += r["queries"]
+        out["queries_unscreened"] += trace["queries"]
+        out["classes"] += trace["num_classes"]
+    return out
+
+
+def total(tallies: list[dict], params: ScreeningParams) -> dict:
+    """Tallies of one schedule summed over traces, with the queries per class."""
+    out = {key: sum(t[key] for t in tallies) for key in COUNTS}
+    return out | {"params": params.to_dict(), "lost_at": [x for t in tallies for x in t["lost_at"]][:5],
+                  "per_class": out["queries"] / out["classes"],
+                  "per_class_unscreened": out["queries_unscreened"] / out["classes"]}
+
+
+def cheapest_safe(totals: list[dict]) -> int:
+    """The schedule (index) with the most runs agreeing with the unscreened flags, the fewest queries among
+    those: how a schedule is chosen from traces."""
+    return min(range(len(totals)), key=lambda i: (totals[i]["runs"] - totals[i]["same"], totals[i]["per_class"]))
+
+
+def leave_one_out(grid: list[list[dict]], plans: list[ScreeningParams], traces: list[dict]) -> dict:
+    """Choose a schedule on every trace but one, judge it on that one; summed over the traces left out.
+    ``grid[i][j]``: the tally of schedule i on trace j."""
+    held = []
+    for j, t in enumerate(traces):
+        others = [total([row[m] for m in range(len(traces)) if m != j], p) for row, p in zip(grid, plans, strict=True)]
+        i = cheapest_safe(others)
+        held.append((t["model"], plans[i], grid[i][j]))
+    out = total([g for _, _, g in held], ScreeningParams())
+    out.pop("params")
+    return out | {"chosen": [(m, p.steps, p.reference_min, p.margin) for m, p, _ in held]}
+
+
+def per_trace(grid_row: list[dict], traces: list[dict], rule: OutlierRule) -> str:
+    """One schedule's tallies trace by trace (the table's first row, the policy's default, broken down)."""
+    head = ("| model | classes | true targets | unscreened flags | outcome | same flags | queries/class unscreened | "
+            "screened |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for t, g in zip(traces, grid_row, strict=True):
+        flags = unscreened_flags(t, rule) or "-"
+        lines.append(f"| {t['model']} | {t['num_classes']} | {t['targets'] or '-'} | {flags} | {t['outcome'] or '-'} | "
+                     f"{g['same']}/{g['runs']} | {t['queries'] / t['num_classes']:,.0f} | "
+                     f"{g['queries'] / g['classes']:,.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def table(rows: list[dict], traces: list[dict], seeds: range, rule: OutlierRule, cv: dict | None = None) -> str:
+    backdoored = sum(t["backdoored"] for t in traces)
+    models = ", ".join(f"{t['model']} ({t['num_classes']})" for t in traces)
     head = ("| screening steps | reference | margin | runs | same flags | true target lost | clean model flagged | "
             "queries/class | unscreened | ratio |")
-    lines = [f"Traces: {models}.", f"Reference draws per trace: {len(seeds)} (seeds {seeds.start}-{seeds.stop - 1}); "
-             f"outlier rule: {rule.method} (the policy's defaults).", "", head,
-             "|" + "---|" * (head.count("|") - 1)]
+    lines = [f"{len(traces)} traces ({backdoored} backdoored, {len(traces) - backdoored} clean; classes in brackets): "
+             f"{models}.", f"Reference draws per trace: {len(seeds)} (seeds {seeds.start}-{seeds.stop - 1}); outlier "
+             f"rule: {rule.method} (the policy's defaults). The first row is the policy's default schedule.", "",
+             head, "|" + "---|" * (head.count("|") - 1)]
     for row in rows:
         p = row["params"]
         ref = (f"max({p['reference_min']}, {p['reference_fraction']:g} K)" if p["reference_fraction"]
                else str(p["reference_min"]))
+        lost = f"{row['target_lost']}" + (f" (e.g. {', '.join(row['lost_at'][:2])})" if row["lost_at"] else "")
         lines.append(f"| {p['steps']} | {ref} | {p['margin']:g} | {row['runs']} | {row['same']}/{row['runs']} | "
-                     f"{row['target_lost']}{' (' + ', '.join(row['lost_at']) + ')' if row['lost_at'] else ''} | "
-                     f"{row['clean_flagged']} | {row['per_class']:,.0f} | {row['per_class_unscreened']:,.0f} | "
-                     f"{row['per_class_unscreened'] / row['per_class']:.2f}x |")
+                     f"{lost} | {row['clean_flagged']} | {row['per_class']:,.0f} | "
+                     f"{row['per_class_unscreened']:,.0f} | {row['per_class_unscreened'] / row['per_class']:.2f}x |")
+    if cv is not None:
+        chosen = "; ".join(f"{m}: {s} steps, reference {r}, margin {g:g}" for m, s, r, g in cv["chosen"])
+        lines += ["", f"Leave one model out (the schedule with the most agreeing runs, then the fewest queries, "
+                      f"chosen on the other traces and judged on the one left out): same flags {cv['same']}/"
+                      f"{cv['runs']}, true target lost {cv['target_lost']}, clean model flagged "
+                      f"{cv['clean_flagged']}, {cv['per_class']:,.0f} queries per class against "
+                      f"{cv['per_class_unscreened']:,.0f} unscreened "
+                      f"({cv['per_class_unscreened'] / cv['per_class']:.2f}x). Chosen: {chosen}."]
     return "\n".join(lines) + "\n"
 
 
@@ -343,10 +394,15 @@ def main(argv=None) -> int:
         print("\n".join(lines) or f"no screened record in {args.check} has a trace")
     rule = OutlierRule()
     seeds = range(args.seeds)
-    rows = [evaluate(traces, p, rule, seeds) for p in schedules(args.steps, args.reference_min, args.margins)]
-    text = table(rows, traces, seeds, rule)
+    plans = schedules(args.steps, args.reference_min, args.margins)
+    grid = [[tally(t, p, rule, seeds) for t in traces] for p in plans]
+    rows = [total(row, p) for row, p in zip(grid, plans, strict=True)]
+    cv = leave_one_out(grid, plans, traces) if len(traces) > 1 else None
+    text = table(rows, traces, seeds, rule, cv)
+    text += "\nThe default schedule, trace by trace:\n\n" + per_trace(grid[0], traces, rule)
     print(text)
-    write_json(args.out / "table.json", {"rows": rows, "models": [t["model"] for t in traces], "seeds": args.seeds})
+    write_json(args.out / "table.json", {"rows": rows, "leave_one_out": cv, "models": [t["model"] for t in traces],
+                                         "seeds": args.seeds})
     if args.record:
         command = "python -m bench.screen_replay " + " ".join(argv if argv is not None else sys.argv[1:])
         write_results_section(args.results_md, text, command.strip(), SECTION)

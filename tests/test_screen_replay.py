@@ -72,3 +72,21 @@ def test_a_path_gives_the_l1_after_any_step():
 def test_stand_in_probabilities_keep_the_top_label_order():
     top = [[2, 0, 1], [1, 2, 0]]
     assert np.argsort(-top_probs(top, 4), axis=1)[:, :3].tolist() == top
+
+
+def test_leave_one_out_chooses_on_the_other_traces_and_judges_on_the_one_left_out():
+    from bench.screen_replay import COUNTS, leave_one_out
+
+    def t(same, queries, runs=4):
+        return dict.fromkeys(COUNTS, 0) | {"runs": runs, "same": same, "queries": queries, "queries_unscreened": 1000,
+                                           "classes": 10, "lost_at": []}
+
+    plans = [ScreeningParams(steps=150), ScreeningParams(steps=60)]
+    traces = [{"model": "a"}, {"model": "b"}, {"model": "c"}]
+    # the short screen is cheaper and agrees on a and b, but not on c
+    grid = [[t(4, 500), t(4, 500), t(4, 500)], [t(4, 200), t(4, 200), t(1, 200)]]
+    cv = leave_one_out(grid, plans, traces)
+    # left out a or b: c's disagreement rules the short screen out; left out c: a and b choose it, and c shows why
+    assert [steps for _, steps, _, _ in cv["chosen"]] == [150, 150, 60]
+    assert cv["same"] == 4 + 4 + 1 and cv["runs"] == 12
+    assert cv["per_class"] == pytest.approx((500 + 500 + 200) / 30)
