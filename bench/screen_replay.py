@@ -3,21 +3,28 @@
     python -m bench.screen_replay trace --wide --datasets gtsrb --resume      # one unscreened scan per model
     python -m bench.screen_replay trace --zoo-dir models/demo --models gtsrb_badnets3x3 gtsrb_clean --resume
     python -m bench.screen_replay table [--seeds 20] [--record]               # every schedule, every trace
+    python -m bench.screen_replay trace ... --set search.lambda_init=0.03 --out DIR   # a changed search, traced
 
 Why a replay is exact: in a scan every class's search draws from its own random stream and onnxruntime's
 answers do not depend on which other images share a call (measured: bench/RESULTS.md, "Scan L1s across
 machines"), so a class's L1 after step s is the same whether the scan is screened or not (screening only
-decides *when a class stops*; the screened scans of the demo pair gave every converged class's L1 bit for bit).
+decides *when a class stops*).
 ``trace`` runs the default unscreened scan of each model and keeps, per class, the steps at which its L1 fell
 (its *path*), how its search ended, and the top labels of the clean search images (for the pre-screening).
 ``table`` then plays :class:`gate.screening.Screening` itself, round by round, over those paths: the reference
 draw, the waiting, the decision and the stops are the gate's own code, so a replayed schedule gives the flags
-and the query count the screened scan would give (checked by ``--check`` against a real screened scan).
+and the query count the screened scan would give (``table --check DIR`` replays the schedule and seed of each
+screened ``bench.compare --screening`` record in DIR beside it: on the backdoored demo the same flags, the same
+2,263,364 queries and every class's L1 bit for bit; tests/test_screen_replay.py checks it on three schedules).
 
 What ``table`` reports per schedule (screening steps, reference size, margin), over every trace and
 ``--seeds`` reference draws each: how often the screened flags equal the unscreened ones, backdoored models
 whose true target the unscreened scan flags and the screened one does not, clean models the screened scan
-flags, and the mean queries per class against the unscreened scan's.
+flags, and the mean queries per class against the unscreened scan's; then a leave-one-model-out choice of
+schedule (chosen on the other traces, judged on the one left out: a schedule's figures on the traces it was
+chosen on would flatter it), and the default schedule trace by trace. A trace also carries the unscreened
+scan's own verdict, so traces of a changed search (``--set``) measure that search on the zoo and every
+screening schedule for it at once.
 
 Traces live in ``OUT/traces/<model>.json`` (default bench/screen_replay); ``--resume`` keeps those made with
 the same scan settings.
@@ -122,7 +129,7 @@ def run_traces(names, zoo_dir, datasets_dir, out: Path, resume: bool, threads: i
         trace = trace_scan(oracle, data_cache[man["dataset"]].scan, cfg, policy)
         trace.update(model=name, dataset=man["dataset"], arch=man.get("arch"), attack=man.get("attack"),
                      backdoored=bool(man.get("backdoored", man.get("triggers"))), targets=zoo.targets(man),
-                     cpu=cpu_description())
+                     true_asr=man.get("asr", []), cpu=cpu_description())
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, json.dumps({"fingerprint": fp, "trace": trace}, separators=(",", ":")) + "\n")
         say(f"{name}: flagged {trace['flagged'] or 'none'} (true {trace['targets'] or 'none'}), "

@@ -115,10 +115,15 @@ class Model:
 
 
 def load_records(dirs) -> list[Model]:
+    """The scans in ``dirs``: ``bench.compare`` records, and ``bench.screen_replay`` traces (an unscreened B3D
+    scan each: the final L1 of every class), so a traced search can be calibrated and judged the same way."""
     out = []
     for d in dirs:
         for path in sorted(Path(d).glob("*.json")):
             doc = json.loads(path.read_text())
+            if isinstance(doc.get("trace"), dict):
+                out.append(trace_model(doc["trace"]))
+                continue
             rec = doc.get("record")
             if not rec or "l1_per_class" not in rec:
                 continue
@@ -131,6 +136,14 @@ def load_records(dirs) -> list[Model]:
                              None if rec.get("blend_amplitude_per_class") is None
                              else np.asarray(rec["blend_amplitude_per_class"], float)))
     return out
+
+
+def trace_model(t: dict) -> Model:
+    """A ``bench.screen_replay`` trace as a :class:`Model` (method b3d: the trace is the plain B3D scan)."""
+    return Model(t["model"], t["dataset"], "b3d", t.get("arch") or "small_cnn_v1", t.get("attack") or "clean",
+                 bool(t["backdoored"]), tuple(int(v) for v in t["targets"]),
+                 np.asarray([c["l1"] for c in t["classes"]], float), tuple(float(a) for a in t.get("true_asr") or ()),
+                 int(t["pixels"]))
 
 
 def with_blend(models: list[Model], blend_models: list[Model]) -> list[Model]:

@@ -90,3 +90,18 @@ def test_leave_one_out_chooses_on_the_other_traces_and_judges_on_the_one_left_ou
     assert [steps for _, steps, _, _ in cv["chosen"]] == [150, 150, 60]
     assert cv["same"] == 4 + 4 + 1 and cv["runs"] == 12
     assert cv["per_class"] == pytest.approx((500 + 500 + 200) / 30)
+
+
+def test_bench_verdicts_reads_a_trace_as_the_plain_scan(traced, tmp_path):
+    import json
+
+    from bench.verdicts import load_records
+
+    _, _, trace = traced
+    doc = {"fingerprint": {}, "trace": {**trace, "model": "linear20", "dataset": "gtsrb", "arch": "linear",
+                                        "attack": "badnets", "backdoored": True, "targets": [3], "true_asr": [0.97]}}
+    (tmp_path / "linear20.json").write_text(json.dumps(doc))
+    (model,) = load_records([tmp_path])
+    assert (model.name, model.method, model.backdoored, model.targets, model.asr) == ("linear20", "b3d", True, (3,),
+                                                                                      (0.97,))
+    assert model.l1.tolist() == [c["l1"] for c in trace["classes"]] and model.pixels == 36
