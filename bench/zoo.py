@@ -18,7 +18,7 @@ import numpy as np
 
 from gate.data import ImageSet, to_unit_float
 from gate.kernels import stamp
-from gate.oracle import Oracle
+from gate.oracle import Oracle, host_cores
 from gate.spec import SpecOverrides
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,8 +126,12 @@ def spec_overrides(man: dict) -> SpecOverrides:
         output_kind=s["output_kind"])
 
 
-def open_oracle(man: dict, threads: int = 0, max_batch: int = 4096) -> Oracle:
-    return Oracle(man["_onnx"], spec_overrides(man), device="cpu", max_batch=max_batch, threads=threads)
+def open_oracle(man: dict, threads: int = 0, max_batch: int = 4096, calls: int | None = None) -> Oracle:
+    """The model on the CPU as the gate's commands open it (one single-thread call per core); ``threads``
+    given: one call with that many onnxruntime threads, unless ``calls`` says otherwise."""
+    if calls is None:
+        calls = 1 if threads else host_cores()
+    return Oracle(man["_onnx"], spec_overrides(man), device="cpu", max_batch=max_batch, threads=threads, calls=calls)
 
 
 # --------------------------------------------------------------------------- torch (white-box baseline)

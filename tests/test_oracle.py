@@ -75,6 +75,21 @@ def test_max_batch_chunks_and_query_counter(tmp_path, images):
     assert o.queries == 10
 
 
+@pytest.mark.parametrize("batch", ["N", 3])
+@pytest.mark.parametrize("max_batch", [2, 4096])
+def test_concurrent_calls_answer_as_one_call(tmp_path, batch, max_batch):
+    """A batch split over concurrent single-thread calls: the same rows, in order, and the same count."""
+    path = tmp_path / "m.onnx"
+    linear_model(path, batch=batch, softmax=True, classes=7)
+    x = np.random.default_rng(3).random((11, 4, 4, 3), dtype=np.float32)
+    one = Oracle(path, SpecOverrides(output_kind="probs"), device="cpu", max_batch=max_batch)
+    many = Oracle(path, SpecOverrides(output_kind="probs"), device="cpu", max_batch=max_batch, calls=3)
+    np.testing.assert_allclose(many.probs(x), one.probs(x), rtol=1e-6, atol=1e-7)
+    assert many.probs(x[:1]).shape == (1, 7) and many.queries == one.queries + 1 == 12
+    with pytest.raises(ValueError, match="calls"):
+        Oracle(path, device="cpu", calls=0)
+
+
 def test_probing_counts_queries(tmp_path):
     path = tmp_path / "m.onnx"
     linear_model(path)

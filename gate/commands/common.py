@@ -10,7 +10,7 @@ import argparse
 from collections.abc import Iterable
 
 from gate.errors import UsageError
-from gate.oracle import Oracle
+from gate.oracle import Oracle, host_cores
 from gate.policy import PAPER, Policy, load_policy, policy_settings
 from gate.settings import Setting, SettingError, add_flags, given
 from gate.spec import SpecOverrides
@@ -165,8 +165,9 @@ def open_oracle(args: argparse.Namespace, overrides: SpecOverrides | None = None
         stated = {k: getattr(args, flag) for k, flag in options.items() if getattr(args, flag, None) is not None}
         return RemoteOracle(args.remote, args.model_name, overrides if overrides is not None else spec_from_args(args),
                             max_batch=args.max_batch, max_queries=max_queries, **stated)
+    # on the CPU: one single-thread model call per core rather than one call parallel inside (gate.oracle.Oracle)
     return Oracle(args.model, overrides if overrides is not None else spec_from_args(args), device=args.device,
-                  max_batch=args.max_batch, max_queries=max_queries)
+                  max_batch=args.max_batch, max_queries=max_queries, calls=host_cores())
 
 
 # --------------------------------------------------------------------------- the policy on the command line
