@@ -4,6 +4,7 @@
     python -m bench.screen_replay trace --zoo-dir models/demo --models gtsrb_badnets3x3 gtsrb_clean --resume
     python -m bench.screen_replay table [--seeds 20] [--record]               # every schedule, every trace
     python -m bench.screen_replay trace ... --set search.lambda_init=0.03 --out DIR   # a changed search, traced
+    python -m bench.screen_replay pair --b DIR                                # the two searches side by side
 
 Why a replay is exact: in a scan every class's search draws from its own random stream and onnxruntime's
 answers do not depend on which other images share a call (measured: bench/RESULTS.md, "Scan L1s across
@@ -341,6 +342,35 @@ def check(traces: list[dict], folder: Path) -> list[str]:
     return lines
 
 
+def pair_table(a: list[dict], b: list[dict], names: tuple[str, str], seeds: range, rule: OutlierRule) -> str:
+    """Two traced searches of the same models side by side: each one's unscreened flags, median L1 and queries per
+    class, and the queries per class of the default screening schedule (mean over ``seeds`` reference draws)."""
+    by_name = {t["model"]: t for t in b}
+    a_, b_ = names
+    head = (f"| model | true targets | flags {a_} | flags {b_} | median L1 {a_} | median L1 {b_} "
+            f"| queries/class {a_} | {b_} | screened {a_} | screened {b_} |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    sums = np.zeros(4)
+    for ta in a:
+        tb = by_name.get(ta["model"])
+        if tb is None:
+            continue
+        cost = []
+        for t in (ta, tb):
+            g = tally(t, ScreeningParams(), rule, seeds)
+            cost += [t["queries"] / t["num_classes"], g["queries"] / g["classes"]]
+        sums += np.array([cost[0], cost[2], cost[1], cost[3]])
+        med = [float(np.median([c["l1"] for c in t["classes"]])) for t in (ta, tb)]
+        lines.append(f"| {ta['model']} | {ta['targets'] or '-'} | {unscreened_flags(ta, rule) or '-'} | "
+                     f"{unscreened_flags(tb, rule) or '-'} | {med[0]:.0f} | {med[1]:.0f} | {cost[0]:,.0f} | "
+                     f"{cost[2]:,.0f} | {cost[1]:,.0f} | {cost[3]:,.0f} |")
+    n = len(lines) - 2
+    if n:
+        m = sums / n
+        lines.append(f"| mean of {n} | | | | | | {m[0]:,.0f} | {m[1]:,.0f} | {m[2]:,.0f} | {m[3]:,.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def load_traces(out: Path, names: list[str] | None = None) -> list[dict]:
     traces = [json.loads(p.read_text())["trace"] for p in sorted((out / "traces").glob("*.json"))]
     return [t for t in traces if names is None or t["model"] in names]
@@ -370,7 +400,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "screened bench.compare record in DIR and compare flags, queries and L1s")
     tb.add_argument("--record", action="store_true", help=f"write the table into bench/RESULTS.md ({SECTION[3:]})")
     tb.add_argument("--results-md", type=Path, default=RESULTS_MD)
-    for p in (tr, tb):
+    pr = sub.add_parser("pair", help="two traced searches of the same models side by side")
+    pr.add_argument("--b", type=Path, required=True, metavar="DIR", help="the other search's trace folder (--out)")
+    pr.add_argument("--seeds", type=int, default=20, help="reference draws per trace for the screened cost")
+    for p in (tr, tb, pr):
         p.add_argument("--out", type=Path, default=OUT)
     return ap.parse_args(argv)
 
@@ -391,6 +424,10 @@ def main(argv=None) -> int:
             return 2
         run_traces(names, zoo_dir, args.datasets_dir, args.out, args.resume, args.threads, say,
                    parse_changes(args.changes))
+        return 0
+    if args.command == "pair":
+        a, b = load_traces(args.out), load_traces(args.b)
+        print(pair_table(a, b, (args.out.name, args.b.name), range(args.seeds), OutlierRule()))
         return 0
     traces = load_traces(args.out, args.models)
     if not traces:

@@ -105,3 +105,14 @@ def test_bench_verdicts_reads_a_trace_as_the_plain_scan(traced, tmp_path):
     assert (model.name, model.method, model.backdoored, model.targets, model.asr) == ("linear20", "b3d", True, (3,),
                                                                                       (0.97,))
     assert model.l1.tolist() == [c["l1"] for c in trace["classes"]] and model.pixels == 36
+
+
+def test_a_search_paired_with_itself_shows_the_same_columns(traced):
+    from bench.screen_replay import pair_table
+
+    _, _, trace = traced
+    t = {**trace, "model": "linear20", "targets": [], "backdoored": False}
+    row = pair_table([t], [t], ("a", "b"), range(2), OutlierRule()).splitlines()[2]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "linear20" and cells[2] == cells[3] and cells[4] == cells[5]
+    assert cells[6] == cells[7] == f"{trace['queries'] / trace['num_classes']:,.0f}" and cells[8] == cells[9]
