@@ -50,9 +50,10 @@ _round_source = njit(inline="always")(round_source)
 def stamping_threads(n: int | None) -> Iterator[None]:
     """The parallel kernels below use at most ``n`` threads while inside (None: numba's setting as it is).
 
-    A scan on a CPU model stamps the next group while onnxruntime answers the last on the same cores: two
-    stamping threads beside ORT's own oversubscribe them. The kernels have no reductions, so the values they
-    write do not depend on the thread count. numba's setting is per calling thread; it is restored on exit.
+    The shield stamps small batches on one thread (starting threads costs more than it saves there). The
+    kernels have no reductions, so the values they write do not depend on the thread count. numba's setting is
+    per calling thread; it is restored on exit. (A scan's rounds keep numba's setting: one stamping thread
+    beside a CPU model's calls was measured no faster, bench/RESULTS.md "Scan speed".)
     """
     if n is None:
         yield

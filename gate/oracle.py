@@ -236,7 +236,7 @@ class Oracle(QueryOracle):
     next images while the model answers: beside ORT's own parallel ops the stamping thread stalls one of their
     threads and the whole op waits for it, while separate single-thread calls just share the cores
     (bench/RESULTS.md, "Scan speed": 7 % more queries/s on 2 cores). ``InferenceSession.run`` is thread-safe,
-    and the outputs do not depend on how a batch is split (tested).
+    and the outputs do not depend on how a batch is split (tested). On a GPU ``calls`` changes nothing.
     """
 
     def __init__(
@@ -257,7 +257,7 @@ class Oracle(QueryOracle):
         overrides = overrides or SpecOverrides()
         self.calls = int(calls)
         self._pool: ThreadPoolExecutor | None = None
-        self._open(device, threads or (1 if calls > 1 else 0))
+        self._open(device, threads)
         self.spec = self._resolve_spec(overrides)
         self._scale, self._offset = self.spec.affine()
 
@@ -284,22 +284,15 @@ class Oracle(QueryOracle):
         del model
 
         ort = _ort()
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 4
-        # No busy-waiting between runs: the stamping kernels run on the same cores right after each call.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads:
-            opts.intra_op_num_threads = int(threads)
         wanted = ["CPUExecutionProvider"]
         if device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
             wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        try:
-            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=wanted)
-        except Exception as exc:
-            raise ModelError(f"onnxruntime cannot load {self.path}: {str(exc).splitlines()[0]}") from None
+        self.session = self._session(ort, wanted, threads or (1 if self.calls > 1 else 0))
         # onnxruntime-gpu lists CUDA even with no GPU: what counts is what the session really got.
         self.providers = list(self.session.get_providers())
         self.on_cuda = self.providers[0] == "CUDAExecutionProvider"
+        if self.on_cuda and self.calls > 1 and not threads:  # calls split CPU batches only: the GPU's CPU-side
+            self.session = self._session(ort, wanted, 0)       # ops keep onnxruntime's own threads
         if device == "cuda" and not self.on_cuda:
             raise ModelError("device 'cuda' requested but onnxruntime could not use a CUDA GPU")
 
@@ -315,6 +308,18 @@ class Oracle(QueryOracle):
         if len(out.shape) != 2:
             raise ModelError(f"model output must be rank 2 (batch, classes), got shape {list(out.shape)}")
         self._declared_classes = out.shape[1] if isinstance(out.shape[1], int) else None
+
+    def _session(self, ort, providers: list[str], threads: int):
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 4
+        # No busy-waiting between runs: the stamping kernels run on the same cores right after each call.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+        try:
+            return ort.InferenceSession(str(self.path), sess_options=opts, providers=providers)
+        except Exception as exc:
+            raise ModelError(f"onnxruntime cannot load {self.path}: {str(exc).splitlines()[0]}") from None
 
     def _run_raw(self, batch: np.ndarray) -> np.ndarray:
         """Raw model outputs; splits into the model's fixed batch size when it has one."""
