@@ -279,7 +279,7 @@ def leave_one_out(grid: list[list[dict]], plans: list[ScreeningParams], traces: 
         held.append((t["model"], plans[i], grid[i][j]))
     out = total([g for _, _, g in held], ScreeningParams())
     out.pop("params")
-    return out | {"chosen": [(m, p.steps, p.reference_min, p.margin) for m, p, _ in held]}
+    return out | {"chosen": [(m, p.steps, reference_size(p.to_dict()), p.margin) for m, p, _ in held]}
 
 
 def per_trace(grid_row: list[dict], traces: list[dict], rule: OutlierRule) -> str:
@@ -295,6 +295,13 @@ def per_trace(grid_row: list[dict], traces: list[dict], rule: OutlierRule) -> st
     return "\n".join(lines) + "\n"
 
 
+def reference_size(p: dict) -> str:
+    """How a schedule sizes its reference, as the tables print it."""
+    if p["reference_fraction"]:
+        return f"max({p['reference_min']}, {p['reference_fraction']:g} K)"
+    return str(p["reference_min"])
+
+
 def table(rows: list[dict], traces: list[dict], seeds: range, rule: OutlierRule, cv: dict | None = None) -> str:
     backdoored = sum(t["backdoored"] for t in traces)
     models = ", ".join(f"{t['model']} ({t['num_classes']})" for t in traces)
@@ -306,8 +313,7 @@ def table(rows: list[dict], traces: list[dict], seeds: range, rule: OutlierRule,
              head, "|" + "---|" * (head.count("|") - 1)]
     for row in rows:
         p = row["params"]
-        ref = (f"max({p['reference_min']}, {p['reference_fraction']:g} K)" if p["reference_fraction"]
-               else str(p["reference_min"]))
+        ref = reference_size(p)
         lost = f"{row['target_lost']}" + (f" (e.g. {', '.join(row['lost_at'][:2])})" if row["lost_at"] else "")
         lines.append(f"| {p['steps']} | {ref} | {p['margin']:g} | {row['runs']} | {row['same']}/{row['runs']} | "
                      f"{lost} | {row['clean_flagged']} | {row['per_class']:,.0f} | "
