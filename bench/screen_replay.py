@@ -125,8 +125,8 @@ def run_traces(names, zoo_dir, datasets_dir, out: Path, resume: bool, threads: i
                                                         settings.seed, datasets_dir, manifest=man)
         t0 = time.perf_counter()
         oracle = zoo.open_oracle(man, threads=threads)
-        cfg = dataclasses.replace(policy.scan_config(), batch_images=max(policy.scan_config().batch_images,
-                                                                         oracle.max_batch))  # as run_gate does
+        cfg = policy.scan_config()
+        cfg = dataclasses.replace(cfg, batch_images=max(cfg.batch_images, oracle.max_batch))  # as run_gate does
         trace = trace_scan(oracle, data_cache[man["dataset"]].scan, cfg, policy)
         trace.update(model=name, dataset=man["dataset"], arch=man.get("arch"), attack=man.get("attack"),
                      backdoored=bool(man.get("backdoored", man.get("triggers"))), targets=zoo.targets(man),
@@ -138,18 +138,12 @@ def run_traces(names, zoo_dir, datasets_dir, out: Path, resume: bool, threads: i
 
 
 # --------------------------------------------------------------------------- replay
-def l1_at(path: list, step: int) -> float:
-    """A class's L1 after ``step`` steps, from its path of (step, L1) changes.
+class Paths:
+    """Every class's path of (step, L1) changes as arrays: the L1 of class c after step s, for many (c, s).
 
-    >>> l1_at([[0, 1024.0], [3, 500.0], [7, 80.0]], 5)
+    >>> Paths([{"path": [[0, 1024.0], [3, 500.0], [7, 80.0]]}]).at(0, 5)
     500.0
     """
-    steps = [s for s, _ in path]
-    return float(path[int(np.searchsorted(steps, step, side="right")) - 1][1])
-
-
-class Paths:
-    """Every class's path as arrays: the L1 of class c after step s, for many (c, s) at once."""
 
     def __init__(self, classes: list[dict]) -> None:
         self.steps = [np.array([s for s, _ in c["path"]], np.int64) for c in classes]
@@ -341,7 +335,7 @@ def check(traces: list[dict], folder: Path) -> list[str]:
             continue
         t = by_name[rec["model"]]
         r = replay(t, ScreeningParams(**fp["screening_params"]), OutlierRule(), int(fp["seed"]))
-        l1 = [l1_at(c["path"], s) for c, s in zip(t["classes"], r["steps"], strict=True)]
+        l1 = Paths(t["classes"]).all_at(r["steps"]).tolist()
         differ = [c for c, (a, b) in enumerate(zip(l1, rec["l1_per_class"], strict=True)) if a != b]
         lines.append(f"{rec['model']}: flags replayed {r['flagged']} / scanned {rec['flagged']}; queries "
                      f"{r['queries']:,} / {rec['queries']['scan']:,}; classes whose L1 differs: {differ or 'none'}")

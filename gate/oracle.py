@@ -328,8 +328,7 @@ class Oracle(QueryOracle):
         fixed = self.spec.batch
         t0 = time.perf_counter()
         if fixed is None:
-            calls = 1 if self.on_cuda else min(self.calls, len(batch))
-            size = min(self.max_batch, -(-len(batch) // calls)) if calls > 1 else self.max_batch
+            size = min(self.max_batch, -(-len(batch) // self.calls)) if self._splits else self.max_batch
             outs = self._each([batch[i:i + size] for i in range(0, len(batch), size)])
         else:
             chunks = []
@@ -343,12 +342,17 @@ class Oracle(QueryOracle):
         self.ort_seconds += time.perf_counter() - t0
         return self._checked(np.concatenate(outs) if len(outs) != 1 else outs[0])
 
+    @property
+    def _splits(self) -> bool:
+        """Batches go out as ``calls`` concurrent calls (on the CPU only)."""
+        return self.calls > 1 and not self.on_cuda
+
     def _each(self, chunks: list[np.ndarray]) -> list[np.ndarray]:
         """The model's raw output for every chunk, in order: ``calls`` at a time on the CPU, else one by one."""
         def one(chunk: np.ndarray) -> np.ndarray:
             return self.session.run([self.output_name], {self.input_name: chunk})[0]
 
-        if len(chunks) == 1 or self.calls == 1 or self.on_cuda:
+        if len(chunks) == 1 or not self._splits:
             return [one(c) for c in chunks]
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.calls, thread_name_prefix="ort-call")

@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from bench.screen_replay import l1_at, replay, top_probs, trace_scan, unscreened_flags
+from bench.screen_replay import Paths, replay, top_probs, trace_scan, unscreened_flags
 from gate.data import ImageSet
 from gate.oracle import Oracle
 from gate.outliers import OutlierRule
@@ -35,7 +35,8 @@ def test_the_trace_is_the_plain_scan(traced):
     path, images, trace = traced
     plain = ScanEngine(Oracle(path, threads=1), images, CFG).run().result
     assert [c["l1"] for c in trace["classes"]] == [c.l1 for c in plain.classes]
-    assert [l1_at(c["path"], c["steps"]) for c in trace["classes"]] == [c.l1 for c in plain.classes]
+    assert Paths(trace["classes"]).all_at([c["steps"] for c in trace["classes"]]).tolist() == \
+        [c.l1 for c in plain.classes]
     assert trace["queries"] == plain.queries["scan"] and trace["flagged"] == plain.flagged
     assert unscreened_flags(trace, CFG.outliers) == plain.flagged
 
@@ -54,8 +55,7 @@ def test_a_replayed_schedule_gives_the_screened_scan(traced, params, seed):
     assert got["queries"] == real.queries["scan"]
     assert got["steps"] == [c.steps for c in real.classes]
     assert got["screened_out"] == sum(c.status == SCREENED_OUT for c in real.classes)
-    assert [l1_at(c["path"], s) for c, s in zip(trace["classes"], got["steps"], strict=True)] == \
-        [c.l1 for c in real.classes]
+    assert Paths(trace["classes"]).all_at(got["steps"]).tolist() == [c.l1 for c in real.classes]
 
 
 def test_every_class_in_the_reference_is_the_plain_scan(traced):
@@ -65,8 +65,8 @@ def test_every_class_in_the_reference_is_the_plain_scan(traced):
 
 
 def test_a_path_gives_the_l1_after_any_step():
-    path = [[0, 1024.0], [3, 500.0], [7, 80.0]]
-    assert [l1_at(path, s) for s in (0, 2, 3, 6, 7, 100)] == [1024.0, 1024.0, 500.0, 500.0, 80.0, 80.0]
+    paths = Paths([{"path": [[0, 1024.0], [3, 500.0], [7, 80.0]]}])
+    assert [paths.at(0, s) for s in (0, 2, 3, 6, 7, 100)] == [1024.0, 1024.0, 500.0, 500.0, 80.0, 80.0]
 
 
 def test_stand_in_probabilities_keep_the_top_label_order():
