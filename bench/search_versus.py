@@ -1,0 +1,193 @@
+"""Two trigger searches judged side by side on the same models: is a cheaper search as good a detector?
+
+    python -m bench.search_versus --a bench/screen_replay/traces bench/wide/compare \\
+        --b bench/screen_replay/fast_b2_p40_l0.01/traces [--folds 5] [--seeds 10] [--record]
+
+``--a`` and ``--b`` are folders of B3D scans of the same models made with two search settings: ``bench.compare``
+records or ``bench.screen_replay`` traces (``trace --set FIELD=VALUE`` traces a changed search). Only models
+both sides scanned count (where a side has a model twice, its first folder wins). Nothing is scanned here.
+
+A search's L1 norms move with its settings (a shorter search leaves the natural classes larger), so each side
+is judged by a calibrated rule fitted on its own scans, exactly as :mod:`bench.verdicts` does: cross-validated
+(the rule of a fold is fitted on the other folds; the folds are the same models on both sides), never on the
+models it judges. One split into folds is one draw; ``--seeds`` repeats the cross-validation over that many
+splits and reports the spread of detection accuracy, so a difference between the searches can be told from a
+difference between splits. Beside it: queries per class (the scan's queries / classes, mean over models),
+the rule each side would ship (fitted on all its models), and every model whose cross-validated verdict differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from bench import zoo
+from bench.verdicts import (
+    Judged,
+    Model,
+    _auc,
+    _extra,
+    _rate,
+    _rule,
+    attack_took,
+    cross_validate,
+    fit,
+    load_records,
+    summary,
+)
+
+SECTION = "## Two searches side by side on the same models (cross-validated)"
+
+
+def scans(dirs: list[Path]) -> tuple[dict[str, Model], dict[str, float]]:
+    """The B3D scans in ``dirs`` by model name (the first folder wins), and each one's queries per class."""
+    models: dict[str, Model] = {}
+    for m in load_records(dirs):
+        if m.method == "b3d":
+            models.setdefault(m.name, m)
+    per_class: dict[str, float] = {}
+    for d in dirs:
+        for path in sorted(Path(d).glob("*.json")):
+            doc = json.loads(path.read_text())
+            scan = doc.get("trace") if isinstance(doc.get("trace"), dict) else doc.get("record")
+            if not isinstance(scan, dict) or scan.get("method", "b3d") != "b3d" or "queries" not in scan:
+                continue
+            queries = scan["queries"]
+            if isinstance(queries, dict):  # a bench.compare record: scan and synthesis queries apart
+                queries = queries["total"]
+            k = scan.get("num_classes") or len(scan.get("l1_per_class") or scan.get("classes") or ())
+            if k and scan["model"] not in per_class:
+                per_class[scan["model"]] = float(queries) / k
+    return models, per_class
+
+
+def common(a: dict[str, Model], b: dict[str, Model], min_asr: float) -> tuple[list[str], list[str]]:
+    """Model names both sides scanned whose attack took, and those left out because it did not."""
+    names = sorted(set(a) & set(b))
+    bad = [n for n in names if not (attack_took(a[n], min_asr) and attack_took(b[n], min_asr))]
+    return [n for n in names if n not in bad], bad
+
+
+def judged_over_seeds(models: list[Model], folds: int, target_fpr: float, seeds: int) -> list[list[Judged]]:
+    return [cross_validate(models, folds, target_fpr, seed)[0] for seed in range(seeds)]
+
+
+def compare(a: list[Model], b: list[Model], folds: int, target_fpr: float, seeds: int) -> dict:
+    """Both sides cross-validated on the same splits: per seed, every model's verdict."""
+    return {"a": judged_over_seeds(a, folds, target_fpr, seeds), "b": judged_over_seeds(b, folds, target_fpr, seeds)}
+
+
+def accuracy_spread(runs: list[list[Judged]], dataset: str | None) -> tuple[float, float, float]:
+    accs = []
+    for judged in runs:
+        js = [j for j in judged if dataset is None or j.model.dataset == dataset]
+        accs.append(sum(j.detected for j in js) / len(js))
+    return float(np.mean(accs)), float(np.min(accs)), float(np.max(accs))
+
+
+def mean_queries(names: list[str], per_class: dict[str, float], dataset: str | None, models: dict[str, Model]):
+    q = [per_class[n] for n in names if n in per_class and (dataset is None or models[n].dataset == dataset)]
+    return float(np.mean(q)) if q else None
+
+
+def rows(labels: tuple[str, str], names: list[str], sides: tuple[dict, dict], queries: tuple[dict, dict],
+         runs: dict, seeds: int) -> list[str]:
+    head = ["dataset", "search", "models", "accuracy (CV, seed 0)", f"accuracy over {seeds} splits: mean (min-max)",
+            "FPR (clean)", "TPR", "true target found", "extra flags / model", "ROC-AUC", "queries/class"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    datasets = sorted({sides[0][n].dataset for n in names}, key=lambda d: list(zoo.DATASETS).index(d))
+    for ds in [*datasets, None]:
+        title = zoo.DATASET_TITLES[ds] if ds else "all"
+        for label, key, models, per_class in zip(labels, ("a", "b"), sides, queries, strict=True):
+            s = summary([j for j in runs[key][0] if ds is None or j.model.dataset == ds])
+            mean, lo, hi = accuracy_spread(runs[key], ds)
+            q = mean_queries(names, per_class, ds, models)
+            out.append(f"| {title} | {label} | {s['models']} ({s['clean']} clean) | {_rate(s['accuracy'])} | "
+                       f"{100 * mean:.1f} % ({100 * lo:.1f}-{100 * hi:.1f}) | {_rate(s['fpr'])} | {_rate(s['tpr'])} | "
+                       f"{_rate(s['target_found'])} | {_extra(s['extra'])} | {_auc(s['auc'])} | "
+                       f"{'-' if q is None else f'{q:,.0f}'} |")
+    return out
+
+
+def differences(labels: tuple[str, str], runs: dict) -> list[str]:
+    """Models whose cross-validated verdict (seed 0) differs between the searches."""
+    out = []
+    for ja, jb in zip(runs["a"][0], runs["b"][0], strict=True):
+        if ja.flagged != jb.flagged:
+            m = ja.model
+            truth = f"targets {list(m.targets)}" if m.backdoored else "clean"
+            out.append(f"{m.name} ({truth}): {labels[0]} {list(ja.flagged) or 'nothing'} (p {1 - ja.score:.2g}), "
+                       f"{labels[1]} {list(jb.flagged) or 'nothing'} (p {1 - jb.score:.2g})")
+    return out
+
+
+def report(args) -> tuple[str, dict]:
+    a, qa = scans(args.a)
+    b, qb = scans(args.b)
+    names, left_out = common(a, b, args.min_asr)
+    if not names:
+        raise ValueError("the two sides have no model in common")
+    labels = (args.a_name or args.a[0].as_posix(), args.b_name or args.b[0].as_posix())
+    ma, mb = [a[n] for n in names], [b[n] for n in names]
+    runs = compare(ma, mb, args.folds, args.target_fpr, args.seeds)
+    final = (fit(ma, args.target_fpr), fit(mb, args.target_fpr))
+    only = sorted(set(a) ^ set(b))
+    lines = [f"{len(names)} models both searches scanned ({sum(not m.backdoored for m in ma)} clean), "
+             f"{args.folds} folds, target false-positive rate {args.target_fpr:.0%}; A = {labels[0]}, "
+             f"B = {labels[1]}. Cells: rate (count; 95 % Wilson interval).", ""]
+    lines += rows(labels, names, (a, b), (qa, qb), runs, args.seeds)
+    lines += ["", "Rules each search would ship (fitted on all its models; scale_floor, population_weight, alpha; "
+              f"population median and spread of log(L1 / pixels)): A {_rule(final[0])}, B {_rule(final[1])}."]
+    diff = differences(labels, runs)
+    lines += ["", "Cross-validated verdicts that differ (split 0): " + ("; ".join(diff) if diff else "none") + "."]
+    if left_out:
+        lines += ["", "Not counted, the attack did not take (true ASR below "
+                  f"{args.min_asr:.0%} on either side): " + ", ".join(left_out) + "."]
+    if only:
+        lines += ["", f"Scanned by one side only (not counted): {len(only)}."]
+    data = {"models": names, "labels": labels, "final_rules": [r.to_dict() for r in final],
+            "queries_per_class": {"a": {n: qa.get(n) for n in names}, "b": {n: qb.get(n) for n in names}},
+            "cv": {k: [summary(j) for j in v] for k, v in runs.items()}, "differences": diff}
+    return "\n".join(lines) + "\n", data
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.search_versus", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--a", nargs="+", type=Path, required=True, metavar="DIR", help="scans made with search A")
+    ap.add_argument("--b", nargs="+", type=Path, required=True, metavar="DIR", help="scans made with search B")
+    ap.add_argument("--a-name", help="A's name in the tables (default: its first folder)")
+    ap.add_argument("--b-name", help="B's name in the tables (default: its first folder)")
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--seeds", type=int, default=10, help="cross-validation splits (seeds 0..N-1)")
+    ap.add_argument("--target-fpr", type=float, default=0.03)
+    ap.add_argument("--min-asr", type=float, default=0.9)
+    ap.add_argument("--json", type=Path, help="write the numbers here")
+    ap.add_argument("--record", action="store_true", help=f"write the tables into bench/RESULTS.md ({SECTION[3:]})")
+    ap.add_argument("--results-md", type=Path, default=zoo.ROOT / "bench" / "RESULTS.md")
+    args = ap.parse_args(argv)
+    if args.folds < 2 or args.seeds < 1:
+        print("error: --folds must be at least 2 and --seeds at least 1", file=sys.stderr)
+        return 2
+    try:
+        text, data = report(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps(data, indent=1, default=float))
+    if args.record:
+        from bench.compare import write_results_section
+
+        command = "python -m bench.search_versus " + " ".join(argv if argv is not None else sys.argv[1:])
+        write_results_section(args.results_md, text, command.strip(), SECTION)
+        print(f"recorded in {args.results_md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""bench.search_versus: two searches' scans of the same models, each judged by its own cross-validated rule."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from bench.search_versus import main, report
+
+
+def write_trace(folder, name, l1, *, target=None, queries_per_class=1000.0):
+    """A minimal bench.screen_replay trace: what bench.verdicts and bench.search_versus read of one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    trace = {"model": name, "dataset": "cifar", "arch": "small_cnn_v1", "attack": "badnets" if target is not None
+             else "clean", "backdoored": target is not None, "targets": [] if target is None else [target],
+             "true_asr": [] if target is None else [1.0], "pixels": 1024, "num_classes": len(l1),
+             "queries": queries_per_class * len(l1), "classes": [{"l1": float(v)} for v in l1]}
+    (folder / f"{name}.json").write_text(json.dumps({"fingerprint": {}, "trace": trace}))
+
+
+def natural(rng, k=10):
+    return np.exp(rng.normal(np.log(150.0), 0.35, k))
+
+
+@pytest.fixture
+def two_searches(tmp_path):
+    """Search A leaves every planted trigger as large as the natural ones; search B finds them (5 px) at a third
+    of A's queries. Same models, same natural L1 norms on both sides."""
+    rng = np.random.default_rng(0)
+    a, b = tmp_path / "a", tmp_path / "b"
+    for i in range(12):
+        l1 = natural(rng)
+        write_trace(a, f"clean_{i}", l1, queries_per_class=3000)
+        write_trace(b, f"clean_{i}", l1, queries_per_class=1000)
+    for i in range(8):
+        l1 = natural(rng)
+        write_trace(a, f"bad_{i}", l1, target=i % 10, queries_per_class=3000)
+        l1b = l1.copy()
+        l1b[i % 10] = 5.0
+        write_trace(b, f"bad_{i}", l1b, target=i % 10, queries_per_class=1000)
+    write_trace(b, "only_b", natural(rng))
+    return a, b
+
+
+def args(a, b, **kw):
+    base = dict(a=[a], b=[b], a_name="A", b_name="B", folds=4, seeds=3, target_fpr=0.1, min_asr=0.9)
+    return SimpleNamespace(**(base | kw))
+
+
+def test_each_side_is_judged_on_the_models_both_scanned(two_searches):
+    a, b = two_searches
+    text, data = report(args(a, b))
+    assert len(data["models"]) == 20 and "only_b" not in data["models"]
+    assert "Scanned by one side only (not counted): 1." in text
+    a0, b0 = data["cv"]["a"][0], data["cv"]["b"][0]
+    assert a0["tpr"][1] == b0["tpr"][1] == 8 and a0["fpr"][1] == b0["fpr"][1] == 12
+    assert b0["target_found"][0] == 8, "B's 5-px triggers stand out on every backdoored model"
+    assert a0["tpr"][0] < b0["tpr"][0]
+    assert len(data["cv"]["a"]) == 3, "one cross-validation per split seed"
+    assert data["queries_per_class"]["a"]["bad_0"] == 3000 and data["queries_per_class"]["b"]["bad_0"] == 1000
+    # every backdoored model A judged otherwise is listed, by name and with both verdicts
+    for i in range(8):
+        assert any(d.startswith(f"bad_{i} (targets [{i}]): A ") and f"B [{i}] (p " in d for d in data["differences"])
+    assert "| all | B | 20 (12 clean) |" in text and "| 1,000 |" in text and "| 3,000 |" in text
+
+
+def test_no_model_in_common_is_an_error(tmp_path, capsys):
+    write_trace(tmp_path / "a", "m1", np.full(10, 100.0))
+    write_trace(tmp_path / "b", "m2", np.full(10, 100.0))
+    assert main(["--a", str(tmp_path / "a"), "--b", str(tmp_path / "b")]) == 2
+    assert "no model in common" in capsys.readouterr().err
+
+
+def test_the_report_can_be_recorded(two_searches, tmp_path, capsys):
+    a, b = two_searches
+    md = tmp_path / "RESULTS.md"
+    md.write_text("# Results\n")
+    assert main(["--a", str(a), "--b", str(b), "--folds", "4", "--seeds", "2", "--record",
+                 "--results-md", str(md)]) == 0
+    text = md.read_text()
+    assert "## Two searches side by side on the same models (cross-validated)" in text
+    assert "python -m bench.search_versus --a" in text
