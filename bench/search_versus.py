@@ -45,10 +45,7 @@ SECTION = "## Two searches side by side on the same models (cross-validated)"
 
 def scans(dirs: list[Path]) -> tuple[dict[str, Model], dict[str, float]]:
     """The B3D scans in ``dirs`` by model name (the first folder wins), and each one's queries per class."""
-    models: dict[str, Model] = {}
-    for m in load_records(dirs):
-        if m.method == "b3d":
-            models.setdefault(m.name, m)
+    models = {m.name: m for m in load_records(dirs) if m.method == "b3d"}
     per_class: dict[str, float] = {}
     for d in dirs:
         for path in sorted(Path(d).glob("*.json")):

@@ -116,25 +116,36 @@ class Model:
 
 def load_records(dirs) -> list[Model]:
     """The scans in ``dirs``: ``bench.compare`` records, and ``bench.screen_replay`` traces (an unscreened B3D
-    scan each: the final L1 of every class), so a traced search can be calibrated and judged the same way."""
-    out = []
+    scan each: the final L1 of every class), so a traced search can be calibrated and judged the same way.
+    A model scanned by one method in more than one folder counts once: the first folder's scan wins (so
+    ``--records TRACES bench/wide/compare`` takes B3D from the traces and NC from the records)."""
+    out, seen = [], set()
     for d in dirs:
-        for path in sorted(Path(d).glob("*.json")):
-            doc = json.loads(path.read_text())
-            if isinstance(doc.get("trace"), dict):
-                out.append(trace_model(doc["trace"]))
-                continue
-            rec = doc.get("record")
-            if not rec or "l1_per_class" not in rec:
-                continue
-            spec = (doc.get("raw") or {}).get("input_spec") or {}
-            pixels = int(spec["height"]) * int(spec["width"]) if spec.get("height") else ZOO_PIXELS
-            out.append(Model(rec["model"], rec["dataset"], rec["method"], rec.get("arch") or "small_cnn_v1",
-                             rec.get("attack") or rec.get("group"), bool(rec["backdoored"]),
-                             tuple(int(t) for t in rec["targets"]), np.asarray(rec["l1_per_class"], float),
-                             tuple(float(a) for a in rec.get("true_asr") or ()), pixels,
-                             None if rec.get("blend_amplitude_per_class") is None
-                             else np.asarray(rec["blend_amplitude_per_class"], float)))
+        for m in _folder(Path(d)):
+            if (m.name, m.method) not in seen:
+                seen.add((m.name, m.method))
+                out.append(m)
+    return out
+
+
+def _folder(d: Path) -> list[Model]:
+    out = []
+    for path in sorted(d.glob("*.json")):
+        doc = json.loads(path.read_text())
+        if isinstance(doc.get("trace"), dict):
+            out.append(trace_model(doc["trace"]))
+            continue
+        rec = doc.get("record")
+        if not rec or "l1_per_class" not in rec:
+            continue
+        spec = (doc.get("raw") or {}).get("input_spec") or {}
+        pixels = int(spec["height"]) * int(spec["width"]) if spec.get("height") else ZOO_PIXELS
+        out.append(Model(rec["model"], rec["dataset"], rec["method"], rec.get("arch") or "small_cnn_v1",
+                         rec.get("attack") or rec.get("group"), bool(rec["backdoored"]),
+                         tuple(int(t) for t in rec["targets"]), np.asarray(rec["l1_per_class"], float),
+                         tuple(float(a) for a in rec.get("true_asr") or ()), pixels,
+                         None if rec.get("blend_amplitude_per_class") is None
+                         else np.asarray(rec["blend_amplitude_per_class"], float)))
     return out
 
 

@@ -83,3 +83,14 @@ def test_the_report_can_be_recorded(two_searches, tmp_path, capsys):
     text = md.read_text()
     assert "## Two searches side by side on the same models (cross-validated)" in text
     assert "python -m bench.search_versus --a" in text
+
+
+def test_a_model_in_two_folders_counts_once_and_the_first_folder_wins(tmp_path):
+    from bench.verdicts import load_records
+
+    write_trace(tmp_path / "first", "m", np.full(10, 100.0))
+    write_trace(tmp_path / "second", "m", np.full(10, 50.0))
+    write_trace(tmp_path / "second", "other", np.full(10, 70.0))
+    models = load_records([tmp_path / "first", tmp_path / "second"])
+    assert sorted(m.name for m in models) == ["m", "other"]
+    assert next(m for m in models if m.name == "m").l1[0] == 100.0
