@@ -1,7 +1,7 @@
 """Two trigger searches judged side by side on the same models: is a cheaper search as good a detector?
 
-    python -m bench.search_versus --a bench/screen_replay/traces bench/wide/compare \\
-        --b bench/screen_replay/fast_b2_p40_l0.01/traces [--folds 5] [--seeds 10] [--record]
+    python -m bench.search_versus --a bench/screen_replay/b4_p80_l0.001/traces bench/wide/compare \\
+        --b bench/screen_replay/traces [--folds 5] [--seeds 10] [--record]
 
 ``--a`` and ``--b`` are folders of B3D scans of the same models made with two search settings: ``bench.compare``
 records or ``bench.screen_replay`` traces (``trace --set FIELD=VALUE`` traces a changed search). Only models

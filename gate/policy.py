@@ -130,7 +130,7 @@ class SmallTriggerRule(Settings):
 class WeakSearchRule(Settings):
     max_unreached_fraction: float = setting(0.5, number(0, 1), "classes whose search found no working trigger, "
                                             "at most", flag=False)
-    max_median_mask_fraction: float = setting(0.25, number(0, 1, lo_open=True),
+    max_median_mask_fraction: float = setting(0.5, number(0, 1, lo_open=True),
                                               "median reversed mask as a fraction of the image, at most", flag=False)
 
 

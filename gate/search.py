@@ -51,7 +51,7 @@ class SearchParams(Settings):
     k: int = setting(50, even_integer(2), "search samples per NES step")
     sigma: float = setting(0.3, number(0, lo_open=True), "pattern noise scale")
     lr: float = setting(0.1, number(0, lo_open=True), "Adam learning rate")
-    batch_size: int = setting(4, integer(1), "clean images each candidate is stamped on per step")
+    batch_size: int = setting(2, integer(1), "clean images each candidate is stamped on per step")
     eval_size: int = setting(16, integer(1), "clean images the current trigger is checked on per step (lambda "
                              "schedule)")
     max_steps: int = setting(800, integer(1), "NES steps per class at most")
@@ -61,12 +61,12 @@ class SearchParams(Settings):
     baseline: bool = setting(True, boolean, "subtract a leave-one-out mean fitness (variance reduction, unbiased)")
     mask_pattern_noise: bool = setting(True, boolean, "pattern estimate only from pixels the sampled mask shows")
     exact_penalty: bool = setting(True, boolean, "closed-form gradient of the lambda |m| term")
-    lambda_init: float = setting(1e-3, number(0, lo_open=True), "first lambda once a trigger works")
+    lambda_init: float = setting(1e-2, number(0, lo_open=True), "first lambda once a trigger works")
     lambda_up: float = setting(1.5, number(0, lo_open=True), "lambda multiplier while triggers work")
     lambda_down: float = setting(1.5 ** 1.5, number(0, lo_open=True), "lambda divisor while they do not")
     patience: int = setting(5, integer(1), "steps between lambda schedule changes")
     success_threshold: float = setting(0.99, number(0, 1, lo_open=True), "attack success a trigger must reach")
-    early_stop_patience: int = setting(80, integer(1), "stop after this many steps without improvement")
+    early_stop_patience: int = setting(40, integer(1), "stop after this many steps without improvement")
     early_stop_tol: float = setting(0.01, number(0), "an improvement is a fall of the best L1 by this fraction")
     early_stop_min_shrink: float = setting(0.5, number(0, 1),
                                            "no early stop before the trigger lost this fraction of its first L1")
@@ -88,7 +88,7 @@ class SearchParams(Settings):
     def paper(cls) -> SearchParams:
         """The paper's settings (Dong et al. 2021): k=50, minibatch 32, Eq. 5/6 evaluated separately."""
         return cls(k=50, batch_size=32, eval_size=32, sigma=0.1, lr=0.05, max_steps=300, early_stop_patience=25,
-                   early_stop_min_shrink=0.0, mask_init=0.0, sampling="separate", antithetic=False,
+                   early_stop_min_shrink=0.0, mask_init=0.0, lambda_init=1e-3, sampling="separate", antithetic=False,
                    exact_penalty=False, mask_pattern_noise=False)
 
     @property

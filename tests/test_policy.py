@@ -179,13 +179,17 @@ def test_accept_when_complete_and_nothing_fires():
     assert (d.outcome, d.exit_code, d.findings) == ("accept", 0, [])
     # worked out by hand from the default rule: class 2's trigger is 36 of 1024 pixels
     rule = Policy().outliers
+    others = np.log([40.0, 47.0, 44.0, 41.0])
+    mad = np.median(np.abs(others - np.median(others)))  # 0.0475: 1.4826 MAD = 0.070, under any floor >= 0.1
+    z_within = (np.median(others) - math.log(36.0)) / max(1.4826 * mad, rule.scale_floor)
     z_population = (rule.population_mean - math.log(36.0 / 1024)) / rule.population_scale
-    z = (1 - rule.population_weight) * 1.65 + rule.population_weight * z_population
+    assert 0.1 < z_within < 1 and 1 < z_population < 10  # sentences give 2 significant figures below 1, 3 above
+    z = (1 - rule.population_weight) * z_within + rule.population_weight * z_population
     p_model = 1 - (1 - 0.5 * math.erfc(z / math.sqrt(2))) ** 5
     assert d.reasons[0] == (f"no class flagged among 5: the most suspicious is class 2 (L1 36.0 is 0.88x the "
                             f"median 41.0 and 3.5% of the image, z {z:#.3g} in log L1 (against the other classes "
-                            f"1.65, against clean models' classes {z_population:#.3g}), p-value {p_model:.2g} per "
-                            f"model)")
+                            f"{z_within:.2g}, against clean models' classes {z_population:#.3g}), p-value "
+                            f"{p_model:.2g} per model)")
     assert d.model_p_value == pytest.approx(p_model, rel=0.01) and d.to_dict()["backdoor_score"] == 1 - d.model_p_value
 
 
@@ -259,12 +263,12 @@ def test_weak_search_is_not_an_accept():
     assert decide(r, policy(incomplete="reject")).outcome == "reject"
     assert decide(make_result(L1_CLEAN, statuses=unreached[1:] + ["bandit_stopped"]), policy()).outcome == "accept"
     assert decide(r, policy(weak_search=None)).outcome == "accept"
-    # masks that never shrank: the median class needs a third of the image
-    big = make_result([x * 9 for x in L1_CLEAN])
+    # masks that never shrank: the median class needs more than half of the image
+    big = make_result([x * 15 for x in L1_CLEAN])
     d = decide(big, policy())
     assert d.outcome == "review"
-    assert d.reasons == ["search inconclusive: the median class's reversed trigger covers 36% of the image "
-                         "(more than 25%); the masks did not shrink"]
+    assert d.reasons == ["search inconclusive: the median class's reversed trigger covers 60% of the image "
+                         "(more than 50%); the masks did not shrink"]
     # flags of a search that did not work are provisional, like those of an incomplete scan ...
     weak_flagged = make_result(statuses=["not_reached"] * 9 + ["converged"])
     d = decide(weak_flagged, policy())

@@ -128,14 +128,14 @@ def test_lambda_schedule_and_early_stop():
     search.tell(state, ce, 0.5)
     assert state.lam == 0 and not state.lambda_active
     search.tell(state, ce, 1.0)
-    assert state.lambda_active and state.lam == pytest.approx(1e-3)
+    assert state.lambda_active and state.lam == pytest.approx(p.lambda_init)
     assert state.best_mask is not None
     for _ in range(5):
         search.tell(state, ce, 1.0)
-    assert state.lam == pytest.approx(1.5e-3)
+    assert state.lam == pytest.approx(1.5 * p.lambda_init)
     for _ in range(5):
         search.tell(state, ce, 0.0)
-    assert state.lam == pytest.approx(1.5e-3 / 1.5 ** 1.5)
+    assert state.lam == pytest.approx(1.5 * p.lambda_init / 1.5 ** 1.5)
     for _ in range(40):
         if state.done:
             break
