@@ -577,6 +577,20 @@ def write_results_section(md_path: Path, body: str, command: str, title: str = S
     md_path.write_text(new)
 
 
+def publish(text: str, data, args, module: str, section: str, argv=None) -> None:
+    """A benchmark's tables: printed, its numbers to ``args.json`` (when given), and with ``args.record`` the
+    section ``section`` of ``args.results_md`` rewritten, headed by the command that made it (files first: a
+    reader that stops reading early loses none of them)."""
+    if args.json:
+        args.json.write_text(json.dumps(data, indent=1, default=float))
+    if args.record:
+        command = f"python -m {module} " + " ".join(argv if argv is not None else sys.argv[1:])
+        write_results_section(args.results_md, text, command.strip(), section)
+    print(text)
+    if args.record:
+        print(f"recorded in {args.results_md}")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n\n")[0])
     ap.add_argument("--full", action="store_true", help="all 14 zoo models (default: 4 per dataset)")

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import zoo
+from bench.compare import publish
 from bench.verdicts import (
     Judged,
     Model,
@@ -174,15 +175,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(text)
-    if args.json:
-        args.json.write_text(json.dumps(data, indent=1, default=float))
-    if args.record:
-        from bench.compare import write_results_section
-
-        command = "python -m bench.search_versus " + " ".join(argv if argv is not None else sys.argv[1:])
-        write_results_section(args.results_md, text, command.strip(), SECTION)
-        print(f"recorded in {args.results_md}")
+    publish(text, data, args, "bench.search_versus", SECTION, argv)
     return 0
 
 

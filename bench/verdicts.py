@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import zoo
+from bench.compare import publish
 from gate.blend import blend_outliers
 from gate.outliers import (
     OutlierRule,
@@ -446,16 +447,7 @@ def main(argv=None) -> int:
     head = (f"{len({m.name for m in models})} models ({', '.join(f'{TITLES[k]} {v}' for k, v in n.items() if v)} "
             f"scans); target false-positive rate {args.target_fpr:.0%}; attacks with true ASR < {args.min_asr:.0%} "
             "not counted. Cells: rate (count; 95 % Wilson interval).")
-    text = head + "\n" + body
-    print(text)
-    if args.json:
-        args.json.write_text(json.dumps(data, indent=1, default=float))
-    if args.record:
-        command = "python -m bench.verdicts " + " ".join(argv if argv is not None else sys.argv[1:])
-        from bench.compare import write_results_section
-
-        write_results_section(args.results_md, text, command.strip(), SECTION)
-        print(f"recorded in {args.results_md}")
+    publish(head + "\n" + body, data, args, "bench.verdicts", SECTION, argv)
     return 0
 
 
