@@ -277,9 +277,11 @@ def leave_one_out(grid: list[list[dict]], plans: list[ScreeningParams], traces: 
 
 
 def per_trace(grid_row: list[dict], traces: list[dict], rule: OutlierRule) -> str:
-    """One schedule's tallies trace by trace (the table's first row, the policy's default, broken down)."""
-    head = ("| model | classes | true targets | unscreened flags | outcome | same flags | queries/class unscreened | "
-            "screened |")
+    """One schedule's tallies trace by trace (the table's first row, the policy's default, broken down). The
+    outcome is the traced scan's decision under the policy of the day it was traced (its rules may have moved
+    since); the flags are the current rule's."""
+    head = ("| model | classes | true targets | unscreened flags | outcome when traced | same flags | "
+            "queries/class unscreened | screened |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for t, g in zip(traces, grid_row, strict=True):
         flags = unscreened_flags(t, rule) or "-"

@@ -11,7 +11,9 @@ with the same formula (1-a) x + a p. NES estimates of the gradient of the smooth
 
 drive Adam on (theta_a, theta_p). The penalty is the constant mask's L1, so lambda and its schedule
 (:class:`gate.search.SearchParams`: lambda_init/up/down, patience, early stop) mean what they mean for the
-patch search; with ``exact_penalty`` its gradient is taken in closed form at the mean amplitude.
+patch search; with ``exact_penalty`` its gradient is taken in closed form at the mean amplitude. Only the
+early-stop patience is the blend search's own (``BlendParams.early_stop_patience``, 80): one amplitude
+plateaus longer than a patch mask does.
 
 Same ask/tell shape and candidate count as :class:`gate.search.TriggerSearch` (so both modes share a
 scan's arrays, model calls and query accounting); the last candidate is the current trigger (the mean
@@ -40,7 +42,7 @@ import numpy as np
 from gate.kernels import noisy_patterns
 from gate.outliers import OutlierRule, Outliers, find_outliers
 from gate.search import Adam, SearchParams, TriggerSearch, g
-from gate.settings import Settings, number, setting
+from gate.settings import Settings, integer, number, setting
 
 AMPLITUDE_FLOOR = 1.0 / 255  # the outlier rule takes logs of max(a, this): one grey level of an 8-bit image
 
@@ -55,6 +57,9 @@ class BlendParams(Settings):
     init: float = setting(1.0, number(), "initial amplitude logit (g(1) = 0.88: the first trigger is mostly "
                           "pattern)")
     sigma: float = setting(0.2, number(0, lo_open=True), "noise scale on the amplitude logit")
+    early_stop_patience: int = setting(80, integer(1), "stop a class's blend search after this many steps without "
+                                       "improvement (its one amplitude plateaus longer than a patch mask does: "
+                                       "the patch search's 40 stopped a planted blend before it formed)")
 
 
 @dataclass
@@ -137,8 +142,9 @@ class BlendSearch(TriggerSearch):
 
     def __init__(self, image_shape: tuple[int, int, int], params: SearchParams | None = None,
                  blend: BlendParams | None = None) -> None:
-        super().__init__(image_shape, params)
         self.blend = blend or BlendParams()
+        params = replace(params or SearchParams(), early_stop_patience=self.blend.early_stop_patience)
+        super().__init__(image_shape, params)
 
     @property
     def amplitude_samples(self) -> int:

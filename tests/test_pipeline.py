@@ -152,7 +152,8 @@ def test_a_policy_written_before_the_settings_moved_still_loads(name):
     assert old.data.source == "auto" and old.data.path == str(GOLDEN / "models" / "demo" / "gtsrb_sample.npz")
     defaults.update({"data.source": "auto", "data.path": old.data.path})
     if name == "default":  # the default search moved since (2026-12-07: a third of the queries, same verdicts)
-        defaults.update({"search.batch_size": 4, "search.early_stop_patience": 80})
+        defaults.update({"search.batch_size": 4, "search.early_stop_patience": 80,
+                         "rules.weak_search.max_median_mask_fraction": 0.25})
     assert old == load_policy(ROOT / "policies" / f"{name}.yaml").override(defaults)
     assert old.search.k == 50 and old.data.synthetic_grid == 4
 
