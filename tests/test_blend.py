@@ -82,6 +82,14 @@ def test_estimators_are_unbiased(sampling, antithetic):
     assert np.corrcoef(gp.mean(0).ravel(), want_p.ravel())[0, 1] > 0.95
 
 
+def test_the_blend_search_stops_on_its_own_patience_and_shares_the_rest():
+    params = SearchParams(k=8, early_stop_patience=5, lambda_init=0.02)
+    search = BlendSearch((4, 4, 3), params, BlendParams(early_stop_patience=17))
+    assert search.params.early_stop_patience == 17
+    assert replace(search.params, early_stop_patience=5) == params, "everything else is the patch search's"
+    assert BlendSearch((4, 4, 3), params).params.early_stop_patience == BlendParams().early_stop_patience == 80
+
+
 def test_couples_and_their_baseline():
     assert couples(5, True).tolist() == [0, 1, 0, 1, 2] and couples(4, False).tolist() == [0, 1, 2, 3]
     f = np.array([1.0, 2.0, 3.0, 4.0, 10.0])
