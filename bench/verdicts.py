@@ -354,21 +354,26 @@ def blend_rows(ms: list[Model], judged: list[Judged], folds: int, target_fpr: fl
             *table([("patch only (CV)", summary(patch)), ("patch + blend (CV)", summary(both))], "rule")]
 
 
-def same_models_rows(by_method: dict[str, tuple[list[Judged], list[Judged]]], data: dict) -> list[str]:
-    """Every method on the models that all of them scanned (each judged by its own cross-validated rule and by
-    the paper's MAD rule): the side-by-side comparison, false positives on the same clean models included."""
-    if len(by_method) < 2:
+def same_models_rows(by_method: dict[str, tuple[list[Judged], list[Judged]]], data: dict,
+                     methods: tuple[str, ...] | None = None) -> list[str]:
+    """The methods (all, or ``methods``) on the models that each of them scanned (each judged by its own
+    cross-validated rule and by the paper's MAD rule): the side-by-side comparison, false positives on the same
+    clean models included. Numbers go to ``data["same_models"]`` (all methods) or ``data["same_models_A_B"]``."""
+    chosen = {m: v for m, v in by_method.items() if methods is None or m in methods}
+    if len(chosen) < 2:
         return []
-    common = set.intersection(*({j.model.name for j in judged} for judged, _ in by_method.values()))
+    common = set.intersection(*({j.model.name for j in judged} for judged, _ in chosen.values()))
     if not common:
         return []
-    rows, data["same_models"] = [], {"models": sorted(common)}
-    for method, (judged, mad) in by_method.items():
+    key = "same_models" if methods is None else "same_models_" + "_".join(chosen)
+    rows, data[key] = [], {"models": sorted(common)}
+    for method, (judged, mad) in chosen.items():
         for label, js in (("calibrated (CV)", judged), ("MAD (paper rule)", mad)):
             summ = summary([j for j in js if j.model.name in common])
             rows.append((f"{TITLES[method]} {label}", summ))
-            data["same_models"][f"{method} {label}"] = summ
-    return ["", f"### Side by side on the {len(common)} models every method scanned ({summ['clean']} clean)", "",
+            data[key][f"{method} {label}"] = summ
+    who = "every method" if methods is None else " and ".join(TITLES[m] for m in chosen)
+    return ["", f"### Side by side on the {len(common)} models {who} scanned ({summ['clean']} clean)", "",
             "Each method's cross-validated rule is the one fitted on its own records (folds as above); the MAD rows "
             "need no fit.", "", *table(rows, "method, rule")]
 
@@ -413,6 +418,8 @@ def report(models: list[Model], folds: int, target_fpr: float, min_asr: float, s
             groups = sorted({getattr(j.model, key) for j in judged})
             rows = [(g, summary([j for j in judged if getattr(j.model, key) == g])) for g in groups]
             lines += ["", f"{title}, calibrated (CV), by {label}:", ""] + table(rows, label)
+    if len(by_method) > 2:  # the paper's comparison first: white-box NC against black-box B3D
+        lines += same_models_rows(by_method, data, ("nc", "b3d"))
     lines += same_models_rows(by_method, data)
     if failed:
         lines += ["", "Not counted, the attack did not take (true ASR below "

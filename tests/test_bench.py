@@ -396,3 +396,9 @@ def test_methods_side_by_side_on_the_models_all_of_them_scanned():
     assert same["nc MAD (paper rule)"]["fpr"] == (6, 6)  # every NC clean model's small natural class
     text_one, data_one = verdicts.report(b3d, 2, 0.05, 0.9, 0)
     assert "same_models" not in data_one and "Side by side" not in text_one
+    # a third method on fewer models: NC beside B3D keeps its 12, and every method meets on the 6 all three scanned
+    ss = [replace(m, method="b3d-ss") for m in b3d[5:11]]
+    text_three, data_three = verdicts.report(b3d + nc + ss, 2, 0.05, 0.9, 0)
+    assert data_three["same_models_nc_b3d"]["models"] == same["models"]
+    assert data_three["same_models"]["models"] == sorted(m.name for m in ss)
+    assert text_three.index("12 models NC and B3D scanned") < text_three.index("6 models every method scanned")
