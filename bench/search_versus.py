@@ -19,7 +19,6 @@ the rule each side would ship (fitted on all its models), and every model whose 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -47,20 +46,7 @@ SECTION = "## Two searches side by side on the same models (cross-validated)"
 def scans(dirs: list[Path]) -> tuple[dict[str, Model], dict[str, float]]:
     """The B3D scans in ``dirs`` by model name (the first folder wins), and each one's queries per class."""
     models = {m.name: m for m in load_records(dirs) if m.method == "b3d"}
-    per_class: dict[str, float] = {}
-    for d in dirs:
-        for path in sorted(Path(d).glob("*.json")):
-            doc = json.loads(path.read_text())
-            scan = doc.get("trace") if isinstance(doc.get("trace"), dict) else doc.get("record")
-            if not isinstance(scan, dict) or scan.get("method", "b3d") != "b3d" or "queries" not in scan:
-                continue
-            queries = scan["queries"]
-            if isinstance(queries, dict):  # a bench.compare record: scan and synthesis queries apart
-                queries = queries["total"]
-            k = scan.get("num_classes") or len(scan.get("l1_per_class") or scan.get("classes") or ())
-            if k and scan["model"] not in per_class:
-                per_class[scan["model"]] = float(queries) / k
-    return models, per_class
+    return models, {n: m.queries_per_class for n, m in models.items() if m.queries_per_class is not None}
 
 
 def common(a: dict[str, Model], b: dict[str, Model], min_asr: float) -> tuple[list[str], list[str]]:

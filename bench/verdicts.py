@@ -113,6 +113,7 @@ class Model:
     pixels: int = ZOO_PIXELS  # the input's height x width
     blend: np.ndarray | None = None  # per-class blend amplitudes, from a scan with the blend mode (--blend-records)
     blend_l1: np.ndarray | None = None  # that scan's own patch L1 norms (another machine's: need not be ``l1``)
+    queries_per_class: float | None = None  # the scan's queries (synthesis included) / classes, where recorded
 
 
 def load_records(dirs) -> list[Model]:
@@ -141,12 +142,14 @@ def _folder(d: Path) -> list[Model]:
             continue
         spec = (doc.get("raw") or {}).get("input_spec") or {}
         pixels = int(spec["height"]) * int(spec["width"]) if spec.get("height") else ZOO_PIXELS
+        queries = (rec.get("queries") or {}).get("total")  # a record keeps scan and synthesis queries apart
         out.append(Model(rec["model"], rec["dataset"], rec["method"], rec.get("arch") or "small_cnn_v1",
                          rec.get("attack") or rec.get("group"), bool(rec["backdoored"]),
                          tuple(int(t) for t in rec["targets"]), np.asarray(rec["l1_per_class"], float),
                          tuple(float(a) for a in rec.get("true_asr") or ()), pixels,
                          None if rec.get("blend_amplitude_per_class") is None
-                         else np.asarray(rec["blend_amplitude_per_class"], float)))
+                         else np.asarray(rec["blend_amplitude_per_class"], float),
+                         queries_per_class=None if queries is None else queries / len(rec["l1_per_class"])))
     return out
 
 
@@ -155,7 +158,7 @@ def trace_model(t: dict) -> Model:
     return Model(t["model"], t["dataset"], "b3d", t.get("arch") or "small_cnn_v1", t.get("attack") or "clean",
                  bool(t["backdoored"]), tuple(int(v) for v in t["targets"]),
                  np.asarray([c["l1"] for c in t["classes"]], float), tuple(float(a) for a in t.get("true_asr") or ()),
-                 int(t["pixels"]))
+                 int(t["pixels"]), queries_per_class=t["queries"] / len(t["classes"]) if "queries" in t else None)
 
 
 def with_blend(models: list[Model], blend_models: list[Model]) -> list[Model]:

@@ -37,12 +37,12 @@ some models, reported on the others) for a target false-positive rate per model 
 the image) are that fit on all 50 counted models, scanned with the default search (2026-12-07,
 bench/RESULTS.md). With this few models the fit is not yet stable (the fold fits range over floors 0.2-0.5
 and alphas 2.8e-8-6.2e-6; six more models traced the same day moved the all-model fit's alpha to 5.5e-8):
-refit when the zoo is complete, not after every model. The L1 norms move with the search settings (a shorter search leaves natural
-classes larger), so the rule belongs to the search it was fitted with: policies/strict.yaml, whose longer
-search is closer to the previous default (800 steps, patience 80, 4 images a sample), keeps the rule fitted
-for that one (floor 0.1, weight 0.85, population -1.95 / 0.58). The population part knows only the zoo's 32x32
-GTSRB and CIFAR-10 models: a vendor model of another kind (other data, other input sizes) needs its own fit
-on clean models of that kind, or ``population_weight: 0``.
+refit when the zoo is complete, not after every model. The L1 norms move with the search settings (a shorter
+search leaves natural classes larger), so the rule belongs to the search it was fitted with: policies/strict.yaml,
+whose longer search is closer to the previous default (800 steps, patience 80, 4 images a sample), keeps the
+rule fitted for that one (floor 0.1, weight 0.85, population -1.95 / 0.58). The population part knows only
+the zoo's 32x32 GTSRB and CIFAR-10 models: a vendor model of another kind (other data, other input sizes)
+needs its own fit on clean models of that kind, or ``population_weight: 0``.
 Alpha is a calibrated cut on the normal-tail p-value, not the false-positive rate itself; the Šidák
 correction keeps one cut comparable across class counts.
 
