@@ -9,7 +9,8 @@ with the same formula (1-a) x + a p. NES estimates of the gradient of the smooth
 
     F(theta_a, theta_p) = E[CE(c | (1-a_j) x + a_j p_j)] + lambda |m|_1,   |m|_1 = a H W (a = g(theta_a))
 
-drive Adam on (theta_a, theta_p). The penalty is the constant mask's L1, so lambda and its schedule
+drive Adam on (theta_a, theta_p). The penalty is the constant mask's L1 (counted in searched cells on a coarse
+grid, as the patch search counts it), so lambda and its schedule
 (:class:`gate.search.SearchParams`: lambda_init/up/down, patience, early stop) mean what they mean for the
 patch search; with ``exact_penalty`` its gradient is taken in closed form at the mean amplitude. Only the
 early-stop patience is the blend search's own (``BlendParams.early_stop_patience``, 80): one amplitude
@@ -247,14 +248,15 @@ class BlendSearch(TriggerSearch):
             f_a = 0.5 * (ce[:h] + ce[h:k])
             grad_p = ((ce[:h] - ce[h:k]) @ state.eps[:h].reshape(h, -1)) / (2 * h * p.sigma)
         n = len(f_a)
+        weight = state.lam * state.pixels / self.grid.cell_area  # lambda per searched cell, as the patch search's
         if not p.exact_penalty:
-            f_a = f_a + state.lam * state.pixels * state.amps.astype(np.float64)
+            f_a = f_a + weight * state.amps.astype(np.float64)
         if p.baseline:
             f_a = f_a - leave_group_out(f_a, state.groups)
         grad_a = np.array([f_a @ state.delta / (n * self.blend.sigma)])
         if p.exact_penalty:
             a = state.amplitude
-            grad_a += state.lam * state.pixels * 2.0 * a * (1.0 - a)
+            grad_a += weight * 2.0 * a * (1.0 - a)
         return grad_a, grad_p.reshape(state.theta_p.shape)
 
     def explain(self, state: BlendState) -> str:

@@ -36,7 +36,7 @@ CHECKPOINT_JSON = "checkpoint.json"
 CHECKPOINT_NPZ = "checkpoint.npz"
 DATA_NPZ = "checkpoint-data.npz"
 FILES = (CHECKPOINT_JSON, CHECKPOINT_NPZ, DATA_NPZ)
-SCRATCH = frozenset({"u", "eps", "masks", "patterns", "delta", "amps",  # rewritten by every ask()
+SCRATCH = frozenset({"u", "eps", "z", "masks", "patterns", "delta", "amps",  # rewritten by every ask()
                      "grid"})  # the search grid, set by init()
 VERSION = 1
 

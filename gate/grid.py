@@ -73,6 +73,11 @@ class Grid:
         return self.cell > 1
 
     @property
+    def cell_area(self) -> int:
+        """Pixels of a whole cell (1 on a pixel grid): what the lambda penalty divides by (gate.search)."""
+        return self.cell * self.cell
+
+    @property
     def pixels(self) -> int:
         return self.h * self.w
 

@@ -3,7 +3,10 @@
 The search distribution is m ~ Bernoulli(g(theta_m)) for the H x W mask and p = g(theta_p + sigma*eps)
 for the H x W x C pattern, g(z) = (tanh z + 1)/2. NES estimates of the gradient of the smoothed objective
 F(m, p) = CE(c | (1-m)x + m p) + lambda |m|_1 (paper Eq. 5, 6) drive Adam on (theta_m, theta_p), and
-lambda follows Neural Cleanse's schedule.
+lambda follows Neural Cleanse's schedule. On a coarse grid (:mod:`gate.grid`, inputs larger than 32x32) |m|_1
+counts searched cells, not pixels: each cell's Bernoulli is one decision whatever its area, so the same
+lambda_init weighs a cell as it weighs a pixel of a 32x32 input (counted in pixels, a 128x128 input's 4x4-pixel
+cells were penalised 16 times harder and its BadNets target's search stopped at a third of the image).
 
 The interface is ask/tell, evaluation is the caller's business::
 
@@ -35,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gate.grid import Grid
-from gate.kernels import bernoulli_masks, noisy_patterns
+from gate.kernels import bernoulli_masks, noisy_patterns, shown_noise, shown_patterns
 from gate.settings import Bad, Settings, boolean, choice, even_integer, integer, number, setting
 
 SAMPLINGS = ("paired", "joint", "separate")
@@ -61,7 +64,9 @@ class SearchParams(Settings):
     baseline: bool = setting(True, boolean, "subtract a leave-one-out mean fitness (variance reduction, unbiased)")
     mask_pattern_noise: bool = setting(True, boolean, "pattern estimate only from pixels the sampled mask shows")
     exact_penalty: bool = setting(True, boolean, "closed-form gradient of the lambda |m| term")
-    lambda_init: float = setting(1e-2, number(0, lo_open=True), "first lambda once a trigger works")
+    lambda_init: float = setting(1e-2, number(0, lo_open=True), "first lambda once a trigger works, per searched "
+                                 "cell: the penalty is lambda * (mask L1 in pixels) / (pixels per cell), so a "
+                                 "coarse grid weighs each cell as a pixel of a 32x32 input")
     lambda_up: float = setting(1.5, number(0, lo_open=True), "lambda multiplier while triggers work")
     lambda_down: float = setting(1.5 ** 1.5, number(0, lo_open=True), "lambda divisor while they do not")
     patience: int = setting(5, integer(1), "steps between lambda schedule changes")
@@ -137,7 +142,8 @@ class SearchState:
     rng: np.random.Generator
     # preallocated per-step buffers
     u: np.ndarray  # (k, H, W) uniforms for the mask samples
-    eps: np.ndarray  # (k, H, W, C) normals for the pattern samples
+    eps: np.ndarray  # (k, H, W, C) normals for the pattern samples (paired: the first k/2, 0 where hidden)
+    z: np.ndarray  # flat scratch (2 * k/2 * H*W*C): the shown pixels' normals, then the paired patterns' args
     masks: np.ndarray  # (n, H, W) candidate masks
     patterns: np.ndarray  # (n, H, W, C) candidate patterns
     lam: float = 0.0
@@ -208,6 +214,7 @@ class TriggerSearch:
             rng=rng,
             u=np.empty((p.k, h, w), dtype=np.float32),
             eps=np.empty((p.k, h, w, c), dtype=np.float32),
+            z=np.empty(2 * (p.k // 2) * h * w * c, dtype=np.float32),
             masks=np.empty((n, h, w), dtype=np.float32) if masks is None else masks,
             patterns=np.empty((n, h, w, c), dtype=np.float32) if patterns is None else patterns,
             grid=self.grid,
@@ -227,10 +234,20 @@ class TriggerSearch:
         if p.sampling == "paired":
             h = k // 2  # h masks, each stamped with pattern noise +eps_j and -eps_j
             rng.random(out=state.u[:h], dtype=np.float32)
+            shown = bernoulli_masks(state.u[:h], prob, state.masks[:h])
+            state.masks[h:k] = state.masks[:h]
+            if p.mask_pattern_noise:  # noise only where a mask shows the pattern (see _pattern_terms)
+                n = shown * self.shape[2]
+                rng.standard_normal(out=state.z[:n], dtype=np.float32)
+                shown_noise(state.masks[:h], theta_p, sigma, n, state.z, state.eps)
+                args = state.z[:2 * n]
+                np.tanh(args, out=args)
+                np.add(args, 1.0, out=args)
+                np.multiply(args, 0.5, out=args)
+                shown_patterns(state.masks[:h], state.z, n, state.patterns[-1], state.patterns)
+                return state.masks, state.patterns
             rng.standard_normal(out=state.eps[:h], dtype=np.float32)
             np.negative(state.eps[:h], out=state.eps[h:])
-            bernoulli_masks(state.u[:h], prob, state.masks[:h])
-            state.masks[h:k] = state.masks[:h]
             noisy_patterns(theta_p, state.eps, sigma, state.patterns[:k])
             return state.masks, state.patterns
         half = k // 2 if p.antithetic else k
@@ -312,8 +329,9 @@ class TriggerSearch:
             f_m = ce[:k]
             masks = state.masks[:k]
         n = len(f_m)
-        if not p.exact_penalty:  # lambda |m_j|_1 in pixels
-            f_m = f_m + state.lam * state.grid.weigh(masks).sum(axis=(1, 2), dtype=np.float64)
+        lam = state.lam / state.grid.cell_area  # lambda is per searched cell (see SearchParams.lambda_init)
+        if not p.exact_penalty:  # lambda |m_j|_1 in cells
+            f_m = f_m + lam * state.grid.weigh(masks).sum(axis=(1, 2), dtype=np.float64)
         if p.sampling != "paired":
             f_p = f_m if p.sampling == "joint" else ce[k:2 * k]
             if p.baseline:
@@ -326,7 +344,7 @@ class TriggerSearch:
             f_m = f_m - self._baseline(f_m, pairs=p.antithetic and p.sampling != "paired")
         grad_m = (2.0 / n) * (f_m @ masks.reshape(n, -1) - f_m.sum() * prob.reshape(-1))
         if p.exact_penalty:  # d/d(theta_m) of lambda * E|m|_1 = lambda * sum area g(theta_m), in closed form
-            grad_m += state.lam * 2.0 * state.grid.weigh(prob * (1.0 - prob)).reshape(-1)
+            grad_m += lam * 2.0 * state.grid.weigh(prob * (1.0 - prob)).reshape(-1)
         return grad_m.reshape(state.theta_m.shape), grad_p.reshape(state.theta_p.shape)
 
     def _pattern_terms(self, state: SearchState, f: np.ndarray, n: int) -> np.ndarray:
@@ -334,11 +352,13 @@ class TriggerSearch:
 
         Where m_j = 0 the stamped image does not depend on eps_j at that pixel, so that term has zero
         expectation: dropping it keeps the estimate unbiased and removes most of its noise once the mask
-        is sparse. (Rao-Blackwellisation; ``mask_pattern_noise=False`` keeps every term, as Eq. 6.)
+        is sparse. (Rao-Blackwellisation; ``mask_pattern_noise=False`` keeps every term, as Eq. 6.) With paired
+        sampling ``ask`` draws the noise only where m_j = 1 and leaves eps_j at 0 elsewhere: the same terms,
+        without drawing (or multiplying by) the normals that would be dropped.
         """
         eps = state.eps[:n].reshape(n, -1, self.shape[2])
-        if not self.params.mask_pattern_noise:
-            return (f @ eps.reshape(n, -1)).reshape(-1)
+        if not self.params.mask_pattern_noise or self.params.sampling == "paired":
+            return (f @ eps.reshape(n, -1)).reshape(-1)  # paired: ask drew eps only where m_j = 1 (0 elsewhere)
         shown = state.masks[:n].reshape(n, -1, 1)
         return np.einsum("j,jpc->pc", f, eps * shown).reshape(-1)
 

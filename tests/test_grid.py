@@ -63,8 +63,9 @@ def test_a_search_of_a_large_input_lives_on_the_grid_and_counts_pixels():
     assert state.best_l1 == pytest.approx(16.0 * state.best_mask.sum())  # each cell counts its 16 pixels
 
 
-def test_the_penalty_gradient_weights_each_cell_by_its_pixels():
-    """The closed-form gradient of lambda E|m|_1 (in pixels) on a cut grid: 2 lambda g(1-g) area per cell."""
+def test_the_penalty_counts_cells_a_cut_cell_its_share():
+    """The closed-form gradient of lambda E|m|_1 on a cut grid counts cells, not pixels: a whole cell weighs as
+    one pixel of a 32x32 input does (2 lambda g(1-g)), a cell the image's edge cuts its share (area / cell area)."""
     search = TriggerSearch((10, 7, 3), SearchParams(k=4, grid_cells=2))  # cell 5: areas 25, 10 / 25, 10
     state = search.init(np.random.default_rng(0))
     search.ask(state)
@@ -72,8 +73,14 @@ def test_the_penalty_gradient_weights_each_cell_by_its_pixels():
     flat = np.zeros(search.params.candidates)
     grad_m, _ = search.gradients(state, flat)  # no loss signal: the penalty alone
     prob = state.mask_prob
-    np.testing.assert_allclose(grad_m, 0.5 * 2.0 * prob * (1 - prob) * search.grid.area)
-    assert search.grid.area.tolist() == [[25.0, 10.0], [25.0, 10.0]]
+    np.testing.assert_allclose(grad_m, 0.5 * 2.0 * prob * (1 - prob) * search.grid.area / 25.0)
+    assert search.grid.area.tolist() == [[25.0, 10.0], [25.0, 10.0]] and search.grid.cell_area == 25
+    pixel = TriggerSearch((10, 7, 3), SearchParams(k=4, grid_cells=0))  # the same input pixel by pixel
+    state = pixel.init(np.random.default_rng(0))
+    pixel.ask(state)
+    state.lam = 0.5
+    grad_m, _ = pixel.gradients(state, flat)
+    np.testing.assert_allclose(grad_m, 0.5 * 2.0 * state.mask_prob * (1 - state.mask_prob))
 
 
 def test_a_32px_input_is_searched_pixel_by_pixel():

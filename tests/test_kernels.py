@@ -208,6 +208,55 @@ def test_stamp_classes_writes_the_same_values_in_either_layout(cell):
     np.testing.assert_array_equal(first, last.transpose(0, 3, 1, 2))
 
 
+@pytest.mark.parametrize("cell", [1, 2, 3])
+def test_the_planar_kernel_writes_the_bytes_of_stamp_classes(cell):
+    """stamp_classes_planar (every operand channels first; the pixel grid without the cell maps) writes exactly
+    what stamp_classes writes for a channels-first model: only the memory order of its inputs differs."""
+    from gate.kernels import stamp_classes, stamp_classes_planar
+
+    a = classes_case(cell=cell)
+    args = [a[key] for key in ("pool", "classes", "sample_idx", "eval_idx", "masks", "patterns", "rows", "cols",
+                               "scale", "offset")]
+    ref = stamp_classes_reference(**a, channels_first=True)
+    want = np.full(ref.shape, np.nan, np.float32)
+    stamp_classes(*args, True, want)
+    got = np.full(ref.shape, np.nan, np.float32)
+    pool = np.ascontiguousarray(a["pool"].transpose(0, 3, 1, 2))
+    planar = np.ascontiguousarray(a["patterns"][a["classes"]].transpose(0, 1, 4, 2, 3))
+    stamp_classes_planar(pool, a["classes"], a["sample_idx"], a["eval_idx"], a["masks"], planar, a["rows"],
+                         a["cols"], a["scale"], a["offset"], cell > 1, got)
+    assert np.isfinite(got).all()
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_a_host_batch_stamps_rounds_as_the_reference_in_either_layout(layout, tmp_path):
+    """HostBatch.add_classes, channels first through the planar kernel (its pool transposed once and kept, the
+    patterns per call), channels last through stamp_classes: the reference's values, call after call."""
+    from types import SimpleNamespace
+
+    from gate.batches.host import HostBatch
+    from gate.grid import Grid
+
+    a = classes_case(cell=2)
+    channels_first = layout == "NCHW"
+    per = 3 * 2 + 4
+    ref = stamp_classes_reference(**a, channels_first=channels_first)
+    spec = SimpleNamespace(channels_first=channels_first,
+                           model_shape=lambda n: (n, 3, 9, 7) if channels_first else (n, 9, 7, 3))
+    oracle = SimpleNamespace(spec=spec, affine=(a["scale"], a["offset"]))
+    batch = HostBatch(oracle, 64)
+    grid = Grid(9, 7, 2)
+    for order in ([0, 1, 2], [2, 0]):  # a second call: the kept pool, the scratch reused for fewer classes
+        batch.size = 0
+        classes = a["classes"][order]
+        rows = batch.add_classes(a["pool"], classes, a["sample_idx"], a["eval_idx"], a["masks"], a["patterns"], grid)
+        want = np.concatenate([ref[i * per:(i + 1) * per] for i in order])
+        np.testing.assert_allclose(batch.buffer[rows], want, rtol=1e-5, atol=1e-5)
+    assert batch._pool_planar is not None if channels_first else batch._pool_planar is None
+
+
 def test_a_grid_trigger_stamps_as_its_upsampled_trigger():
     """The kernel reading the grid gives the bytes the full-resolution trigger gives (not only close)."""
     from gate.grid import Grid

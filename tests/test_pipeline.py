@@ -6,9 +6,9 @@
         --out OUT --max-steps 25 --max-images 150
 
 The same command today must give the same report, timings aside. A change that is meant to move scan results
-regenerates the files with the command above and says so in its commit (last: the cheaper default search,
-search.batch_size 2, early_stop_patience 40, lambda_init 0.01, and the outlier rule refitted with it: other L1s
-and query counts, the decisions unchanged). The numbers are those of the machine that wrote them: on a CPU of
+regenerates the files with the command above and says so in its commit (last: the paired pattern noise drawn
+only where a sampled mask shows it, the same distribution from other random streams: other L1s, the same query
+counts and decisions). The numbers are those of the machine that wrote them: on a CPU of
 another kind numba's fastmath, numpy's SIMD exp/log and onnxruntime's MLAS kernels round differently in the last
 bits, and a stochastic search amplifies that (a Bernoulli draw lands the other side of its probability): on a CI
 machine a class's L1 moved by 0.07 % and its binary L1 by 2 pixels, with no change in the code. So measurements

@@ -107,8 +107,37 @@ def test_ask_layout_paired():
     masks, patterns = search.ask(state)
     assert masks.shape == (9, H, W)
     np.testing.assert_array_equal(masks[4:8], masks[:4])  # each mask twice ...
-    np.testing.assert_allclose(state.eps[4:], -state.eps[:4])  # ... with mirrored pattern noise
+    sigma = search.params.sigma
+    shown = np.broadcast_to(masks[:4, ..., None] == 1.0, (4, H, W, C))
+    assert shown.any() and not shown.all()
+    eps = state.eps[:4]
+    np.testing.assert_allclose(patterns[:4][shown], g(state.theta_p + sigma * eps)[shown], rtol=1e-5)  # ... with
+    np.testing.assert_allclose(patterns[4:8][shown], g(state.theta_p - sigma * eps)[shown], rtol=1e-5)  # mirrored noise
+    assert np.all(eps[~shown] == 0.0)  # noise is drawn only where the mask shows the pattern
+    hidden = np.broadcast_to(g(state.theta_p), (4, H, W, C))[~shown]
+    np.testing.assert_allclose(patterns[:4][~shown], hidden, rtol=1e-5)  # hidden: the mean pattern (never stamped)
+    np.testing.assert_allclose(patterns[4:8][~shown], hidden, rtol=1e-5)
     np.testing.assert_array_equal(patterns[:4] + patterns[4:8] > 1.0, np.broadcast_to(state.theta_p > 0, (4, H, W, C)))
+
+
+def test_paired_noise_follows_the_mask_on_a_coarse_grid_too():
+    """The scatter of the shown pixels' normals keeps masks, noise and both mirrored patterns aligned whatever the
+    mask's density (all hidden, all shown, anything between) and on a grid of cells."""
+    search = TriggerSearch((64, 48, 3), SearchParams(k=6, grid_cells=16))
+    assert search.shape == (16, 12, 3)
+    state = search.init(np.random.default_rng(3))
+    state.theta_p[...] = np.random.default_rng(4).normal(size=search.shape)
+    for logit in (-30.0, 30.0, 0.0):
+        state.theta_m[...] = logit
+        masks, patterns = search.ask(state)
+        shown = np.broadcast_to(masks[:3, ..., None] == 1.0, (3, *search.shape))
+        assert shown.mean() == pytest.approx({-30.0: 0.0, 30.0: 1.0, 0.0: 0.5}[logit], abs=0.1)
+        plus = np.where(shown, g(state.theta_p + 0.3 * state.eps[:3]), g(state.theta_p))
+        minus = np.where(shown, g(state.theta_p - 0.3 * state.eps[:3]), g(state.theta_p))
+        np.testing.assert_allclose(patterns[:3], plus, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(patterns[3:6], minus, rtol=1e-5, atol=1e-6)
+        if shown.any():
+            assert abs(float(state.eps[:3][shown].std()) - 1.0) < 0.1  # standard normals where shown
 
 
 def test_separate_sampling_is_the_papers_layout():

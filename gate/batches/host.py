@@ -6,7 +6,7 @@ import numpy as np
 
 from gate.batches.rows import Rows
 from gate.grid import Grid
-from gate.kernels import perturb_encode, stamp_classes, stamp_encode
+from gate.kernels import perturb_encode, stamp_classes, stamp_classes_planar, stamp_encode
 from gate.oracle import Oracle
 
 
@@ -17,6 +17,9 @@ class HostBatch(Rows):
         self.buffer = np.empty(oracle.spec.model_shape(self.capacity), dtype=np.float32)
         self.scale, self.offset = oracle.affine
         self.channels_first = oracle.spec.channels_first
+        self._pool_source: np.ndarray | None = None  # channels first: the pool last seen, and it as (N, C, H, W)
+        self._pool_planar: np.ndarray | None = None
+        self._patterns_planar: np.ndarray | None = None  # scratch: one call's patterns as (G, n+1, C, gh, gw)
 
     def add_stamped(self, images: np.ndarray, masks: np.ndarray, patterns: np.ndarray) -> slice:
         """Stamp every (mask, pattern) on every image; returns the rows they occupy (trigger-major)."""
@@ -26,11 +29,36 @@ class HostBatch(Rows):
         return rows
 
     def add_classes(self, pool, classes, sample_idx, eval_idx, masks, patterns, grid: Grid) -> slice:
-        """One scan round for the given classes, their triggers on ``grid`` (see :func:`gate.kernels.stamp_classes`)."""
+        """One scan round for the given classes, their triggers on ``grid`` (see :func:`gate.kernels.stamp_classes`).
+
+        For a channels-first model the pool is transposed to (N, C, H, W) once (kept while the same pool comes
+        back) and the classes' patterns to (G, n+1, C, gh, gw) per call, so that the stamping kernel reads
+        every operand in the order it writes (:func:`gate.kernels.stamp_classes_planar`)."""
         rows = self._reserve(len(classes) * self.rows_per_class(masks, sample_idx, eval_idx))
-        stamp_classes(pool, classes, sample_idx, eval_idx, masks, patterns, grid.rows, grid.cols, self.scale,
-                      self.offset, self.channels_first, self.buffer[rows])
+        if not self.channels_first:
+            stamp_classes(pool, classes, sample_idx, eval_idx, masks, patterns, grid.rows, grid.cols, self.scale,
+                          self.offset, False, self.buffer[rows])
+            return rows
+        planar = self._planar_patterns(patterns, classes)
+        stamp_classes_planar(self._planar_pool(pool), classes, sample_idx, eval_idx, masks, planar, grid.rows,
+                             grid.cols, self.scale, self.offset, grid.coarse, self.buffer[rows])
         return rows
+
+    def _planar_pool(self, pool: np.ndarray) -> np.ndarray:
+        if self._pool_source is not pool:
+            self._pool_source = pool
+            self._pool_planar = np.ascontiguousarray(pool.transpose(0, 3, 1, 2))
+        return self._pool_planar
+
+    def _planar_patterns(self, patterns: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        shape = (len(classes), *patterns.shape[1:2], patterns.shape[4], *patterns.shape[2:4])
+        if self._patterns_planar is None or self._patterns_planar.shape[0] < shape[0] \
+                or self._patterns_planar.shape[1:] != shape[1:]:
+            self._patterns_planar = np.empty(shape, np.float32)
+        out = self._patterns_planar[:shape[0]]
+        for g, cls in enumerate(classes):
+            np.copyto(out[g], patterns[cls].transpose(0, 3, 1, 2))
+        return out
 
     def add_perturbed(self, x: np.ndarray, delta: np.ndarray, sigma: float) -> slice:
         """Gaussian probes clip(x[i] + sigma*delta[i, j]) (image-major rows), for B3D-SS."""
