@@ -287,12 +287,17 @@ class Oracle(QueryOracle):
         wanted = ["CPUExecutionProvider"]
         if device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
             wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        self.session = self._session(ort, wanted, threads or (1 if self.calls > 1 else 0))
-        # onnxruntime-gpu lists CUDA even with no GPU: what counts is what the session really got.
+        # calls split CPU batches only: on a GPU the CPU-side ops keep onnxruntime's own threads, on the CPU each of
+        # the calls gets one thread. A session that asked for CUDA is built for the GPU (loading the model on the GPU
+        # once); onnxruntime-gpu lists CUDA even with no GPU, so what counts is what the session really got, and a
+        # CUDA session that fell back to the CPU is rebuilt (cheap there) with the CPU calls' one thread.
+        cpu_threads = threads or (1 if self.calls > 1 else 0)
+        self.session = self._session(ort, wanted, threads if len(wanted) > 1 else cpu_threads)
         self.providers = list(self.session.get_providers())
         self.on_cuda = self.providers[0] == "CUDAExecutionProvider"
-        if self.on_cuda and self.calls > 1 and not threads:  # calls split CPU batches only: the GPU's CPU-side
-            self.session = self._session(ort, wanted, 0)       # ops keep onnxruntime's own threads
+        if len(wanted) > 1 and not self.on_cuda and cpu_threads != threads:
+            self.session = self._session(ort, wanted, cpu_threads)
+            self.providers = list(self.session.get_providers())
         if device == "cuda" and not self.on_cuda:
             raise ModelError("device 'cuda' requested but onnxruntime could not use a CUDA GPU")
 

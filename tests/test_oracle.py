@@ -161,3 +161,55 @@ def test_float16_model(tmp_path, images):
     assert o.spec.dtype == "float16"
     want = direct(path, images.transpose(0, 3, 1, 2).astype(np.float16))
     np.testing.assert_allclose(o.probs(images), want, rtol=1e-3, atol=1e-4)
+
+
+def _sessions_built(monkeypatch, fake_gpu: bool):
+    """Record every session the oracle builds (its providers and threads); with ``fake_gpu`` the sessions say they
+    got the CUDA provider, as on a machine with a GPU."""
+    built = []
+    real = Oracle._session
+
+    def spy(self, ort_module, providers, threads):
+        built.append((list(providers), threads))
+        session = real(self, ort_module, ["CPUExecutionProvider"], threads)
+        if not fake_gpu:
+            return session
+
+        class OnGpu:
+            def __getattr__(self, name):
+                return getattr(session, name)
+
+            def get_providers(self):
+                return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+        return OnGpu()
+
+    monkeypatch.setattr(Oracle, "_session", spy)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    return built
+
+
+def test_a_gpu_session_is_built_once_with_calls(tmp_path, monkeypatch):
+    """On a GPU the model is loaded once, with onnxruntime's own threads, whatever ``calls`` says."""
+    path = tmp_path / "m.onnx"
+    linear_model(path)
+    built = _sessions_built(monkeypatch, fake_gpu=True)
+    oracle = Oracle(path, device="auto", calls=2)
+    assert oracle.on_cuda and built == [(["CUDAExecutionProvider", "CPUExecutionProvider"], 0)]
+
+
+def test_a_cuda_session_that_fell_back_to_the_cpu_gets_one_thread_per_call(tmp_path, monkeypatch):
+    """onnxruntime-gpu with no GPU: the session asked for CUDA got the CPU, so it is rebuilt with the one thread each
+    of the CPU calls runs on; a CPU-only request builds that session at once; one call keeps the library's threads."""
+    path = tmp_path / "m.onnx"
+    linear_model(path)
+    built = _sessions_built(monkeypatch, fake_gpu=False)
+    oracle = Oracle(path, device="auto", calls=2)
+    assert not oracle.on_cuda and oracle.providers == ["CPUExecutionProvider"]
+    assert [t for _, t in built] == [0, 1]
+    built.clear()
+    Oracle(path, device="cpu", calls=2)
+    assert built == [(["CPUExecutionProvider"], 1)]
+    built.clear()
+    Oracle(path, device="auto", calls=1)
+    assert [t for _, t in built] == [0]
