@@ -17,7 +17,7 @@ class Bandit:
         """Indices of the running ``states`` (:class:`gate.search.SearchState`) to stop after ``step``."""
         if step < self.warmup or step % self.every:
             return []
-        scores = np.array([s.result_trigger()[2] for s in states])
+        scores = np.array([s.result_l1 for s in states])
         cut = np.quantile(scores, self.keep)
         return [i for i, (s, v) in enumerate(zip(states, scores, strict=True))
                 if not s.done and v > cut and s.best_mask is not None]

@@ -110,6 +110,11 @@ class BlendState:
         """The class's statistic: the best working amplitude, 1.0 when no blend trigger worked."""
         return 1.0 if self.best_amplitude is None else self.best_amplitude
 
+    @property
+    def result_l1(self) -> float:
+        """The L1 :meth:`result_trigger` reports, without building its arrays."""
+        return self.best_l1 if self.best_amplitude is not None else float(self.pixels)
+
     def result_trigger(self) -> tuple[np.ndarray, np.ndarray, float]:
         """(mask, pattern, L1) as :meth:`gate.search.SearchState.result_trigger`: the mask is the constant
         amplitude; without a working trigger the current pattern at amplitude 1 (the whole image)."""

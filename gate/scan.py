@@ -131,8 +131,7 @@ class ClassSearch:
         if self.mode == "blend":
             return ClassFinished(self.label, self.state.step, self.state.last_success,
                                  self.state.result_amplitude, self.queries, self.state.status, "blend")
-        _, _, l1 = self.state.result_trigger()
-        return ClassFinished(self.label, self.state.step, self.state.last_success, float(l1), self.queries,
+        return ClassFinished(self.label, self.state.step, self.state.last_success, self.state.result_l1, self.queries,
                              self.state.status)
 
 
@@ -391,7 +390,7 @@ class ScanEngine:
                 self.search.stop(self.classes[i].state, "bandit_stopped")
                 self.progress.emit(self.classes[i].finished())
         running = [r for r in self.classes if not r.state.done]
-        smallest = min(running, key=lambda r: r.state.result_trigger()[2]) if running else None
+        smallest = min(running, key=lambda r: r.state.result_l1) if running else None
         self.progress.emit(RoundFinished(self.step, self.budget.spent, smallest and smallest.finished()))
         return True
 
@@ -420,12 +419,12 @@ class ScanEngine:
         sc = self.screening
         for r in stepped:
             if r.mode == "patch":
-                sc.observe(r.label, r.state.step, r.state.result_trigger()[2], r.state.done)
+                sc.observe(r.label, r.state.step, r.state.result_l1, r.state.done)
         if sc.ready(np.array([r.state.done for r in self.classes])):
             self._screen()
 
     def _screen(self) -> None:
-        stop, _resume = self.screening.decide(np.array([r.state.result_trigger()[2] for r in self.classes]),
+        stop, _resume = self.screening.decide(np.array([r.state.result_l1 for r in self.classes]),
                                               np.array([r.state.status == "converged" for r in self.classes]))
         for c in stop:
             r = self.classes[c]
@@ -504,7 +503,7 @@ class ScanEngine:
         n = len(self.classes)
         outcomes = []
         for i, r in enumerate(self.classes):
-            l1 = float(r.state.result_trigger()[2])
+            l1 = float(r.state.result_l1)
             c = ClassResult(
                 label=r.label, l1=l1, binary_l1=int((masks[i] >= 0.5).sum()), mask_fraction=float(l1 / (h * w)),
                 trigger_asr=asr[i], queries=int(r.queries), steps=int(r.state.step), status=r.state.status,

@@ -174,6 +174,11 @@ class SearchState:
     def mean_pattern(self) -> np.ndarray:
         return g(self.theta_p)
 
+    @property
+    def result_l1(self) -> float:
+        """The L1 :meth:`result_trigger` reports, without building its arrays (asked of every class each round)."""
+        return self.best_l1 if self.best_mask is not None else float(self.grid.pixels)
+
     def result_trigger(self) -> tuple[np.ndarray, np.ndarray, float]:
         """(soft mask, pattern, L1) of the best successful trigger, else the current mean trigger with the L1
         of the whole image: no working trigger was found, so none is known to be smaller (a search that

@@ -241,3 +241,17 @@ def test_a_flat_loss_shows_more_of_the_image_and_is_explained():
     search.ask(varied)
     search.tell(varied, np.linspace(1.0, 2.0, p.candidates), 0.0)
     assert varied.flat_steps == 0 and "did not move" not in search.explain(varied)
+
+
+def test_result_l1_is_the_l1_result_trigger_reports():
+    """The cheap per-round L1 (no arrays built) is the one the report's trigger carries, before and after a trigger
+    works, for the patch search and the blend search."""
+    from gate.blend import BlendParams, BlendSearch
+
+    params = SearchParams(k=4)
+    for search in (TriggerSearch((8, 6, 3), params), BlendSearch((8, 6, 3), params, BlendParams())):
+        state = search.init(np.random.default_rng(0))
+        search.ask(state)
+        assert state.result_l1 == state.result_trigger()[2] == 48.0  # nothing worked: the whole image
+        search.tell(state, np.linspace(1.0, 2.0, search.params.candidates), 1.0)  # the current trigger works
+        assert state.result_l1 == state.result_trigger()[2] < 48.0
