@@ -103,9 +103,10 @@ def shown_noise(masks, theta_p, sigma, n, buf, eps):
     """Spread ``buf``'s normals over the pixels the binary ``masks`` show and prepare the paired patterns' args.
 
     masks (h, H, W) binary with S ones (:func:`bernoulli_masks` counts them); buf (>= 2n) holds n = S*C
-    standard normals in its first n entries, in mask order (j, r, c, q). Writes eps[j] (h, H, W, C): the
-    normals where m_j = 1, 0 where it is 0; and overwrites buf with the arguments of g for the shown pixels:
-    buf[t] = theta_p + sigma*z_t (the +eps_j pattern), buf[n + t] = theta_p - sigma*z_t (its mirror).
+    standard normals in its first n entries, in mask order (j, r, c, q). Writes eps[j, r, c] (h, H, W, C) where
+    m_j = 1 (the caller zeroes eps first: a memset, faster than writing the hidden pixels here); and overwrites buf
+    with the arguments of g for the shown pixels: buf[t] = theta_p + sigma*z_t (the +eps_j pattern),
+    buf[n + t] = theta_p - sigma*z_t (its mirror).
     """
     h, gh, gw = masks.shape
     ch = eps.shape[3]
@@ -121,16 +122,13 @@ def shown_noise(masks, theta_p, sigma, n, buf, eps):
                         buf[t] = th + sigma * z
                         buf[n + t] = th - sigma * z
                         t += 1
-                else:
-                    for q in range(ch):
-                        eps[j, r, c, q] = 0.0
 
 
 @njit(fastmath=True, cache=True)
-def shown_patterns(masks, values, n, fill, out):
-    """The paired pattern samples from :func:`shown_noise`'s args after g: out[j] and out[h + j] (h masks) take
-    values[t] and values[n + t] where m_j = 1 and ``fill`` (H, W, C) where m_j = 0 (a pixel the mask hides
-    never reaches the model: any finite value stamps the same image)."""
+def shown_patterns(masks, values, n, out):
+    """The paired pattern samples from :func:`shown_noise`'s args after g: where m_j = 1, out[j] takes values[t]
+    and out[h + j] (h masks) values[n + t]. The caller fills both first with any finite pattern (the mean one): a
+    pixel the mask hides never reaches the model, so its value does not matter as long as it is finite."""
     h, gh, gw = masks.shape
     ch = out.shape[3]
     t = 0
@@ -142,10 +140,6 @@ def shown_patterns(masks, values, n, fill, out):
                         out[j, r, c, q] = values[t]
                         out[h + j, r, c, q] = values[n + t]
                         t += 1
-                else:
-                    for q in range(ch):
-                        out[j, r, c, q] = fill[r, c, q]
-                        out[h + j, r, c, q] = fill[r, c, q]
 
 
 def noisy_patterns(theta_p, eps, sigma, out):
@@ -232,13 +226,14 @@ def stamp_classes(pool, classes, sample_idx, eval_idx, masks, patterns, rows, co
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def stamp_classes_planar(pool, classes, sample_idx, eval_idx, masks, patterns, rows, cols, scale, offset, coarse,
-                         out):
+def stamp_classes_planar(pool, classes, sample_idx, eval_idx, masks, patterns, which, rows, cols, scale, offset,
+                         coarse, out):
     """:func:`stamp_classes` for a channels-first model, every operand laid out as the output is: the same rows,
     the same values (the same arithmetic, in the same order), 3x faster on a pixel grid.
 
-    pool (N, C, H, W); patterns (G, n+1, C, gh, gw) of the G classes of this call in order (patterns[g] belongs
-    to classes[g]); masks (K, n+1, gh, gw) as for :func:`stamp_classes`; out (G*rows, C, H, W). Read with the
+    pool (N, C, H, W); patterns (P, n+1, C, gh, gw), the g-th class of the call reading patterns[which[g]] (the
+    scan's planar array with ``which`` = ``classes``, or a per-call copy with ``which`` = 0..G-1); masks
+    (K, n+1, gh, gw) as for :func:`stamp_classes`; out (G*rows, C, H, W). Read with the
     channel last, the pattern's stride of C floats stopped the inner loop from vectorising (5.2 against 1.6 us
     a 32x32 row on one core, bench/RESULTS.md "Scan speed"); ``coarse`` False skips the pixel -> cell maps.
     """
@@ -250,6 +245,7 @@ def stamp_classes_planar(pool, classes, sample_idx, eval_idx, masks, patterns, r
     for t in prange(classes.shape[0] * per):
         g = t // per
         cls = classes[g]
+        pi = which[g]
         j, x = _round_source(t - g * per, n, b, cls, sample_idx, eval_idx)
         for q in range(ch):
             s, o = scale[q], offset[q]
@@ -258,12 +254,13 @@ def stamp_classes_planar(pool, classes, sample_idx, eval_idx, masks, patterns, r
                     gr = rows[r]
                     for c in range(w):
                         gc = cols[c]
-                        v = _blend(pool[x, q, r, c], masks[cls, j, gr, gc], patterns[g, j, q, gr, gc])
+                        v = _blend(pool[x, q, r, c], masks[cls, j, gr, gc], patterns[pi, j, q, gr, gc])
                         out[t, q, r, c] = s * v + o
             else:
                 for r in range(h):
                     for c in range(w):
-                        out[t, q, r, c] = s * _blend(pool[x, q, r, c], masks[cls, j, r, c], patterns[g, j, q, r, c]) + o
+                        v = _blend(pool[x, q, r, c], masks[cls, j, r, c], patterns[pi, j, q, r, c])
+                        out[t, q, r, c] = s * v + o
 
 
 @njit(parallel=True, fastmath=True, cache=True)

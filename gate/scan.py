@@ -252,7 +252,11 @@ class ScanEngine:
         slots = cfg.modes * n_runs
         self.grid = self.search.grid  # the masks and patterns live on it (gate.grid), both modes'
         self.masks = np.empty((slots, n_cand, *self.search.shape[:2]), np.float32)
-        self.patterns = np.empty((slots, n_cand, *self.search.shape), np.float32)
+        self.rows_per_class = params.queries_per_step
+        self.capacity = max(cfg.batch_images, self.rows_per_class)
+        self.batches = (make_batch(oracle, self.capacity), make_batch(oracle, self.capacity))  # double-buffered
+        # laid out as the stamping kernel reads it best (channels first for a channels-first model on the CPU)
+        self.patterns = self.batches[0].planar_patterns((slots, n_cand, *self.search.shape))
         self.sample_idx = np.zeros((slots, params.batch_size), np.int64)
         self.eval_idx = np.zeros((slots, params.eval_size), np.int64)
         pools = []
@@ -275,9 +279,6 @@ class ScanEngine:
                                         clean_probs[: len(self.search_idx)], pixels=h * w)
             self.screening = screening if screening.active else None
 
-        self.rows_per_class = params.queries_per_step
-        self.capacity = max(cfg.batch_images, self.rows_per_class)
-        self.batches = (make_batch(oracle, self.capacity), make_batch(oracle, self.capacity))  # double-buffered
         self.sample_rows = (n_cand - 1) * params.batch_size
         self.reserve = len(self.runs) * len(self.held_x)  # kept for measuring every trigger on held-out images
         self._hits = np.empty(1, np.float64)

@@ -244,12 +244,14 @@ class TriggerSearch:
             if p.mask_pattern_noise:  # noise only where a mask shows the pattern (see _pattern_terms)
                 n = shown * self.shape[2]
                 rng.standard_normal(out=state.z[:n], dtype=np.float32)
+                state.eps[:h] = 0.0
                 shown_noise(state.masks[:h], theta_p, sigma, n, state.z, state.eps)
                 args = state.z[:2 * n]
                 np.tanh(args, out=args)
                 np.add(args, 1.0, out=args)
                 np.multiply(args, 0.5, out=args)
-                shown_patterns(state.masks[:h], state.z, n, state.patterns[-1], state.patterns)
+                state.patterns[:k] = state.patterns[-1]  # hidden pixels: the mean pattern (never stamped)
+                shown_patterns(state.masks[:h], state.z, n, state.patterns)
                 return state.masks, state.patterns
             rng.standard_normal(out=state.eps[:h], dtype=np.float32)
             np.negative(state.eps[:h], out=state.eps[h:])

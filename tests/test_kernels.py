@@ -220,14 +220,16 @@ def test_the_planar_kernel_writes_the_bytes_of_stamp_classes(cell):
     ref = stamp_classes_reference(**a, channels_first=True)
     want = np.full(ref.shape, np.nan, np.float32)
     stamp_classes(*args, True, want)
-    got = np.full(ref.shape, np.nan, np.float32)
     pool = np.ascontiguousarray(a["pool"].transpose(0, 3, 1, 2))
-    planar = np.ascontiguousarray(a["patterns"][a["classes"]].transpose(0, 1, 4, 2, 3))
-    stamp_classes_planar(pool, a["classes"], a["sample_idx"], a["eval_idx"], a["masks"], planar, a["rows"],
-                         a["cols"], a["scale"], a["offset"], cell > 1, got)
-    assert np.isfinite(got).all()
-    np.testing.assert_array_equal(got, want)
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    every = np.ascontiguousarray(a["patterns"].transpose(0, 1, 4, 2, 3))  # every class's, read by class
+    some = np.ascontiguousarray(every[a["classes"]])  # the call's classes only, read by position
+    for planar, which in ((every, a["classes"]), (some, np.arange(len(a["classes"])))):
+        got = np.full(ref.shape, np.nan, np.float32)
+        stamp_classes_planar(pool, a["classes"], a["sample_idx"], a["eval_idx"], a["masks"], planar, which,
+                             a["rows"], a["cols"], a["scale"], a["offset"], cell > 1, got)
+        assert np.isfinite(got).all()
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
@@ -248,12 +250,16 @@ def test_a_host_batch_stamps_rounds_as_the_reference_in_either_layout(layout, tm
     oracle = SimpleNamespace(spec=spec, affine=(a["scale"], a["offset"]))
     batch = HostBatch(oracle, 64)
     grid = Grid(9, 7, 2)
-    for order in ([0, 1, 2], [2, 0]):  # a second call: the kept pool, the scratch reused for fewer classes
-        batch.size = 0
-        classes = a["classes"][order]
-        rows = batch.add_classes(a["pool"], classes, a["sample_idx"], a["eval_idx"], a["masks"], a["patterns"], grid)
-        want = np.concatenate([ref[i * per:(i + 1) * per] for i in order])
-        np.testing.assert_allclose(batch.buffer[rows], want, rtol=1e-5, atol=1e-5)
+    kept = batch.planar_patterns(a["patterns"].shape)  # what the scan allocates: planar underneath when NCHW
+    kept[...] = a["patterns"]
+    assert kept.transpose(0, 1, 4, 2, 3).flags.c_contiguous == channels_first
+    for patterns in (a["patterns"], kept):  # copied per call, or read in place
+        for order in ([0, 1, 2], [2, 0]):  # a second call: the kept pool, the scratch reused for fewer classes
+            batch.size = 0
+            classes = a["classes"][order]
+            rows = batch.add_classes(a["pool"], classes, a["sample_idx"], a["eval_idx"], a["masks"], patterns, grid)
+            want = np.concatenate([ref[i * per:(i + 1) * per] for i in order])
+            np.testing.assert_allclose(batch.buffer[rows], want, rtol=1e-5, atol=1e-5)
     assert batch._pool_planar is not None if channels_first else batch._pool_planar is None
 
 

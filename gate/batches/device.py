@@ -29,6 +29,10 @@ class DeviceBatch(Rows):
         self._grid_host = None
         self._grid_device = None
 
+    def planar_patterns(self, shape: tuple[int, ...]) -> np.ndarray:
+        """The scan's patterns array (K, n+1, gh, gw, C): plain here (copied to the GPU as it is each call)."""
+        return np.empty(shape, np.float32)
+
     def _device_pool(self, pool):
         """The clean-image pool goes up once per scan, not once per round."""
         if self._pool_host is not pool:

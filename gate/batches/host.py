@@ -32,17 +32,31 @@ class HostBatch(Rows):
         """One scan round for the given classes, their triggers on ``grid`` (see :func:`gate.kernels.stamp_classes`).
 
         For a channels-first model the pool is transposed to (N, C, H, W) once (kept while the same pool comes
-        back) and the classes' patterns to (G, n+1, C, gh, gw) per call, so that the stamping kernel reads
-        every operand in the order it writes (:func:`gate.kernels.stamp_classes_planar`)."""
+        back) and the patterns are read as (K, n+1, C, gh, gw), so that the stamping kernel reads every operand in
+        the order it writes (:func:`gate.kernels.stamp_classes_planar`): in place when ``patterns`` is a view of
+        such an array (:func:`planar_patterns`, what the scan allocates), else copied per call."""
         rows = self._reserve(len(classes) * self.rows_per_class(masks, sample_idx, eval_idx))
         if not self.channels_first:
             stamp_classes(pool, classes, sample_idx, eval_idx, masks, patterns, grid.rows, grid.cols, self.scale,
                           self.offset, False, self.buffer[rows])
             return rows
-        planar = self._planar_patterns(patterns, classes)
-        stamp_classes_planar(self._planar_pool(pool), classes, sample_idx, eval_idx, masks, planar, grid.rows,
+        planar = patterns.transpose(0, 1, 4, 2, 3)
+        if planar.flags.c_contiguous:  # the scan keeps its patterns planar (planar_patterns): read them in place
+            which = classes
+        else:
+            planar, which = self._planar_patterns(patterns, classes), np.arange(len(classes), dtype=np.int64)
+        stamp_classes_planar(self._planar_pool(pool), classes, sample_idx, eval_idx, masks, planar, which, grid.rows,
                              grid.cols, self.scale, self.offset, grid.coarse, self.buffer[rows])
         return rows
+
+    def planar_patterns(self, shape: tuple[int, ...]) -> np.ndarray:
+        """An uninitialised float32 patterns array of ``shape`` (K, n+1, gh, gw, C) for the scan's searches to
+        write: for a channels-first model a view of a (K, n+1, C, gh, gw) array, which add_classes stamps from in
+        place (the searches write through the view; nothing is copied per call)."""
+        if not self.channels_first:
+            return np.empty(shape, np.float32)
+        k, n, gh, gw, c = shape
+        return np.empty((k, n, c, gh, gw), np.float32).transpose(0, 1, 3, 4, 2)
 
     def _planar_pool(self, pool: np.ndarray) -> np.ndarray:
         if self._pool_source is not pool:
