@@ -2,7 +2,8 @@
 
 All classes search at once. Each round, every running class asks for its candidates, the candidates of
 many classes are stamped side by side into one buffer and answered by one model call, and each class is
-told its losses. Budgets (queries, seconds) are checked before every model call and never exceeded; when
+told its losses. A round's classes go out in a few near-equal calls (about ``PIPELINE_ROWS`` images each),
+two buffers in turn: while one call runs, the next group is sampled and stamped and the previous one told. Budgets (queries, seconds) are checked before every model call and never exceeded; when
 they cut the scan short it says so.
 
 The engine is an object with the life of one scan: set-up (``ScanEngine(...)``: data split, clean
