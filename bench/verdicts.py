@@ -37,6 +37,7 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -44,8 +45,9 @@ import numpy as np
 
 from bench import zoo
 from bench.compare import publish
-from gate.blend import blend_outliers
+from gate.blend import AMPLITUDE_FLOOR, BlendParams, blend_outliers
 from gate.outliers import (
+    L1_FLOOR,
     OutlierRule,
     combine_z,
     corrected_p,
@@ -195,15 +197,16 @@ class Judged:
         return len(set(self.flagged) - set(self.model.targets))
 
 
-def judge(m: Model, rule: OutlierRule, blend: bool = False) -> Judged:
-    """The rule on the model's patch L1 norms; with ``blend`` (and the model's blend-mode scan) the gate's
-    decision on that scan: a class is flagged when either mode flags it, the score the larger one."""
-    with_blend = blend and m.blend is not None
+def judge(m: Model, rule: OutlierRule, blend: BlendParams | None = None) -> Judged:
+    """The rule on the model's patch L1 norms; with ``blend`` (the blend rule's calibration) and the model's
+    blend-mode scan, the gate's decision on that scan: a class is flagged when either mode flags it, the score
+    the larger one."""
+    with_blend = blend is not None and m.blend is not None
     out = find_outliers(m.blend_l1 if with_blend and m.blend_l1 is not None else m.l1, rule, pixels=m.pixels)
     score = out.backdoor_score if rule.method == "calibrated" else float(np.max(out.anomaly_index))
     flagged = set(int(c) for c in np.flatnonzero(out.flagged))
     if with_blend:
-        b = blend_outliers(m.blend, rule)
+        b = blend_outliers(m.blend, rule, blend)
         flagged |= set(int(c) for c in np.flatnonzero(b.flagged))
         score = max(score, b.backdoor_score if rule.method == "calibrated" else float(np.max(b.anomaly_index)))
     return Judged(m, tuple(sorted(flagged)), score)
@@ -226,7 +229,22 @@ def summary(judged: list[Judged]) -> dict:
 
 
 # --------------------------------------------------------------------------- fitting
-def fit(models: list[Model], target_fpr: float, weights: tuple[float, ...] = WEIGHTS) -> OutlierRule:
+@dataclass(frozen=True)
+class Sizes:
+    """What a rule is fitted on: each class's size (small is suspicious), the model's pixel count for the
+    population test, and the smallest size the logs tell apart."""
+
+    of: Callable[[Model], np.ndarray]
+    pixels: Callable[[Model], int]
+    floor: float
+
+
+PATCH = Sizes(lambda m: m.l1, lambda m: m.pixels, L1_FLOOR)  # the patch triggers' L1 norms, per pixel
+BLEND = Sizes(lambda m: m.blend, lambda m: 1, AMPLITUDE_FLOOR)  # the blend amplitudes, already a fraction
+
+
+def fit(models: list[Model], target_fpr: float, weights: tuple[float, ...] = WEIGHTS, sizes: Sizes = PATCH,
+        prior: list[tuple[int, ...]] | None = None) -> OutlierRule:
     """The rule that detects most backdoors while flagging at most ``target_fpr`` of the clean models.
 
     The population test's null (``population_mean``, ``population_scale``) is fitted on the clean models among
@@ -234,26 +252,31 @@ def fit(models: list[Model], target_fpr: float, weights: tuple[float, ...] = WEI
     grid is tried. Among the grid points that tie on (backdoors detected, true targets found, fewer extra flags),
     the (floor, weight) with the widest range of such alphas is taken (ties: the smaller weight, then the smaller
     floor), and the geometric middle of that range: the threshold sits as far from the clean models' scores as
-    from the backdoored ones', not on the edge of either."""
+    from the backdoored ones', not on the edge of either. ``sizes``: the patch L1 norms (default) or the blend
+    amplitudes; ``prior`` (per model): classes another rule already flags, counted with this rule's flags in the
+    detections (the blend rule is fitted on the gate's decision, patch flags and blend flags together); the
+    false-positive bound is on this rule's own flags, so the two rules' rates add up to at most their sum."""
     clean = [m for m in models if not m.backdoored]
     base = OutlierRule(method="calibrated")
     if clean:
-        mean, scale = population_fit([(m.l1, m.pixels) for m in clean])
+        mean, scale = population_fit([(sizes.of(m), sizes.pixels(m)) for m in clean], sizes.floor)
         base = replace(base, population_mean=mean, population_scale=max(scale, 1e-3))
+    prior = prior or [()] * len(models)
     scored = []
     for floor in FLOORS:
-        within = [leave_one_out_z(m.l1, floor) for m in models]
-        population = [population_z(m.l1, m.pixels, base) for m in models]
+        within = [leave_one_out_z(sizes.of(m), floor, sizes.floor) for m in models]
+        population = [population_z(sizes.of(m), sizes.pixels(m), base, sizes.floor) for m in models]
         for weight in weights if clean else (0.0,):
             # the rule's per-class corrected p-values (what find_outliers computes), once per (floor, weight)
             q = [corrected_p(normal_upper_tail(combine_z(zw, zp, weight)), len(zw))
                  for zw, zp in zip(within, population, strict=True)]
             for alpha in ALPHAS:
-                s = summary([Judged(m, tuple(int(c) for c in np.flatnonzero(qm <= alpha)), 0.0)
-                             for m, qm in zip(models, q, strict=True)])
-                fp, n_clean = s["fpr"]
-                if n_clean and fp > target_fpr * n_clean:
+                own = [tuple(int(c) for c in np.flatnonzero(qm <= alpha)) for qm in q]
+                fp = sum(bool(f) for m, f in zip(models, own, strict=True) if not m.backdoored)
+                if clean and fp > target_fpr * len(clean):
                     continue
+                s = summary([Judged(m, tuple(sorted(set(before) | set(f))), 0.0)
+                             for m, f, before in zip(models, own, prior, strict=True)])
                 scored.append(((s["tpr"][0], s["target_found"][0], -s["extra"][0]), floor, weight, alpha))
     if not scored:
         return replace(base, alpha=ALPHAS[0], scale_floor=FLOORS[-1])
@@ -265,6 +288,23 @@ def fit(models: list[Model], target_fpr: float, weights: tuple[float, ...] = WEI
     floor, weight = max(plateau, key=lambda fw: (len(plateau[fw]), -fw[1], -fw[0]))
     alphas = sorted(plateau[(floor, weight)])
     return replace(base, alpha=alphas[len(alphas) // 2], scale_floor=floor, population_weight=weight)
+
+
+def fit_blend(models: list[Model], rule: OutlierRule, target_fpr: float) -> BlendParams:
+    """The blend amplitudes' calibration (:class:`gate.blend.BlendParams`), fitted as :func:`fit` fits the patch
+    rule, on the models with a blend-mode scan, with the patch ``rule``'s flags on those scans counted beside
+    it: the gate's decision flags a class when either mode does, and a backdoor the patch rule finds needs no
+    blend flag. The blend flags' own false-positive rate is bounded by ``target_fpr`` (the gate's is at most the
+    patch rule's plus that). The blend population (median and spread of the natural classes' log amplitudes) comes
+    from their clean models."""
+    ms = [m for m in models if m.blend is not None]
+    if not ms:
+        return BlendParams()
+    prior = [tuple(int(c) for c in np.flatnonzero(find_outliers(
+        m.blend_l1 if m.blend_l1 is not None else m.l1, rule, pixels=m.pixels).flagged)) for m in ms]
+    r = fit(ms, target_fpr, sizes=BLEND, prior=prior)
+    return replace(BlendParams(), alpha=r.alpha, scale_floor=r.scale_floor, population_weight=r.population_weight,
+                   population_mean=r.population_mean, population_scale=r.population_scale)
 
 
 def folds_of(models: list[Model], k: int, seed: int) -> list[int]:
@@ -285,18 +325,21 @@ def folds_of(models: list[Model], k: int, seed: int) -> list[int]:
 
 def cross_validate(models: list[Model], k: int, target_fpr: float, seed: int = 0,
                    weights: tuple[float, ...] = WEIGHTS, blend: bool = False) -> tuple[list[Judged], list]:
-    """Every model judged by a rule fitted on the other folds (``blend``: with the blend mode's amplitudes too;
-    the fit sees the patch L1 norms only); the fitted rules, fold by fold."""
+    """Every model judged by a rule fitted on the other folds; the fitted rules, fold by fold. With ``blend``
+    the fold's blend calibration is fitted too (:func:`fit_blend`, on the fold's models with a blend-mode scan)
+    and the models with one are judged on it as the gate would judge their blend-mode scan; the rules are then
+    (patch rule, blend calibration) pairs."""
     fold = folds_of(models, k, seed)
     judged: list[Judged | None] = [None] * len(models)
     rules = []
     for f in range(k):
         train = [m for m, g in zip(models, fold, strict=True) if g != f]
         rule = fit(train, target_fpr, weights)
-        rules.append(rule)
+        blend_params = fit_blend(train, rule, target_fpr) if blend else None
+        rules.append((rule, blend_params) if blend else rule)
         for i, (m, g) in enumerate(zip(models, fold, strict=True)):
             if g == f:
-                judged[i] = judge(m, rule, blend)
+                judged[i] = judge(m, rule, blend_params)
     return judged, rules
 
 
@@ -340,21 +383,38 @@ def table(rows: list[tuple[str, dict]], first: str) -> list[str]:
     return out
 
 
+def _blend_rule(b: BlendParams) -> str:
+    return (f"({b.scale_floor:g}, {b.population_weight:g}, {b.alpha:.2g}; {b.population_mean:.2f}, "
+            f"{b.population_scale:.2f})")
+
+
 def blend_rows(ms: list[Model], judged: list[Judged], folds: int, target_fpr: float, seed: int,
                data: dict) -> list[str]:
-    """On the models scanned with the blend mode too: the cross-validated rule on the patch L1s alone and
-    with the blend amplitudes beside them (the same fold rules)."""
-    if not any(m.blend is not None for m in ms):
+    """On the models scanned with the blend mode too: the cross-validated patch rule alone, and the gate's
+    decision on their blend-mode scan with the blend calibration fitted on the other folds beside it."""
+    blended = [m for m in ms if m.blend is not None]
+    if not blended:
         return []
-    both, _ = cross_validate(ms, folds, target_fpr, seed, blend=True)
+    both, rules = cross_validate(ms, folds, target_fpr, seed, blend=True)
     patch = [j for j in judged if j.model.blend is not None]
     both = [j for j in both if j.model.blend is not None]
+    final = fit_blend(ms, fit(ms, target_fpr), target_fpr)
     data["cv_blend_models_patch"], data["cv_blend_models_with_blend"] = summary(patch), summary(both)
+    data["blend_fold_params"] = [b.to_dict() for _, b in rules]
+    data["blend_final_params"] = final.to_dict()
     data["per_model_with_blend"] = [{"model": j.model.name, "flagged": list(j.flagged), "score": j.score,
                                      "targets": list(j.model.targets)} for j in both]
-    return ["", f"The {len(both)} models also scanned with the blend mode (--blend-records), same fold rules: the "
-            "patch-only scan, and the --blend scan (its own patch L1 norms and its blend amplitudes):", "",
-            *table([("patch only (CV)", summary(patch)), ("patch + blend (CV)", summary(both))], "rule")]
+    rows = [("patch only (CV)", summary(patch)), ("patch + blend (CV)", summary(both))]
+    for key in ("attack",):
+        for g in sorted({getattr(j.model, key) for j in both}):
+            rows.append((f"patch + blend (CV), {g}", summary([j for j in both if getattr(j.model, key) == g])))
+    return ["", f"The {len(both)} models also scanned with the blend mode (--blend-records): the patch-only scan "
+            "judged by the fold's patch rule, and the gate's decision on the --blend scan (its own patch L1 norms "
+            "and its blend amplitudes, the blend calibration fitted on the other folds' blend scans):", "",
+            *table(rows, "rule"), "",
+            "Blend calibrations fitted per fold (scale_floor, population_weight, alpha; population median and spread "
+            "of the log amplitude): " + ", ".join(_blend_rule(b) for _, b in rules)
+            + f"; on all models: {_blend_rule(final)}."]
 
 
 def same_models_rows(by_method: dict[str, tuple[list[Judged], list[Judged]]], data: dict,

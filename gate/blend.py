@@ -31,7 +31,8 @@ With ``antithetic`` the amplitude noises come in mirrored couples (delta, -delta
 from each amplitude sample's loss the mean of the others outside its couple (unbiased).
 
 The per-class statistic is the amplitude of the best trigger (1.0 when none worked: a trigger that is the
-whole pattern, never the suspicious end); :func:`blend_outliers` applies the scan's outlier rule to it.
+whole pattern, never the suspicious end); :func:`blend_outliers` applies the scan's outlier rule to it, with a
+calibration of its own (the ``blend`` section's alpha, scale floor and population test).
 """
 
 from __future__ import annotations
@@ -61,6 +62,20 @@ class BlendParams(Settings):
     early_stop_patience: int = setting(80, integer(1), "stop a class's blend search after this many steps without "
                                        "improvement (its one amplitude plateaus longer than a patch mask does: "
                                        "the patch search's 40 stopped a planted blend before it formed)")
+    # The outlier rule on the amplitudes: the policy's ``outliers.method`` with this calibration of its own (blend
+    # amplitudes are not L1 norms: their natural spread and their outliers are other numbers). Fitted by
+    # ``python -m bench.verdicts --blend-records ...`` as the patch rule is: the population on the clean models'
+    # classes, scale_floor / population_weight / alpha on the gate's decision (either mode's flags) across folds.
+    alpha: float = setting(2.1e-7, number(0, 1, lo_open=True, hi_open=True),
+                           "calibrated: flag a class whose per-model blend p-value is at most this")
+    scale_floor: float = setting(0.3, number(0), "calibrated: least spread of the classes' log amplitudes")
+    population_weight: float = setting(0.0, number(0, 1),
+                                       "calibrated: weight of the population test (a class's log amplitude "
+                                       "against the natural classes of clean models) beside the within-model test")
+    population_mean: float = setting(-1.15, number(),
+                                     "calibrated: median log amplitude of the natural classes of clean models")
+    population_scale: float = setting(0.34, number(0, lo_open=True),
+                                      "calibrated: their robust spread (1.4826 MAD, log units)")
 
 
 @dataclass
@@ -276,11 +291,21 @@ class BlendSearch(TriggerSearch):
         return why
 
 
-def blend_outliers(amplitudes, rule: OutlierRule | None = None) -> Outliers:
+def blend_rule(rule: OutlierRule, params: BlendParams) -> OutlierRule:
+    """The outlier rule for blend amplitudes: the policy's rule (its method, the MAD rule's settings) with the
+    blend section's calibration in place of the patch L1 norms' (:class:`BlendParams`)."""
+    return replace(rule, alpha=params.alpha, scale_floor=params.scale_floor,
+                   population_weight=params.population_weight, population_mean=params.population_mean,
+                   population_scale=params.population_scale)
+
+
+def blend_outliers(amplitudes, rule: OutlierRule | None = None, params: BlendParams | None = None) -> Outliers:
     """The outlier rule on the classes' blend amplitudes, which play the part of the L1 norms (small is
-    suspicious); the calibrated rule's log is floored at :data:`AMPLITUDE_FLOOR` instead of half a pixel. The
-    population test is of L1 norms per pixel and has no part here: amplitudes are judged within the model."""
-    return find_outliers(amplitudes, replace(rule or OutlierRule(), population_weight=0.0), floor=AMPLITUDE_FLOOR)
+    suspicious), calibrated by ``params`` (:func:`blend_rule`); the calibrated rule's log is floored at
+    :data:`AMPLITUDE_FLOOR` instead of half a pixel. An amplitude is already a fraction of the image, so the
+    population test compares log a itself (one "pixel") with the natural classes of clean models."""
+    return find_outliers(amplitudes, blend_rule(rule or OutlierRule(), params or BlendParams()),
+                         floor=AMPLITUDE_FLOOR, pixels=1)
 
 
 def blend_summary(params: BlendParams, out: Outliers) -> dict:

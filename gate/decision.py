@@ -158,7 +158,8 @@ def decide(result: ScanResult, policy) -> Decision:
     model_p = out.model_p_value if out.method == "calibrated" else None
     blend = None
     if all(c.blend_amplitude is not None for c in classes):
-        blend = blend_outliers(np.array([c.blend_amplitude for c in classes], np.float64), policy.outlier_rule())
+        blend = blend_outliers(np.array([c.blend_amplitude for c in classes], np.float64), policy.outlier_rule(),
+                               policy.blend_params())
         if model_p is not None:
             model_p = min(model_p, blend.model_p_value)
     weak = _weak_search(classes, rules)

@@ -338,7 +338,8 @@ class Oracle(QueryOracle):
         fixed = self.spec.batch
         t0 = time.perf_counter()
         if fixed is None:
-            size = min(self.max_batch, -(-len(batch) // (self.calls * CHUNKS_PER_CALL))) if self._splits else self.max_batch
+            size = (min(self.max_batch, -(-len(batch) // (self.calls * CHUNKS_PER_CALL))) if self._splits
+                    else self.max_batch)
             outs = self._each([batch[i:i + size] for i in range(0, len(batch), size)])
         else:
             chunks = []

@@ -3,8 +3,9 @@
 All classes search at once. Each round, every running class asks for its candidates, the candidates of
 many classes are stamped side by side into one buffer and answered by one model call, and each class is
 told its losses. A round's classes go out in a few near-equal calls (about ``PIPELINE_ROWS`` images each),
-two buffers in turn: while one call runs, the next group is sampled and stamped and the previous one told. Budgets (queries, seconds) are checked before every model call and never exceeded; when
-they cut the scan short it says so.
+two buffers in turn: while one call runs, the next group is sampled and stamped and the previous one told.
+Budgets (queries, seconds) are checked before every model call and never exceeded; when they cut the scan
+short it says so.
 
 The engine is an object with the life of one scan: set-up (``ScanEngine(...)``: data split, clean
 predictions, buffers, one search per class), ``round()`` (every running class asks, the candidates are
@@ -595,7 +596,7 @@ def _grid_facts(oracle: Oracle, cfg: ScanConfig) -> dict:
 
 def _blend_outliers(classes: list[ClassResult], cfg: ScanConfig) -> dict:
     """The blend amplitudes' outlier rule into ``classes`` (flags: either mode's), and the blend summary."""
-    out = blend_outliers(np.array([c.blend_amplitude for c in classes]), cfg.outliers)
+    out = blend_outliers(np.array([c.blend_amplitude for c in classes]), cfg.outliers, cfg.blend_params)
     for c, idx, pv, flag in zip(classes, out.anomaly_index, out.p_values, out.flagged, strict=True):
         c.blend_anomaly_index = finite_index(idx)
         c.blend_p_value = None if np.isnan(pv) else float(pv)

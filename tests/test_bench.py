@@ -402,3 +402,43 @@ def test_methods_side_by_side_on_the_models_all_of_them_scanned():
     assert data_three["same_models_nc_b3d"]["models"] == same["models"]
     assert data_three["same_models"]["models"] == sorted(m.name for m in ss)
     assert text_three.index("12 models NC and B3D scanned") < text_three.index("6 models every method scanned")
+
+
+def test_the_blend_calibration_is_fitted_on_the_decision_with_its_own_false_positive_bound():
+    """fit_blend: the blend population comes from the clean models' amplitudes; a backdoor the patch rule already
+    finds needs no blend flag; the clean models' blend flags (not the patch rule's) are what the bound counts, so
+    a patch false positive does not stop the blend rule from being fitted."""
+    from dataclasses import replace
+
+    from bench import verdicts
+
+    rng = np.random.default_rng(11)
+    models = _fake_models(10, 6)
+    out = []
+    for i, m in enumerate(models):
+        amps = np.exp(rng.normal(np.log(0.3), 0.2, 10))
+        l1 = m.l1.copy()
+        if m.backdoored and i % 2:  # a blended backdoor: patch L1 ordinary, amplitude far below the population
+            l1[3] = float(np.median(l1))
+            amps[3] = 0.06
+        out.append(replace(m, l1=l1, blend=amps, blend_l1=l1))
+    patch = verdicts.fit(out, 0.05)
+    params = verdicts.fit_blend(out, patch, 0.05)
+    clean_amps = np.concatenate([np.log(m.blend) for m in out if not m.backdoored])
+    assert params.population_mean == pytest.approx(np.median(clean_amps))
+    judged = [verdicts.judge(m, patch, params) for m in out]
+    s = verdicts.summary(judged)
+    assert s["target_found"] == (6, 6)  # patch finds three, the blend amplitudes the other three
+    blend_only = [j for j in judged if not j.model.backdoored
+                  and verdicts.blend_outliers(j.model.blend, patch, params).flagged.any()]
+    assert not blend_only  # no clean model flagged by its amplitudes
+    # without the blend mode's amplitudes the same models lose the three blended targets
+    assert verdicts.summary([verdicts.judge(m, patch) for m in out])["target_found"][0] == 3
+    # a clean model the other rule flags (a patch false positive) does not count against the blend rule's bound
+    prior = [tuple(int(c) for c in np.flatnonzero(verdicts.find_outliers(m.l1, patch, pixels=m.pixels).flagged))
+             for m in out]
+    with_fp = [(5,) if i == 0 else p for i, p in enumerate(prior)]
+    a = verdicts.fit(out, 0.05, sizes=verdicts.BLEND, prior=prior)
+    b = verdicts.fit(out, 0.05, sizes=verdicts.BLEND, prior=with_fp)
+    assert (a.alpha, a.scale_floor, a.population_weight) == (b.alpha, b.scale_floor, b.population_weight)
+    assert a.alpha > verdicts.ALPHAS[0]

@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from gate.blend import AMPLITUDE_FLOOR, BlendParams, BlendSearch, blend_outliers, couples, leave_group_out
+from gate.blend import AMPLITUDE_FLOOR, BlendParams, BlendSearch, blend_outliers, blend_rule, couples, leave_group_out
 from gate.data import ImageSet
 from gate.decision import decide
 from gate.oracle import Oracle
@@ -224,24 +224,27 @@ def test_a_planted_blend_backdoor_is_flagged_by_the_blend_mode(tmp_path):
     oracle = Oracle(path, device="cpu")
     assert (oracle.probs(0.9 * x + 0.1 * star).argmax(1) == 0).all()
 
-    # the toy's 5 classes are too few and too alike for the shipped cut (fitted on the wide zoo's patch L1s):
-    # the blend mode's mechanics are tested at alpha 0.05
+    # the toy's 5 classes are too few and too alike for the shipped cuts (fitted on the wide zoo): the blend mode's
+    # mechanics are tested at alpha 0.05, within the model only (the toy's amplitudes are no zoo's population)
     rule = OutlierRule(alpha=0.05, scale_floor=0.35)
     cfg = ScanConfig(search=SearchParams(k=8, batch_size=2, eval_size=8, max_steps=300), max_images=80, held_out=16,
-                     blend=True, outliers=rule)
+                     blend=True, outliers=rule,
+                     blend_params=BlendParams(alpha=0.05, scale_floor=0.35, population_weight=0.0))
     r = scan(oracle, ImageSet(x, None, "noise"), cfg).result
     amplitudes = [c.blend_amplitude for c in r.classes]
     assert int(np.argmin(amplitudes)) == 0 and amplitudes[0] < 0.15
     assert 2 * amplitudes[0] < min(amplitudes[1:])
     assert r.classes[0].blend_flagged and r.classes[0].flagged and 0 in r.flagged
     assert not any(c.blend_flagged for c in r.classes[1:])
-    d = decide(r, Policy().override({"outliers.alpha": 0.05, "outliers.scale_floor": 0.35}))
+    d = decide(r, Policy().override({"outliers.alpha": 0.05, "outliers.scale_floor": 0.35, "blend.alpha": 0.05,
+                                     "blend.scale_floor": 0.35, "blend.population_weight": 0.0}))
     assert d.outcome == "reject" and any("blend trigger" in f.message and f.label == 0 for f in d.findings)
 
 
 # --------------------------------------------------------------------------- decide() on blend amplitudes
 def _with_blend(result, amplitudes, policy=None):
-    out = blend_outliers(np.array(amplitudes), (policy or Policy()).outlier_rule())
+    policy = policy or Policy()
+    out = blend_outliers(np.array(amplitudes), policy.outlier_rule(), policy.blend_params())
     for c, a, idx, flag in zip(result.classes, amplitudes, out.anomaly_index, out.flagged, strict=True):
         c.blend_amplitude, c.blend_asr, c.blend_status = a, 0.9, "converged"
         c.blend_anomaly_index, c.blend_flagged, c.patch_flagged = float(idx), bool(flag), c.flagged
@@ -280,3 +283,44 @@ def test_amplitudes_below_the_floor_are_not_told_apart():
     b = blend_outliers([AMPLITUDE_FLOOR, 0.4, 0.5, 0.45, 0.42])
     np.testing.assert_allclose(a.anomaly_index, b.anomaly_index)
     assert a.flagged.tolist() == [True, False, False, False, False]
+
+
+def test_the_blend_rule_is_the_policys_method_with_the_blend_calibration():
+    """The amplitudes get the blend section's alpha, floor and population; the method (and the MAD rule's own
+    settings) stay the policy's."""
+    params = BlendParams(alpha=0.01, scale_floor=0.5, population_weight=0.6, population_mean=-1.2,
+                         population_scale=0.3)
+    rule = blend_rule(OutlierRule(method="mad", anomaly_threshold=2.5, alpha=1e-9, population_weight=0.0), params)
+    assert (rule.method, rule.anomaly_threshold) == ("mad", 2.5)
+    assert (rule.alpha, rule.scale_floor, rule.population_weight, rule.population_mean, rule.population_scale) == \
+        (0.01, 0.5, 0.6, -1.2, 0.3)
+
+
+def test_the_blend_population_test_flags_a_class_far_below_clean_models_natural_amplitudes():
+    """Natural classes that are faint and spread (a = 0.09-0.3): the within-model test sees no outlier at 0.045,
+    but the clean models' natural classes (median a = 0.32, spread 0.34 in log) never come near it. With
+    population weight 0 nothing is flagged; with the population test class 4 alone is."""
+    amplitudes = np.array([0.30, 0.12, 0.22, 0.09, 0.045, 0.25, 0.15, 0.10, 0.19, 0.28])
+    within = BlendParams(alpha=1e-4, scale_floor=0.3, population_weight=0.0)
+    population = replace(within, population_weight=0.85, population_mean=np.log(0.32), population_scale=0.34)
+    assert not blend_outliers(amplitudes, OutlierRule(), within).flagged.any()
+    out = blend_outliers(amplitudes, OutlierRule(), population)
+    assert out.flagged.tolist() == [c == 4 for c in range(10)]
+    # the population part is the log amplitude's distance below the clean median, in spreads (one "pixel")
+    np.testing.assert_allclose(out.population_z, (np.log(0.32) - np.log(amplitudes)) / 0.34)
+    # an ordinary model (its classes like clean ones): nothing flagged
+    ordinary = np.array([0.30, 0.35, 0.28, 0.41, 0.33, 0.25, 0.38, 0.31, 0.29, 0.36])
+    assert not blend_outliers(ordinary, OutlierRule(), population).flagged.any()
+
+
+def test_a_policys_blend_calibration_reaches_the_decision():
+    """decide() judges the stored amplitudes with the policy's blend section: the same report flags a faint class
+    under a calibration with the population test and not under the within-model test alone."""
+    amplitudes = [0.30, 0.12, 0.22, 0.09, 0.045, 0.25, 0.15, 0.10, 0.19, 0.28]
+    r = _with_blend(make_result([150.0 + 10 * i for i in range(10)]), amplitudes)
+    within = Policy().override({"blend.population_weight": 0.0, "blend.alpha": 1e-4})
+    population = Policy().override({"blend.population_weight": 0.85, "blend.alpha": 1e-4,
+                                    "blend.population_mean": float(np.log(0.32)), "blend.population_scale": 0.34})
+    assert decide(r, within).outcome == "accept"
+    d = decide(r, population)
+    assert d.outcome == "reject" and [(f.label, f.properties["mode"]) for f in d.findings] == [(4, "blend")]
