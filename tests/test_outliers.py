@@ -151,10 +151,10 @@ def test_the_chart_line_sits_between_the_flagged_and_the_rest():
 
 # --------------------------------------------------------------------------- the population test
 def test_a_planted_trigger_among_small_natural_classes_is_found_by_the_population_test():
-    """The wide zoo's CIFAR-10 failure: natural classes of 12-60 px (a tight model), the target at 4 px of
+    """The wide zoo's CIFAR-10 failure: natural classes of 16-60 px (a tight model), the target at 4 px of
     1024. Within the model it is no outlier (z about 2); against clean models' natural classes (a median
-    of 12.6 % of the image) it is."""
-    l1 = np.array([12, 18, 22, 26, 30, 35, 40, 48, 60, 4.0])
+    of 23 % of the image) it is."""
+    l1 = np.array([16, 18, 22, 26, 30, 35, 40, 48, 60, 4.0])
     assert not find_outliers(l1, WITHIN).flagged.any()
     out = find_outliers(l1, OutlierRule(), pixels=1024)
     assert out.flagged.tolist() == [False] * 9 + [True]
