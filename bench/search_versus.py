@@ -7,6 +7,11 @@
 records or ``bench.screen_replay`` traces (``trace --set FIELD=VALUE`` traces a changed search). Only models
 both sides scanned count (where a side has a model twice, its first folder wins). Nothing is scanned here.
 
+``--b-best-of``: B is a search with several independent starts, built from scans the folders of ``--b`` hold
+of the same models with different seeds (``trace --set search.seed=1 --out DIR``): each class keeps the smallest
+L1 any start reached (what a multi-start search would report: the best trigger found), and the queries add up.
+Only models every folder scanned count.
+
 A search's L1 norms move with its settings (a shorter search leaves the natural classes larger), so each side
 is judged by a calibrated rule fitted on its own scans, exactly as :mod:`bench.verdicts` does: cross-validated
 (the rule of a fold is fitted on the other folds; the folds are the same models on both sides), never on the
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +49,26 @@ from bench.verdicts import (
 SECTION = "## Two searches side by side on the same models (cross-validated)"
 
 
-def scans(dirs: list[Path]) -> tuple[dict[str, Model], dict[str, float]]:
-    """The B3D scans in ``dirs`` by model name (the first folder wins), and each one's queries per class."""
+def scans(dirs: list[Path], best_of: bool = False) -> tuple[dict[str, Model], dict[str, float]]:
+    """The B3D scans in ``dirs`` by model name (the first folder wins), and each one's queries per class. With
+    ``best_of`` the folders are starts of one multi-start search: :func:`best_of_starts`."""
+    if best_of:
+        return best_of_starts([scans([d])[0] for d in dirs])
     models = {m.name: m for m in load_records(dirs) if m.method == "b3d"}
     return models, {n: m.queries_per_class for n, m in models.items() if m.queries_per_class is not None}
+
+
+def best_of_starts(starts: list[dict[str, Model]]) -> tuple[dict[str, Model], dict[str, float]]:
+    """Independent starts of the same models merged as a multi-start search reports them: each class's smallest
+    L1 over the starts, the queries of all starts. Models some start lacks are left out."""
+    names = set.intersection(*(set(s) for s in starts)) if starts else set()
+    models, queries = {}, {}
+    for n in sorted(names):
+        runs = [s[n] for s in starts]
+        models[n] = replace(runs[0], l1=np.min(np.stack([m.l1 for m in runs]), axis=0))
+        if all(m.queries_per_class is not None for m in runs):
+            queries[n] = float(sum(m.queries_per_class for m in runs))
+    return models, queries
 
 
 def common(a: dict[str, Model], b: dict[str, Model], min_asr: float) -> tuple[list[str], list[str]]:
@@ -111,7 +133,7 @@ def differences(labels: tuple[str, str], runs: dict) -> list[str]:
 
 def report(args) -> tuple[str, dict]:
     a, qa = scans(args.a)
-    b, qb = scans(args.b)
+    b, qb = scans(args.b, args.b_best_of)
     names, left_out = common(a, b, args.min_asr)
     if not names:
         raise ValueError("the two sides have no model in common")
@@ -143,6 +165,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.search_versus", description=__doc__.split("\n\n")[0])
     ap.add_argument("--a", nargs="+", type=Path, required=True, metavar="DIR", help="scans made with search A")
     ap.add_argument("--b", nargs="+", type=Path, required=True, metavar="DIR", help="scans made with search B")
+    ap.add_argument("--b-best-of", action="store_true",
+                    help="--b's folders are independent starts of the same search: each class keeps its best L1")
     ap.add_argument("--a-name", help="A's name in the tables (default: its first folder)")
     ap.add_argument("--b-name", help="B's name in the tables (default: its first folder)")
     ap.add_argument("--folds", type=int, default=5)

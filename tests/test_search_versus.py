@@ -46,7 +46,7 @@ def two_searches(tmp_path):
 
 
 def args(a, b, **kw):
-    base = dict(a=[a], b=[b], a_name="A", b_name="B", folds=4, seeds=3, target_fpr=0.1, min_asr=0.9)
+    base = dict(a=[a], b=[b], a_name="A", b_name="B", folds=4, seeds=3, target_fpr=0.1, min_asr=0.9, b_best_of=False)
     return SimpleNamespace(**(base | kw))
 
 
@@ -94,3 +94,32 @@ def test_a_model_in_two_folders_counts_once_and_the_first_folder_wins(tmp_path):
     models = load_records([tmp_path / "first", tmp_path / "second"])
     assert sorted(m.name for m in models) == ["m", "other"]
     assert next(m for m in models if m.name == "m").l1[0] == 100.0
+
+
+def test_best_of_starts_keeps_each_class_smallest_l1_and_adds_the_queries(tmp_path):
+    """Two seeded starts of one search: a start that missed a planted trigger (the class as large as the natural
+    ones) is rescued by the other; every class keeps its smaller L1; models one start lacks are left out."""
+    from bench.search_versus import scans
+
+    rng = np.random.default_rng(1)
+    s0, s1 = tmp_path / "seed0", tmp_path / "seed1"
+    for i in range(6):
+        l1 = natural(rng)
+        other = l1 * np.exp(rng.normal(0.0, 0.2, 10))
+        if i % 2:  # the backdoor found by one start only
+            l1[3], other[3] = 160.0, 4.0
+        write_trace(s0, f"m{i}", l1, target=3 if i % 2 else None, queries_per_class=1000)
+        write_trace(s1, f"m{i}", other, target=3 if i % 2 else None, queries_per_class=1200)
+    write_trace(s0, "only_first", natural(rng))
+    single, _ = scans([s0])
+    second, _ = scans([s1])
+    both, queries = scans([s0, s1], best_of=True)
+    assert sorted(both) == [f"m{i}" for i in range(6)]
+    for n, m in both.items():
+        np.testing.assert_array_equal(m.l1, np.minimum(single[n].l1, second[n].l1))
+        assert queries[n] == 2200.0
+    assert both["m1"].l1[3] == 4.0 and single["m1"].l1[3] == 160.0
+    # the comparison runs with the option (A one start, B the best of two)
+    text, data = report(SimpleNamespace(**(vars(args(s0, s0, folds=2, seeds=1)) | {"b": [s0, s1], "b_best_of": True})))
+    assert data["models"] == [f"m{i}" for i in range(6)]
+    assert data["queries_per_class"]["b"]["m0"] == 2200.0
