@@ -80,6 +80,38 @@ def stamp(images: np.ndarray, masks: np.ndarray, patterns: np.ndarray) -> np.nda
     return blend(np.asarray(images, dtype=np.float32), m, np.asarray(patterns, dtype=np.float32))
 
 
+TWO_PI = np.float32(2.0 * np.pi)
+
+
+def standard_normals(rng: np.random.Generator, out: np.ndarray, scratch: np.ndarray) -> None:
+    """Fill the float32 vector ``out`` with standard normals from ``rng``'s uniforms by the Box-Muller transform.
+
+    For pairs of uniforms (u1, u2): r = sqrt(-2 log(1 - u1)), out = (r cos 2 pi u2, r sin 2 pi u2); exact normals
+    for exact uniforms. From float32 uniforms (24 bits) the tail ends at |z| = sqrt(-2 log 2^-24) = 5.8 (a
+    probability of 7e-9 a draw beyond it): nothing an NES sample misses. numpy's SIMD log, sqrt, sin and cos make
+    it about 3x faster than ``Generator.standard_normal(dtype=float32)`` (its ziggurat), which was most of a dense
+    step's sampling time. ``scratch``: float32, at least ``len(out) // 2`` entries, not overlapping ``out``.
+    Deterministic for a given generator state; an odd length draws its last value from ``standard_normal``.
+    """
+    n = len(out)
+    m = n // 2
+    if m:
+        radius, angle, tmp = out[:m], out[m:2 * m], scratch[:m]
+        rng.random(out=radius, dtype=np.float32)
+        rng.random(out=angle, dtype=np.float32)
+        np.subtract(np.float32(1.0), radius, out=radius)  # (0, 1]: no log of 0
+        np.log(radius, out=radius)
+        np.multiply(radius, np.float32(-2.0), out=radius)
+        np.sqrt(radius, out=radius)
+        np.multiply(angle, TWO_PI, out=angle)
+        np.sin(angle, out=tmp)
+        np.cos(angle, out=angle)
+        np.multiply(angle, radius, out=angle)
+        np.multiply(radius, tmp, out=radius)
+    if n % 2:
+        out[n - 1] = rng.standard_normal(dtype=np.float32)
+
+
 @njit(fastmath=True, cache=True)
 def bernoulli_masks(u, prob, out):
     """out[j] = 1[u[j] < prob] — binary masks m_j ~ Bernoulli(prob). u, out: (k, H, W); prob: (H, W).

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gate.grid import Grid
-from gate.kernels import bernoulli_masks, noisy_patterns, shown_noise, shown_patterns
+from gate.kernels import bernoulli_masks, noisy_patterns, shown_noise, shown_patterns, standard_normals
 from gate.settings import Bad, Settings, boolean, choice, even_integer, integer, number, setting
 
 SAMPLINGS = ("paired", "joint", "separate")
@@ -243,7 +243,7 @@ class TriggerSearch:
             state.masks[h:k] = state.masks[:h]
             if p.mask_pattern_noise:  # noise only where a mask shows the pattern (see _pattern_terms)
                 n = shown * self.shape[2]
-                rng.standard_normal(out=state.z[:n], dtype=np.float32)
+                standard_normals(rng, state.z[:n], state.z[n:])  # the second half is shown_noise's, free now
                 state.eps[:h] = 0.0
                 shown_noise(state.masks[:h], theta_p, sigma, n, state.z, state.eps)
                 args = state.z[:2 * n]
