@@ -45,7 +45,7 @@ import numpy as np
 
 from bench import zoo
 from bench.compare import publish
-from gate.blend import AMPLITUDE_FLOOR, BlendParams, blend_outliers
+from gate.blend import AMPLITUDE_FLOOR, CALIBRATION, BlendParams, blend_outliers
 from gate.outliers import (
     L1_FLOOR,
     OutlierRule,
@@ -116,6 +116,11 @@ class Model:
     blend: np.ndarray | None = None  # per-class blend amplitudes, from a scan with the blend mode (--blend-records)
     blend_l1: np.ndarray | None = None  # that scan's own patch L1 norms (another machine's: need not be ``l1``)
     queries_per_class: float | None = None  # the scan's queries (synthesis included) / classes, where recorded
+
+    @property
+    def blend_scan_l1(self) -> np.ndarray:
+        """The patch L1 norms of the blend-mode scan (``l1`` where that scan did not record its own)."""
+        return self.l1 if self.blend_l1 is None else self.blend_l1
 
 
 def load_records(dirs) -> list[Model]:
@@ -202,7 +207,7 @@ def judge(m: Model, rule: OutlierRule, blend: BlendParams | None = None) -> Judg
     blend-mode scan, the gate's decision on that scan: a class is flagged when either mode flags it, the score
     the larger one."""
     with_blend = blend is not None and m.blend is not None
-    out = find_outliers(m.blend_l1 if with_blend and m.blend_l1 is not None else m.l1, rule, pixels=m.pixels)
+    out = find_outliers(m.blend_scan_l1 if with_blend else m.l1, rule, pixels=m.pixels)
     score = out.backdoor_score if rule.method == "calibrated" else float(np.max(out.anomaly_index))
     flagged = set(int(c) for c in np.flatnonzero(out.flagged))
     if with_blend:
@@ -300,11 +305,10 @@ def fit_blend(models: list[Model], rule: OutlierRule, target_fpr: float) -> Blen
     ms = [m for m in models if m.blend is not None]
     if not ms:
         return BlendParams()
-    prior = [tuple(int(c) for c in np.flatnonzero(find_outliers(
-        m.blend_l1 if m.blend_l1 is not None else m.l1, rule, pixels=m.pixels).flagged)) for m in ms]
+    prior = [tuple(int(c) for c in np.flatnonzero(find_outliers(m.blend_scan_l1, rule, pixels=m.pixels).flagged))
+             for m in ms]
     r = fit(ms, target_fpr, sizes=BLEND, prior=prior)
-    return replace(BlendParams(), alpha=r.alpha, scale_floor=r.scale_floor, population_weight=r.population_weight,
-                   population_mean=r.population_mean, population_scale=r.population_scale)
+    return replace(BlendParams(), **{name: getattr(r, name) for name in CALIBRATION})
 
 
 def folds_of(models: list[Model], k: int, seed: int) -> list[int]:
@@ -344,7 +348,7 @@ def cross_validate(models: list[Model], k: int, target_fpr: float, seed: int = 0
 
 
 # --------------------------------------------------------------------------- tables
-def _rule(r: OutlierRule) -> str:
+def _rule(r: OutlierRule | BlendParams) -> str:
     return (f"({r.scale_floor:g}, {r.population_weight:g}, {r.alpha:.2g}; {r.population_mean:.2f}, "
             f"{r.population_scale:.2f})")
 
@@ -383,38 +387,31 @@ def table(rows: list[tuple[str, dict]], first: str) -> list[str]:
     return out
 
 
-def _blend_rule(b: BlendParams) -> str:
-    return (f"({b.scale_floor:g}, {b.population_weight:g}, {b.alpha:.2g}; {b.population_mean:.2f}, "
-            f"{b.population_scale:.2f})")
-
-
-def blend_rows(ms: list[Model], judged: list[Judged], folds: int, target_fpr: float, seed: int,
+def blend_rows(ms: list[Model], judged: list[Judged], rule: OutlierRule, folds: int, target_fpr: float, seed: int,
                data: dict) -> list[str]:
     """On the models scanned with the blend mode too: the cross-validated patch rule alone, and the gate's
-    decision on their blend-mode scan with the blend calibration fitted on the other folds beside it."""
-    blended = [m for m in ms if m.blend is not None]
-    if not blended:
+    decision on their blend-mode scan with the blend calibration fitted on the other folds beside it. ``rule``:
+    the patch rule fitted on all of ``ms``, beside which the all-model blend calibration is fitted."""
+    if not any(m.blend is not None for m in ms):
         return []
     both, rules = cross_validate(ms, folds, target_fpr, seed, blend=True)
     patch = [j for j in judged if j.model.blend is not None]
     both = [j for j in both if j.model.blend is not None]
-    final = fit_blend(ms, fit(ms, target_fpr), target_fpr)
+    final = fit_blend(ms, rule, target_fpr)
     data["cv_blend_models_patch"], data["cv_blend_models_with_blend"] = summary(patch), summary(both)
     data["blend_fold_params"] = [b.to_dict() for _, b in rules]
     data["blend_final_params"] = final.to_dict()
     data["per_model_with_blend"] = [{"model": j.model.name, "flagged": list(j.flagged), "score": j.score,
                                      "targets": list(j.model.targets)} for j in both]
     rows = [("patch only (CV)", summary(patch)), ("patch + blend (CV)", summary(both))]
-    for key in ("attack",):
-        for g in sorted({getattr(j.model, key) for j in both}):
-            rows.append((f"patch + blend (CV), {g}", summary([j for j in both if getattr(j.model, key) == g])))
+    for attack in sorted({j.model.attack for j in both}):
+        rows.append((f"patch + blend (CV), {attack}", summary([j for j in both if j.model.attack == attack])))
     return ["", f"The {len(both)} models also scanned with the blend mode (--blend-records): the patch-only scan "
             "judged by the fold's patch rule, and the gate's decision on the --blend scan (its own patch L1 norms "
             "and its blend amplitudes, the blend calibration fitted on the other folds' blend scans):", "",
             *table(rows, "rule"), "",
             "Blend calibrations fitted per fold (scale_floor, population_weight, alpha; population median and spread "
-            "of the log amplitude): " + ", ".join(_blend_rule(b) for _, b in rules)
-            + f"; on all models: {_blend_rule(final)}."]
+            "of the log amplitude): " + ", ".join(_rule(b) for _, b in rules) + f"; on all models: {_rule(final)}."]
 
 
 def same_models_rows(by_method: dict[str, tuple[list[Judged], list[Judged]]], data: dict,
@@ -470,7 +467,7 @@ def report(models: list[Model], folds: int, target_fpr: float, min_asr: float, s
                 rows.append((f"{name} within only (CV)", summary(of(within))))
                 rows.append((f"{name} MAD (paper rule)", summary(of(mad))))
         lines += table(rows, "rule")
-        lines += blend_rows(ms, judged, folds, target_fpr, seed, data[method])
+        lines += blend_rows(ms, judged, final, folds, target_fpr, seed, data[method])
         paper = ", ".join(f"{zoo.DATASET_TITLES[d]} {v[title]:.1f} %" for d, v in PAPER.items() if title in v)
         lines += ["", f"Paper ({title}, Table 2 detection accuracy): {paper}"
                   + (f"; false positives on 50 clean CIFAR-10 models: {PAPER_CLEAN_FP[title]}"

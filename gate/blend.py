@@ -293,12 +293,14 @@ class BlendSearch(TriggerSearch):
         return why
 
 
+# the settings BlendParams shares with gate.outliers.OutlierRule: the blend amplitudes' own calibration
+CALIBRATION = ("alpha", "scale_floor", "population_weight", "population_mean", "population_scale")
+
+
 def blend_rule(rule: OutlierRule, params: BlendParams) -> OutlierRule:
     """The outlier rule for blend amplitudes: the policy's rule (its method, the MAD rule's settings) with the
     blend section's calibration in place of the patch L1 norms' (:class:`BlendParams`)."""
-    return replace(rule, alpha=params.alpha, scale_floor=params.scale_floor,
-                   population_weight=params.population_weight, population_mean=params.population_mean,
-                   population_scale=params.population_scale)
+    return replace(rule, **{name: getattr(params, name) for name in CALIBRATION})
 
 
 def blend_outliers(amplitudes, rule: OutlierRule | None = None, params: BlendParams | None = None) -> Outliers:
