@@ -58,7 +58,7 @@ SECTION = "## Scan cost: screening schedules replayed on traced scans"
 TOP = 5  # top labels kept per clean search image (the pre-screening counts at most this many)
 STEPS = (60, 90, 120, 150)
 REFERENCE_MIN = (3, 5, 10)
-MARGINS = (0.5,)
+MARGINS = (0.5, 1.0, 1.5)
 
 
 # --------------------------------------------------------------------------- tracing

@@ -13,14 +13,16 @@ spends its optimisation on the classes that could carry a backdoor. Here, in the
 3. **Screening budget**: every other class runs ``steps`` NES steps, then waits. Its L1 at that point,
    u_c, is an *upper bound* on the L1 it would converge to (the best working trigger so far; the whole image
    when none worked yet).
-4. **Decision per waiting class**, once the reference classes are done. From the reference classes we know
-   how far a class shrinks after the screening budget: d_r = log L1_r(final) - log u_r (<= 0), and take the
-   largest shrink d_min = min_r d_r. A waiting class c would converge to at least log u_c + d_min - ``margin``
-   if it shrinks like the reference classes do (plus a margin, in log units). The rule's flag threshold t
-   (the largest L1 the outlier rule would still flag against the reference distribution, at the full K
-   for the correction: :func:`gate.outliers.flag_threshold`) decides: when log u_c + d_min - margin > log t
-   the class cannot be flagged and stops ("screened_out", its L1 reported as the upper bound u_c); otherwise
-   it becomes a candidate and is searched to convergence like a reference class.
+4. **Decision per waiting class**, once the reference classes are done. From the reference classes that were still
+   searching after the screening budget (like every waiting class; one that had converged before it shrinks by 0
+   afterwards and says nothing about a class still shrinking) we know how far such a class shrinks after the
+   budget: d_r = log L1_r(final) - log u_r (<= 0), and take the largest shrink d_min = min_r d_r; with fewer than
+   three of them nothing is learnt and no class stops. A waiting class c would converge to at least log u_c +
+   d_min - ``margin`` if it shrinks like the reference classes do (plus a margin, in log units). The rule's flag
+   threshold t (the largest L1 the outlier rule would still flag against the reference distribution, at the full K
+   for the correction: :func:`gate.outliers.flag_threshold`) decides: when log u_c + d_min - margin > log t the
+   class cannot be flagged and stops ("screened_out", its L1 reported as the upper bound u_c); otherwise it
+   becomes a candidate and is searched to convergence like a reference class.
 
 Why the outlier statistics stay unbiased: the median and MAD come only from the reference classes
 (``find_outliers(..., reference=...)``): all of them converged, to the same standard, and drawn at random.
@@ -55,10 +57,10 @@ class ScreeningParams(Settings):
     SECTION = "screening"
     FLAG_PREFIX = "screening-"
 
-    steps: int = setting(150, integer(1), "NES steps every class gets before it may be stopped as not an outlier")
+    steps: int = setting(90, integer(1), "NES steps every class gets before it may be stopped as not an outlier")
     reference_min: int = setting(10, integer(3), "classes searched to convergence as the reference, at least")
     reference_fraction: float = setting(0.25, number(0, 1), "... and about this fraction of the classes")
-    margin: float = setting(0.5, number(0), "log units a waiting class may shrink beyond the largest shrink of "
+    margin: float = setting(1.5, number(0), "log units a waiting class may shrink beyond the largest shrink of "
                                             "the reference classes before the bound is trusted")
     topk: int = setting(3, integer(1), "pre-screening: the top labels of a clean image that are counted")
     topk_z: float = setting(3.0, number(0), "pre-screening: a class in unusually many images' top labels (robust z "
@@ -96,6 +98,7 @@ class Screening:
     candidate: np.ndarray  # bool per class: searched to convergence (pre-screening or the decision)
     bound_at_screen: np.ndarray = field(default=None)  # log L1 of each class after the screening steps (NaN: not yet)
     waiting: np.ndarray = field(default=None)  # bool per class: paused after the screening steps, not decided
+    running_at_screen: np.ndarray = field(default=None)  # bool per class: still searching after the screening steps
     decided: bool = False
     threshold: float | None = None  # the flag threshold against the reference (L1), once decided
     shrink: float | None = None  # d_min: the reference classes' largest log shrink after the screening steps
@@ -107,6 +110,8 @@ class Screening:
             self.bound_at_screen = np.full(k, np.nan)
         if self.waiting is None:
             self.waiting = np.zeros(k, bool)
+        if self.running_at_screen is None:
+            self.running_at_screen = np.zeros(k, bool)
 
     @classmethod
     def start(cls, k: int, params: ScreeningParams, rule: OutlierRule, seed: int,
@@ -132,6 +137,7 @@ class Screening:
         """A class's state after one of its steps; True when it must now wait for the decision."""
         if np.isnan(self.bound_at_screen[label]) and (step >= self.params.steps or done):
             self.bound_at_screen[label] = math.log(max(l1, L1_FLOOR))
+            self.running_at_screen[label] = not done
         if self.decided or self.converges(label) or done or step < self.params.steps:
             return False
         self.waiting[label] = True
@@ -146,12 +152,15 @@ class Screening:
         """(classes to stop as not outliers, classes to search on), given every class's current L1 and whether
         its search converged, the reference classes done. The waiting classes are those two lists.
 
-        The shrink is learnt from the reference classes that converged (one stopped by max_steps was still
-        shrinking); with fewer than three of them nothing is learnt and every waiting class searches on."""
+        The shrink is learnt from the reference classes that were still searching after the screening steps and
+        then converged (one stopped by max_steps was still shrinking): only they are like a waiting class, which
+        is by definition still searching; a class that had already converged shrinks by 0 and would teach a
+        shrink no waiting class is bound by. With fewer than three of them nothing is learnt and every waiting
+        class searches on."""
         k = len(l1)
         x = np.log(np.maximum(np.asarray(l1, np.float64), L1_FLOOR))
         ref = self.reference
-        learnt = ref & np.asarray(converged, bool) & ~np.isnan(self.bound_at_screen)
+        learnt = ref & np.asarray(converged, bool) & self.running_at_screen & ~np.isnan(self.bound_at_screen)
         self.threshold = flag_threshold(np.asarray(l1)[ref], self.rule, k, self.pixels)
         self.shrink = float(min(0.0, np.min(x[learnt] - self.bound_at_screen[learnt]))) if learnt.sum() >= 3 else None
         stop, resume = [], []
@@ -173,7 +182,8 @@ class Screening:
         """The state a checkpoint keeps (see :mod:`gate.checkpoint`)."""
         return {"reference": self.reference.tolist(), "candidate": self.candidate.tolist(),
                 "bound_at_screen": [None if np.isnan(v) else float(v) for v in self.bound_at_screen],
-                "waiting": self.waiting.tolist(), "decided": self.decided, "threshold": self.threshold,
+                "waiting": self.waiting.tolist(), "running_at_screen": self.running_at_screen.tolist(),
+                "decided": self.decided, "threshold": self.threshold,
                 "shrink": self.shrink}
 
     def restore(self, d: dict) -> None:
@@ -182,4 +192,5 @@ class Screening:
         self.candidate = np.array(d["candidate"], bool)
         self.bound_at_screen = np.array([np.nan if v is None else v for v in d["bound_at_screen"]], np.float64)
         self.waiting = np.array(d["waiting"], bool)
+        self.running_at_screen = np.array(d.get("running_at_screen", [False] * len(self.reference)), bool)
         self.decided, self.threshold, self.shrink = bool(d["decided"]), d["threshold"], d["shrink"]

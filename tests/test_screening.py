@@ -39,18 +39,19 @@ def trajectories(seed: int, backdoor: int | None = 29, steps: int = 400):
     return final + (1024.0 - final) * np.exp(-rate * t), final  # (steps, K), (K,)
 
 
-def screen(traj: np.ndarray, params: ScreeningParams, rule: OutlierRule, seed: int):
+def screen(traj: np.ndarray, params: ScreeningParams, rule: OutlierRule, seed: int, last=None):
     """Play a screened scan over known trajectories (each class stepping on its own counter, as in the scan):
-    the screening, the L1 each class reports and the steps each class ran."""
+    the screening, the L1 each class reports and the steps each class ran. ``last``: the step each class
+    converges at (default: all at the trajectories' end)."""
     sc = Screening.start(K, params, rule, seed, pixels=PIXELS)
-    last = len(traj)
+    last = np.full(K, len(traj)) if last is None else np.asarray(last)
     steps = np.zeros(K, int)
     done = np.zeros(K, bool)
     stopped = np.zeros(K, bool)
     while not (done | stopped).all():
         for c in np.flatnonzero(~done & ~stopped & ~sc.waiting):
             steps[c] += 1
-            done[c] = steps[c] == last
+            done[c] = steps[c] == last[c]
             sc.observe(c, int(steps[c]), float(traj[steps[c] - 1, c]), bool(done[c]))
         if sc.ready(done):
             stop, _ = sc.decide(traj[steps - 1, np.arange(K)], done)
@@ -63,7 +64,7 @@ def test_screened_verdicts_equal_the_converged_ones(seed):
     traj, _ = trajectories(seed)
     final = traj[-1]  # converged
     rule = OutlierRule()
-    params = ScreeningParams(steps=150)
+    params = ScreeningParams(steps=150, margin=0.5)
     sc, reported, ran = screen(traj, params, rule, seed)
     stopped = np.flatnonzero(ran == params.steps)
     assert len(stopped) > 15  # the screening saves work ...
@@ -84,7 +85,7 @@ def test_upper_bounds_in_the_reference_would_bias_the_statistics():
     """Why the reference excludes screened-out classes: their upper bounds pull the median up."""
     traj, _ = trajectories(1)
     final = traj[-1]
-    sc, reported, ran = screen(traj, ScreeningParams(steps=150), OutlierRule(), 1)
+    sc, reported, ran = screen(traj, ScreeningParams(steps=150, margin=0.5), OutlierRule(), 1)
     # the z's read with a scale floor below this model's spread of log L1, so they show the whole median shift (at
     # the default floor, 0.6, the floor caps the scale and the same shift reads as 0.8 instead of over 1)
     rule = OutlierRule(scale_floor=0.3)
@@ -98,9 +99,34 @@ def test_upper_bounds_in_the_reference_would_bias_the_statistics():
 
 def test_a_clean_model_stays_clean():
     traj, _ = trajectories(3, backdoor=None)
-    sc, reported, ran = screen(traj, ScreeningParams(steps=150), OutlierRule(), 3)
+    sc, reported, ran = screen(traj, ScreeningParams(steps=150, margin=0.5), OutlierRule(), 3)
     assert not find_outliers(reported, OutlierRule(), reference=sc.reference, pixels=PIXELS).flagged.any()
     assert (ran == 150).sum() > 15
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_shrink_is_learnt_only_from_classes_still_searching_at_the_budget(seed):
+    """Most classes converge before the screening budget (after it they shrink by 0); the backdoor is still
+    shrinking there, from 60 px to 3, and two natural classes search on too. Learnt from every converged
+    reference class the shrink would be 0 and the backdoor's bound, 60 px, would stop it; learnt from the reference
+    classes still searching at the budget (at most two here: too few) nothing is learnt and it searches on."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(1, 401)[:, None]
+    final = np.exp(rng.normal(math.log(100.0), 0.3, K))
+    last = np.full(K, 100)
+    late = rng.choice(np.setdiff1d(np.arange(K), [29]), 2, replace=False)
+    last[late], last[29], final[29] = 300, 400, 3.0
+    early = final + (1024.0 - final) * np.exp(-0.08 * t)
+    tail = final + np.where(np.arange(K) == 29, 57.0, 0.2 * final) * np.exp(-0.01 * np.maximum(t - 150, 0))
+    traj = np.where(last == 100, early, np.where(t <= 150, np.maximum(early, tail[149]), tail))
+    traj = np.where(t > last, traj[last - 1, np.arange(K)], traj)  # a converged class stays where it stopped
+    sc, reported, ran = screen(traj, ScreeningParams(steps=150, margin=0.5), OutlierRule(), seed, last=last)
+    assert sc.running_at_screen.tolist() == (last > 150).tolist()
+    assert sc.shrink is None and ran[29] == 400
+    assert np.flatnonzero(find_outliers(reported, OutlierRule(), reference=sc.reference, pixels=PIXELS).flagged
+                          ).tolist() == [29]
+    # what a shrink learnt from the converged reference classes (0) would have done: stop the backdoor
+    assert math.log(traj[149, 29]) - sc.params.margin > math.log(sc.threshold)
 
 
 def test_without_converged_reference_classes_nothing_is_stopped():
