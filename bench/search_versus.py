@@ -131,6 +131,14 @@ def differences(labels: tuple[str, str], runs: dict) -> list[str]:
     return out
 
 
+def agreement(runs: dict) -> tuple[int, int, int]:
+    """(models, same decision: flagged or not on both sides, same flags) of the cross-validated verdicts (split 0):
+    with two seeds of one search, how often a verdict is the search's and not its random draw's."""
+    pairs = list(zip(runs["a"][0], runs["b"][0], strict=True))
+    return (len(pairs), sum(bool(ja.flagged) == bool(jb.flagged) for ja, jb in pairs),
+            sum(ja.flagged == jb.flagged for ja, jb in pairs))
+
+
 def report(args) -> tuple[str, dict]:
     a, qa = scans(args.a)
     b, qb = scans(args.b, args.b_best_of)
@@ -149,6 +157,9 @@ def report(args) -> tuple[str, dict]:
     lines += ["", "Rules each search would ship (fitted on all its models; scale_floor, population_weight, alpha; "
               f"population median and spread of log(L1 / pixels)): A {_rule(final[0])}, B {_rule(final[1])}."]
     diff = differences(labels, runs)
+    n, same_decision, same_flags = agreement(runs)
+    lines += ["", "Agreement of the cross-validated verdicts (split 0): the same decision (anything flagged or not) "
+              f"on {same_decision} of {n} models, the same flagged classes on {same_flags} of {n}."]
     lines += ["", "Cross-validated verdicts that differ (split 0): " + ("; ".join(diff) if diff else "none") + "."]
     if left_out:
         lines += ["", "Not counted, the attack did not take (true ASR below "
@@ -157,7 +168,8 @@ def report(args) -> tuple[str, dict]:
         lines += ["", f"Scanned by one side only (not counted): {len(only)}."]
     data = {"models": names, "labels": labels, "final_rules": [r.to_dict() for r in final],
             "queries_per_class": {"a": {n: qa.get(n) for n in names}, "b": {n: qb.get(n) for n in names}},
-            "cv": {k: [summary(j) for j in v] for k, v in runs.items()}, "differences": diff}
+            "cv": {k: [summary(j) for j in v] for k, v in runs.items()}, "differences": diff,
+            "same_decision": same_decision, "same_flags": same_flags}
     return "\n".join(lines) + "\n", data
 
 
@@ -175,6 +187,8 @@ def main(argv=None) -> int:
     ap.add_argument("--min-asr", type=float, default=0.9)
     ap.add_argument("--json", type=Path, help="write the numbers here")
     ap.add_argument("--record", action="store_true", help=f"write the tables into bench/RESULTS.md ({SECTION[3:]})")
+    ap.add_argument("--section-name", metavar="TEXT",
+                    help="record under the section title and ': TEXT' (comparisons do not overwrite each other)")
     ap.add_argument("--results-md", type=Path, default=zoo.ROOT / "bench" / "RESULTS.md")
     args = ap.parse_args(argv)
     if args.folds < 2 or args.seeds < 1:
@@ -185,7 +199,8 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    publish(text, data, args, "bench.search_versus", SECTION, argv)
+    section = f"{SECTION}: {args.section_name}" if args.section_name else SECTION
+    publish(text, data, args, "bench.search_versus", section, argv)
     return 0
 
 

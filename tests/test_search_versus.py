@@ -65,6 +65,11 @@ def test_each_side_is_judged_on_the_models_both_scanned(two_searches):
     for i in range(8):
         assert any(d.startswith(f"bad_{i} (targets [{i}]): A ") and f"B [{i}] (p " in d for d in data["differences"])
     assert "| all | B | 20 (12 clean) |" in text and "| 1,000 |" in text and "| 3,000 |" in text
+    # agreement: B flags every backdoored model and no clean one, so the decisions agree where A is right
+    assert b0["fpr"][0] == 0
+    agree = (12 - a0["fpr"][0]) + a0["tpr"][0]
+    assert data["same_decision"] == agree < 20 and data["same_flags"] <= data["same_decision"]
+    assert f"the same decision (anything flagged or not) on {agree} of 20 models" in text
 
 
 def test_no_model_in_common_is_an_error(tmp_path, capsys):
@@ -83,6 +88,12 @@ def test_the_report_can_be_recorded(two_searches, tmp_path, capsys):
     text = md.read_text()
     assert "## Two searches side by side on the same models (cross-validated)" in text
     assert "python -m bench.search_versus --a" in text
+    # a named comparison gets a section of its own and leaves the first one in place
+    assert main(["--a", str(a), "--b", str(b), "--folds", "4", "--seeds", "2", "--record", "--results-md", str(md),
+                 "--section-name", "two seeds"]) == 0
+    text = md.read_text()
+    assert "## Two searches side by side on the same models (cross-validated): two seeds" in text
+    assert text.count("## Two searches side by side on the same models (cross-validated)") == 2
 
 
 def test_a_model_in_two_folders_counts_once_and_the_first_folder_wins(tmp_path):
