@@ -42,6 +42,8 @@ from bench.verdicts import (
     attack_took,
     cross_validate,
     fit,
+    folds_of,
+    judge,
     load_records,
     summary,
 )
@@ -139,6 +141,14 @@ def agreement(runs: dict) -> tuple[int, int, int]:
             sum(ja.flagged == jb.flagged for ja, jb in pairs))
 
 
+def judged_by_a_rules(a: list[Model], b: list[Model], folds: int, target_fpr: float) -> tuple[list, list]:
+    """Both sides judged by A's cross-validated rules (split 0): each model by the rule fitted on A's scans of the
+    other folds. With two seeds of one search, what differs then is the search's random draw alone, not the rule."""
+    ja, rules = cross_validate(a, folds, target_fpr, 0)
+    fold = folds_of(a, folds, 0)
+    return ja, [judge(m, rules[f]) for m, f in zip(b, fold, strict=True)]
+
+
 def report(args) -> tuple[str, dict]:
     a, qa = scans(args.a)
     b, qb = scans(args.b, args.b_best_of)
@@ -160,6 +170,13 @@ def report(args) -> tuple[str, dict]:
     n, same_decision, same_flags = agreement(runs)
     lines += ["", "Agreement of the cross-validated verdicts (split 0): the same decision (anything flagged or not) "
               f"on {same_decision} of {n} models, the same flagged classes on {same_flags} of {n}."]
+    ja, jb = judged_by_a_rules(ma, mb, args.folds, args.target_fpr)
+    n, same_decision_a, same_flags_a = agreement({"a": [ja], "b": [jb]})
+    sb = summary(jb)
+    lines += ["", "Both judged by A's cross-validated rules (each model by the rule fitted on A's scans of the other "
+              f"folds, so only the search differs): the same decision on {same_decision_a} of {n} models, the same "
+              f"flagged classes on {same_flags_a} of {n}; B under them: accuracy {_rate(sb['accuracy'])}, FPR "
+              f"{_rate(sb['fpr'])}, true target found {_rate(sb['target_found'])}."]
     lines += ["", "Cross-validated verdicts that differ (split 0): " + ("; ".join(diff) if diff else "none") + "."]
     if left_out:
         lines += ["", "Not counted, the attack did not take (true ASR below "
@@ -169,7 +186,8 @@ def report(args) -> tuple[str, dict]:
     data = {"models": names, "labels": labels, "final_rules": [r.to_dict() for r in final],
             "queries_per_class": {"a": {n: qa.get(n) for n in names}, "b": {n: qb.get(n) for n in names}},
             "cv": {k: [summary(j) for j in v] for k, v in runs.items()}, "differences": diff,
-            "same_decision": same_decision, "same_flags": same_flags}
+            "same_decision": same_decision, "same_flags": same_flags,
+            "a_rules": {"same_decision": same_decision_a, "same_flags": same_flags_a, "b": sb}}
     return "\n".join(lines) + "\n", data
 
 

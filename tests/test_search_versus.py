@@ -134,3 +134,13 @@ def test_best_of_starts_keeps_each_class_smallest_l1_and_adds_the_queries(tmp_pa
     text, data = report(SimpleNamespace(**(vars(args(s0, s0, folds=2, seeds=1)) | {"b": [s0, s1], "b_best_of": True})))
     assert data["models"] == [f"m{i}" for i in range(6)]
     assert data["queries_per_class"]["b"]["m0"] == 2200.0
+
+
+def test_judged_by_the_same_rules_identical_scans_agree_and_a_found_trigger_is_flagged(two_searches):
+    a, b = two_searches
+    _, same = report(args(a, a))
+    assert same["a_rules"]["same_decision"] == same["a_rules"]["same_flags"] == 20
+    # B's planted 5-px triggers, judged by rules fitted on A's scans (where nothing stands out), are still found
+    text, data = report(args(a, b))
+    assert data["a_rules"]["b"]["target_found"][0] == 8
+    assert "Both judged by A's cross-validated rules" in text
