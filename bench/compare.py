@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -584,7 +585,7 @@ def publish(text: str, data, args, module: str, section: str, argv=None) -> None
     if args.json:
         args.json.write_text(json.dumps(data, indent=1, default=float))
     if args.record:
-        command = f"python -m {module} " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = f"python -m {module} " + shlex.join(argv if argv is not None else sys.argv[1:])
         write_results_section(args.results_md, text, command.strip(), section)
     print(text)
     if args.record:
