@@ -66,17 +66,17 @@ class BlendParams(Settings):
     # amplitudes are not L1 norms: their natural spread and their outliers are other numbers). Fitted by
     # ``python -m bench.verdicts --blend-records ...`` as the patch rule is: the population on the clean models'
     # classes, scale_floor / population_weight / alpha on the gate's decision (either mode's flags) across folds.
-    # The defaults are that fit on all 35 wide-zoo models with a blend-mode scan (27 clean, 8 counted backdoors:
-    # 5 blended, 3 SIG; 2026-12-07, bench/RESULTS.md). Few backdoors: the fold fits range over alphas 9e-5-0.08.
-    alpha: float = setting(0.04, number(0, 1, lo_open=True, hi_open=True),
+    # The defaults are that fit on all 40 wide-zoo models with a blend-mode scan (31 clean, 9 counted backdoors:
+    # 6 blended, 3 SIG; 2026-12-07, bench/RESULTS.md). Few backdoors: the fold fits range over alphas 1.4e-3-0.08.
+    alpha: float = setting(0.01, number(0, 1, lo_open=True, hi_open=True),
                            "calibrated: flag a class whose per-model blend p-value is at most this")
-    scale_floor: float = setting(0.5, number(0), "calibrated: least spread of the classes' log amplitudes")
+    scale_floor: float = setting(0.8, number(0), "calibrated: least spread of the classes' log amplitudes")
     population_weight: float = setting(0.85, number(0, 1),
                                        "calibrated: weight of the population test (a class's log amplitude "
                                        "against the natural classes of clean models) beside the within-model test")
-    population_mean: float = setting(-1.13, number(),
+    population_mean: float = setting(-1.09, number(),
                                      "calibrated: median log amplitude of the natural classes of clean models")
-    population_scale: float = setting(0.33, number(0, lo_open=True),
+    population_scale: float = setting(0.28, number(0, lo_open=True),
                                       "calibrated: their robust spread (1.4826 MAD, log units)")
 
 
