@@ -411,7 +411,28 @@ def blend_rows(ms: list[Model], judged: list[Judged], rule: OutlierRule, folds: 
             "and its blend amplitudes, the blend calibration fitted on the other folds' blend scans):", "",
             *table(rows, "rule"), "",
             "Blend calibrations fitted per fold (scale_floor, population_weight, alpha; population median and spread "
-            "of the log amplitude): " + ", ".join(_rule(b) for _, b in rules) + f"; on all models: {_rule(final)}."]
+            "of the log amplitude): " + ", ".join(_rule(b) for _, b in rules) + f"; on all models: {_rule(final)}.",
+            *target_amplitude_rows(ms)]
+
+
+def target_amplitude_rows(ms: list[Model]) -> list[str]:
+    """Where the blend search puts each planted target of a full-image attack (blended, SIG): its amplitude, its
+    rank among the model's classes (1: the smallest, the most suspicious) and its ratio to the median class."""
+    rows = []
+    for m in ms:
+        if m.blend is None or not m.backdoored or m.attack in ("badnets", "multi"):
+            continue
+        a = np.asarray(m.blend, float)
+        med = float(np.median(a))
+        for t in m.targets:
+            rows.append(f"| {m.name} | {m.attack} | {min(m.asr) if m.asr else 0:.2f} | {a[t]:.3f} | "
+                        f"{int((a < a[t]).sum()) + 1} of {len(a)} | {med:.3f} | {a[t] / med:.2f} |")
+    if not rows:
+        return []
+    return ["", "Where the blend search puts the planted targets of full-image attacks (every such model with a "
+            "blend-mode scan, the attack's ASR beside it: below 0.90 it is not counted above):", "",
+            "| model | attack | true ASR | target amplitude | rank | median amplitude | target / median |",
+            "|---|---|---|---|---|---|---|", *rows]
 
 
 def same_models_rows(by_method: dict[str, tuple[list[Judged], list[Judged]]], data: dict,

@@ -315,6 +315,11 @@ def test_blend_records_add_the_blend_modes_flags_with_the_same_fold_rules(tmp_pa
     assert patch["target_found"] == (4, 8) and with_blend["target_found"] == (8, 8)  # the 4 blended: blend only
     assert with_blend["fpr"] == patch["fpr"]  # the blend mode adds no false positive here
     assert "patch + blend (CV)" in text
+    # every blended target's amplitude row: 0.004, the smallest of its 10 classes
+    for i in range(4):
+        row = next(ln for ln in text.splitlines() if ln.startswith(f"| b{i} | blended |"))
+        assert "| 0.004 | 1 of 10 |" in row
+    assert not any(ln.startswith("| m") and "| model |" not in ln for ln in text.splitlines())  # no clean, BadNets row
     # the record field a --blend scan writes is what load_records reads
     rec = {"model": "x", "dataset": "cifar", "method": "b3d", "backdoored": False, "targets": [],
            "l1_per_class": [50.0] * 10, "blend_amplitude_per_class": [0.3] * 10}
