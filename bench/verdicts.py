@@ -429,8 +429,8 @@ def target_amplitude_rows(ms: list[Model]) -> list[str]:
                         f"{int((a < a[t]).sum()) + 1} of {len(a)} | {med:.3f} | {a[t] / med:.2f} |")
     if not rows:
         return []
-    return ["", "Where the blend search puts the planted targets of full-image attacks (every such model with a "
-            "blend-mode scan, the attack's ASR beside it: below 0.90 it is not counted above):", "",
+    return ["", "Where the blend search puts the planted targets of full-image attacks (every counted model of "
+            "those attacks with a blend-mode scan):", "",
             "| model | attack | true ASR | target amplitude | rank | median amplitude | target / median |",
             "|---|---|---|---|---|---|---|", *rows]
 
