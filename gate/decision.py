@@ -258,16 +258,19 @@ def _weak_search(classes: list, rules) -> list[Finding]:
     if weak is None:
         return []
     found = []
-    unreached = [c.label for c in classes if c.status == UNREACHED]
-    frac = len(unreached) / len(classes)
+    # screened: the reference classes, a random sample searched to convergence, stand for all (a screened-out
+    # class's mask is an upper bound, and one that never worked in its screening steps is not "unreached")
+    searched = [c for c in classes if c.reference] or classes
+    unreached = [c.label for c in searched if c.status == UNREACHED]
+    frac = len(unreached) / len(searched)
     if frac > weak.max_unreached_fraction:
+        of = f"{len(searched)} reference classes" if len(searched) < len(classes) else f"{len(classes)} classes"
         found.append(Finding(
             RULE_WEAK_SEARCH, rules.incomplete,
-            f"search inconclusive: {len(unreached)} of {len(classes)} classes found no working trigger "
+            f"search inconclusive: {len(unreached)} of {of} found no working trigger "
             f"(more than {_pct(weak.max_unreached_fraction)}); give the search more steps"
-            + next((f" (class {c.label}: {c.note})" for c in classes if c.status == UNREACHED and c.note), ""),
+            + next((f" (class {c.label}: {c.note})" for c in searched if c.status == UNREACHED and c.note), ""),
             None, {"unreached": unreached, "unreached_fraction": frac}))
-    searched = [c for c in classes if c.reference] or classes  # screened: screened-out masks are upper bounds
     median_mask = float(np.median([c.mask_fraction for c in searched]))
     if median_mask > weak.max_median_mask_fraction:
         found.append(Finding(

@@ -252,6 +252,21 @@ def test_flags_of_an_incomplete_scan_are_provisional():
     assert decide(r, p).outcome == "reject"
 
 
+def test_weak_search_under_screening_counts_the_reference_classes():
+    """A screened scan: a screened-out class that never worked in its screening steps is neither "unreached" nor
+    evidence that the search works; the reference classes, a random sample searched to convergence, stand for all."""
+    statuses = ["not_reached", "not_reached", "converged", "screened_out", "screened_out", "screened_out"]
+    r = make_result([200.0] * 6, statuses=statuses)
+    for c in r.classes:
+        c.reference = c.label < 3
+    d = decide(r, policy())
+    assert d.outcome == "review"  # 2 of 3 reference classes never worked (counted over all 6 it would be 2 of 6)
+    assert d.reasons == ["search inconclusive: 2 of 3 reference classes found no working trigger (more than 50%); "
+                         "give the search more steps"]
+    r.classes[1].status = "converged"
+    assert decide(r, policy()).outcome == "accept"
+
+
 def test_weak_search_is_not_an_accept():
     unreached = ["not_reached", "not_reached", "not_reached", "converged", "max_steps"]
     r = make_result(L1_CLEAN, statuses=unreached)
