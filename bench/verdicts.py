@@ -18,6 +18,10 @@ number below comes from models the rule was not fitted on. The paper's MAD rule 
 reported on the same models. The final rule (fitted on all models) is what ``gate.outliers.OutlierRule``
 ships as its default; its numbers on the models it was fitted on are not reported.
 
+B3D-SS scans are also judged by the policy's shipped rule (fitted on B3D scans, never on B3D-SS ones): what a
+``--synthetic`` scan is judged by today. With ``--blend-records``, a table shows where the blend search puts each
+planted blended / SIG target (amplitude, rank among the model's classes, ratio to the median).
+
 Backdoored models whose attack did not take (a true ASR below ``--min-asr``, 0.9) are listed apart and are not
 counted as backdoored or clean.
 
