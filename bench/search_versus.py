@@ -80,13 +80,22 @@ def common(a: dict[str, Model], b: dict[str, Model], min_asr: float) -> tuple[li
     return [n for n in names if n not in bad], bad
 
 
-def judged_over_seeds(models: list[Model], folds: int, target_fpr: float, seeds: int) -> list[list[Judged]]:
-    return [cross_validate(models, folds, target_fpr, seed)[0] for seed in range(seeds)]
+def judged_over_seeds(models: list[Model], folds: int, target_fpr: float,
+                      seeds: int) -> tuple[list[list[Judged]], list]:
+    """Per split seed, every model's cross-validated verdict; and split 0's fold rules."""
+    runs = [cross_validate(models, folds, target_fpr, seed) for seed in range(seeds)]
+    return [judged for judged, _ in runs], runs[0][1]
 
 
 def compare(a: list[Model], b: list[Model], folds: int, target_fpr: float, seeds: int) -> dict:
-    """Both sides cross-validated on the same splits: per seed, every model's verdict."""
-    return {"a": judged_over_seeds(a, folds, target_fpr, seeds), "b": judged_over_seeds(b, folds, target_fpr, seeds)}
+    """Both sides cross-validated on the same splits: per seed, every model's verdict; and B judged by A's fold
+    rules of split 0 (``b_by_a_rules``: each model by the rule fitted on A's scans of the other folds, so that with
+    two seeds of one search only the search's random draw differs, not the rule)."""
+    runs_a, rules_a = judged_over_seeds(a, folds, target_fpr, seeds)
+    runs_b, _ = judged_over_seeds(b, folds, target_fpr, seeds)
+    fold = folds_of(a, folds, 0)
+    return {"a": runs_a, "b": runs_b,
+            "b_by_a_rules": [judge(m, rules_a[f]) for m, f in zip(b, fold, strict=True)]}
 
 
 def accuracy_spread(runs: list[list[Judged]], dataset: str | None) -> tuple[float, float, float]:
@@ -133,20 +142,12 @@ def differences(labels: tuple[str, str], runs: dict) -> list[str]:
     return out
 
 
-def agreement(runs: dict) -> tuple[int, int, int]:
-    """(models, same decision: flagged or not on both sides, same flags) of the cross-validated verdicts (split 0):
-    with two seeds of one search, how often a verdict is the search's and not its random draw's."""
-    pairs = list(zip(runs["a"][0], runs["b"][0], strict=True))
-    return (len(pairs), sum(bool(ja.flagged) == bool(jb.flagged) for ja, jb in pairs),
-            sum(ja.flagged == jb.flagged for ja, jb in pairs))
-
-
-def judged_by_a_rules(a: list[Model], b: list[Model], folds: int, target_fpr: float) -> tuple[list, list]:
-    """Both sides judged by A's cross-validated rules (split 0): each model by the rule fitted on A's scans of the
-    other folds. With two seeds of one search, what differs then is the search's random draw alone, not the rule."""
-    ja, rules = cross_validate(a, folds, target_fpr, 0)
-    fold = folds_of(a, folds, 0)
-    return ja, [judge(m, rules[f]) for m, f in zip(b, fold, strict=True)]
+def agreement(ja: list[Judged], jb: list[Judged]) -> tuple[int, int, int]:
+    """(models, same decision: flagged or not on both sides, same flags) of two verdicts per model: with two seeds
+    of one search, how often a verdict is the search's and not its random draw's."""
+    pairs = list(zip(ja, jb, strict=True))
+    return (len(pairs), sum(bool(a.flagged) == bool(b.flagged) for a, b in pairs),
+            sum(a.flagged == b.flagged for a, b in pairs))
 
 
 def report(args) -> tuple[str, dict]:
@@ -167,12 +168,11 @@ def report(args) -> tuple[str, dict]:
     lines += ["", "Rules each search would ship (fitted on all its models; scale_floor, population_weight, alpha; "
               f"population median and spread of log(L1 / pixels)): A {_rule(final[0])}, B {_rule(final[1])}."]
     diff = differences(labels, runs)
-    n, same_decision, same_flags = agreement(runs)
+    n, same_decision, same_flags = agreement(runs["a"][0], runs["b"][0])
     lines += ["", "Agreement of the cross-validated verdicts (split 0): the same decision (anything flagged or not) "
               f"on {same_decision} of {n} models, the same flagged classes on {same_flags} of {n}."]
-    ja, jb = judged_by_a_rules(ma, mb, args.folds, args.target_fpr)
-    n, same_decision_a, same_flags_a = agreement({"a": [ja], "b": [jb]})
-    sb = summary(jb)
+    _, same_decision_a, same_flags_a = agreement(runs["a"][0], runs["b_by_a_rules"])
+    sb = summary(runs["b_by_a_rules"])
     lines += ["", "Both judged by A's cross-validated rules (each model by the rule fitted on A's scans of the other "
               f"folds, so only the search differs): the same decision on {same_decision_a} of {n} models, the same "
               f"flagged classes on {same_flags_a} of {n}; B under them: accuracy {_rate(sb['accuracy'])}, FPR "
@@ -185,7 +185,7 @@ def report(args) -> tuple[str, dict]:
         lines += ["", f"Scanned by one side only (not counted): {len(only)}."]
     data = {"models": names, "labels": labels, "final_rules": [r.to_dict() for r in final],
             "queries_per_class": {"a": {n: qa.get(n) for n in names}, "b": {n: qb.get(n) for n in names}},
-            "cv": {k: [summary(j) for j in v] for k, v in runs.items()}, "differences": diff,
+            "cv": {k: [summary(j) for j in runs[k]] for k in ("a", "b")}, "differences": diff,
             "same_decision": same_decision, "same_flags": same_flags,
             "a_rules": {"same_decision": same_decision_a, "same_flags": same_flags_a, "b": sb}}
     return "\n".join(lines) + "\n", data

@@ -160,7 +160,7 @@ class Screening:
         k = len(l1)
         x = np.log(np.maximum(np.asarray(l1, np.float64), L1_FLOOR))
         ref = self.reference
-        learnt = ref & np.asarray(converged, bool) & self.running_at_screen & ~np.isnan(self.bound_at_screen)
+        learnt = ref & np.asarray(converged, bool) & self.running_at_screen  # running_at_screen: bound recorded
         self.threshold = flag_threshold(np.asarray(l1)[ref], self.rule, k, self.pixels)
         self.shrink = float(min(0.0, np.min(x[learnt] - self.bound_at_screen[learnt]))) if learnt.sum() >= 3 else None
         stop, resume = [], []
