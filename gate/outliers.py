@@ -42,8 +42,11 @@ The L1 norms move with the search settings (a shorter
 search leaves natural classes larger), so the rule belongs to the search it was fitted with: policies/strict.yaml,
 whose longer search is closer to the previous default (800 steps, patience 80, 4 images a sample), keeps the
 rule fitted for that one (floor 0.1, weight 0.85, population -1.95 / 0.58). The population part knows only
-the zoo's 32x32 GTSRB and CIFAR-10 models: a vendor model of another kind (other data, other input sizes)
-needs its own fit on clean models of that kind, or ``population_weight: 0``.
+the zoo's 32x32 GTSRB and CIFAR-10 models. Between those two a rule fitted on one judged the other about as
+well as that one's own rule did, while refitting the population (median and spread) on 3-10 clean models of
+the other, or ``population_weight: 0``, did worse (``python -m bench.population_transfer``): the floor, weight
+and alpha belong to the population they were fitted with. A vendor model of a kind far from both (other input
+sizes, many more classes) needs the whole rule refitted on scanned clean and backdoored models of that kind.
 Alpha is a calibrated cut on the normal-tail p-value, not the false-positive rate itself; the Šidák
 correction keeps one cut comparable across class counts.
 
