@@ -106,7 +106,8 @@ def probe(name: str, stamps: list[str], seed: int, threads: int, max_steps: int 
     params = SearchParams() if max_steps is None else SearchParams(max_steps=max_steps)
     x, y = data.scan.x, data.scan.y
     out = {"model": name, "dataset": man["dataset"], "arch": man["arch"], "attack": man["attack"],
-           "targets": zoo.targets(man), "asr": man.get("asr"), "seed": seed, "stamps": {}, "planted": []}
+           "targets": zoo.targets(man), "asr": man.get("asr"), "seed": seed, "max_steps": params.max_steps,
+           "stamps": {}, "planted": []}
     full_image = [t for t in man.get("triggers") or [] if t["kind"] in ("sig", "blend")]
     out["planted"] = [planted_strength(oracle, data.eval.x, data.eval.y, t, params.success_threshold)
                       for t in full_image]
@@ -186,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in found:
         path = args.out / f"{name}.json"
         rec = json.loads(path.read_text()) if args.resume and path.exists() else None
-        if rec is None or any(s not in rec["stamps"] for s in args.stamps) or rec["seed"] != args.seed:
+        steps = args.max_steps or SearchParams().max_steps
+        if (rec is None or any(s not in rec["stamps"] for s in args.stamps) or rec["seed"] != args.seed
+                or rec.get("max_steps", SearchParams().max_steps) != steps):
             rec = probe(name, args.stamps, args.seed, args.threads, args.max_steps)
             path.write_text(json.dumps(rec, indent=1))
             print(f"{name}: " + ", ".join(f"{s} {rec['stamps'][s]['seconds']:.0f}s" for s in args.stamps),
