@@ -463,7 +463,28 @@ def same_models_rows(by_method: dict[str, tuple[list[Judged], list[Judged]]], da
             "need no fit.", "", *table(rows, "method, rule")]
 
 
-def report(models: list[Model], folds: int, target_fpr: float, min_asr: float, seed: int) -> tuple[str, dict]:
+def check_rows(checks: list[Model], fitted: OutlierRule, min_asr: float, data: dict) -> list[str]:
+    """Scans made with other settings (``--check-records``: B3D-SS at the product's 100 synthetic images per class)
+    judged by the shipped rule and by the rule fitted on the method's records: per model, and totals."""
+    rows = [m for m in checks if attack_took(m, min_asr)]
+    if not rows:
+        return []
+    rules = (("shipped rule", OutlierRule()), ("rule fitted on these B3D-SS records", fitted))
+    judged = {name: [judge(m, r) for m in rows] for name, r in rules}
+    out = ["", f"B3D-SS scans made with other settings (--check-records: {len(rows)} models) judged by the shipped "
+           "rule and by the B3D-SS rule fitted on all the records above (a --synthetic "
+           "calibration would ship it; these models' own 10-per-class scans were among its training data):", "",
+           "| model | true targets | shipped rule: flagged (p) | B3D-SS fit: flagged (p) |", "|---|---|---|---|"]
+    for i, m in enumerate(rows):
+        cells = [f"{list(j[i].flagged) or 'none'} ({1 - j[i].score:.2g})" for j in judged.values()]
+        out.append(f"| {m.name} | {list(m.targets) or 'none'} | " + " | ".join(cells) + " |")
+    out += [""] + table([(name, summary(js)) for name, js in judged.items()], "rule")
+    data["check_records"] = {name: summary(js) for name, js in judged.items()}
+    return out
+
+
+def report(models: list[Model], folds: int, target_fpr: float, min_asr: float, seed: int,
+           checks: list[Model] | None = None) -> tuple[str, dict]:
     lines, data = [], {}
     failed = [m for m in models if not attack_took(m, min_asr)]
     usable = [m for m in models if attack_took(m, min_asr)]
@@ -499,6 +520,8 @@ def report(models: list[Model], folds: int, target_fpr: float, min_asr: float, s
                 if shipped:
                     rows.append((f"{name} shipped rule (B3D's fit)", summary(of(shipped))))
         lines += table(rows, "rule")
+        if method == "b3d-ss" and checks:
+            lines += check_rows([m for m in checks if m.method == method], final, min_asr, data[method])
         lines += blend_rows(ms, judged, final, folds, target_fpr, seed, data[method])
         paper = ", ".join(f"{zoo.DATASET_TITLES[d]} {v[title]:.1f} %" for d, v in PAPER.items() if title in v)
         lines += ["", f"Paper ({title}, Table 2 detection accuracy): {paper}"
@@ -525,6 +548,9 @@ def main(argv=None) -> int:
     ap.add_argument("--records", nargs="+", type=Path, default=[DEFAULT_RECORDS])
     ap.add_argument("--blend-records", nargs="+", type=Path, default=[],
                     help="records of the same models scanned with the blend mode (python -m bench.compare --blend)")
+    ap.add_argument("--check-records", nargs="+", type=Path, default=[],
+                    help="B3D-SS scans of some of the same models with other settings (e.g. --synthetic-per-class "
+                         "100): judged by the shipped rule and by the B3D-SS rule fitted on --records")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--target-fpr", type=float, default=0.03)
     ap.add_argument("--min-asr", type=float, default=0.9)
@@ -541,7 +567,8 @@ def main(argv=None) -> int:
     if args.folds < 2:
         print("error: --folds must be at least 2", file=sys.stderr)
         return 2
-    body, data = report(models, args.folds, args.target_fpr, args.min_asr, args.seed)
+    body, data = report(models, args.folds, args.target_fpr, args.min_asr, args.seed,
+                        load_records(args.check_records))
     n = {m: sum(x.method == m for x in models) for m in TITLES}
     head = (f"{len({m.name for m in models})} models ({', '.join(f'{TITLES[k]} {v}' for k, v in n.items() if v)} "
             f"scans); target false-positive rate {args.target_fpr:.0%}; attacks with true ASR < {args.min_asr:.0%} "

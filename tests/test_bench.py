@@ -447,3 +447,24 @@ def test_the_blend_calibration_is_fitted_on_the_decision_with_its_own_false_posi
     b = verdicts.fit(out, 0.05, sizes=verdicts.BLEND, prior=with_fp)
     assert (a.alpha, a.scale_floor, a.population_weight) == (b.alpha, b.scale_floor, b.population_weight)
     assert a.alpha > verdicts.ALPHAS[0]
+
+
+def test_check_records_are_judged_by_the_shipped_rule_and_by_the_methods_own_fit():
+    """B3D-SS scans made with other settings (--check-records) get a table of their own: each model judged by the
+    policy's shipped rule and by the rule fitted on the method's records; the CV tables stay the records' own."""
+    from dataclasses import replace
+
+    from bench import verdicts
+
+    ss = [replace(m, method="b3d-ss") for m in _fake_models(8, 8)]
+    checks = [replace(m, name=f"check{i}") for i, m in enumerate(ss[6:10])]  # 2 clean, 2 backdoored
+    text, data = verdicts.report(ss, 2, 0.05, 0.9, 0, checks)
+    assert "(--check-records: 4 models)" in text
+    assert "| check2 | [3] | [3] (" in text and "| check0 | none |" in text
+    fitted = verdicts.fit(ss, 0.05)
+    got = data["b3d-ss"]["check_records"]
+    assert got["shipped rule"] == verdicts.summary([verdicts.judge(m, verdicts.OutlierRule()) for m in checks])
+    assert got["rule fitted on these B3D-SS records"] == verdicts.summary([verdicts.judge(m, fitted) for m in checks])
+    assert data["b3d-ss"]["cv"]["models"] == 16  # the checks are not counted in the cross-validation
+    plain, plain_data = verdicts.report(ss, 2, 0.05, 0.9, 0)
+    assert "check-records" not in plain and "check_records" not in plain_data["b3d-ss"]
