@@ -312,7 +312,7 @@ def test_html_accept_names_what_the_scan_cannot_see():
     assert "within what this scan can see" in banner and 'id="limits"' in banner
     for words in ("blend search for a faint full-image trigger was off", "--blend", "all-to-all",
                   "only the 500 images of models/demo/gtsrb_sample.npz", "at most 800 steps of 50 samples",
-                  "123,456 queries"):
+                  "123,456 queries", "SIG-style sinusoids) was not found"):
         assert words in banner, words
     # the limits follow the scan: a blend scan on synthetic data with classes stopped at the step limit
     result.blend = {"median_amplitude": 0.5}
@@ -322,7 +322,8 @@ def test_html_accept_names_what_the_scan_cannot_see():
     page = render_html(result, decide(result, policy), policy.to_dict())
     banner = page[page.index('id="decision"'):page.index('<div class="stats">')]
     assert "faint full-image blends were searched" in banner and "was off" not in banner
-    assert "synthesised from the model itself (B3D-SS)" in banner
+    assert "synthesised from the model itself (B3D-SS)" in banner and "found fewer of the backdoors" in banner
+    assert "SIG-style sinusoids) was not found" in banner  # blend mode or not: neither finds an additive signal
     assert "no labels" in banner and "1 class stopped at the step limit" in banner
     # another outcome lists them in their own section, not in the banner
     result = make_result(policy=policy)
