@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -35,8 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from bench import zoo
-from bench.compare import RESULTS_MD, write_results_section
+from bench.compare import RESULTS_MD, publish
 from gate.blend import BlendParams, BlendSearch
+from gate.kernels import blend
 from gate.search import SearchParams
 
 SECTION = "## An additive full-image search: a probe on SIG and blended models"
@@ -52,9 +52,8 @@ def stamp_additive(images: np.ndarray, amplitude: np.ndarray, patterns: np.ndarr
 
 
 def stamp_blend(images: np.ndarray, amplitude: np.ndarray, patterns: np.ndarray) -> np.ndarray:
-    """(1 - a) x + a p for every (candidate, image), the gate's blend formula."""
-    a = np.asarray(amplitude, np.float32)[:, None, None, None, None]
-    return (1 - a) * images[None] + a * patterns[:, None]
+    """(1 - a) x + a p for every (candidate, image): the gate's own stamping formula (:func:`gate.kernels.blend`)."""
+    return blend(images[None], np.asarray(amplitude, np.float32)[:, None, None, None, None], patterns[:, None])
 
 
 STAMPERS = {"additive": stamp_additive, "blend": stamp_blend}
@@ -176,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-steps", type=int, default=None, help="steps per class at most (default: the search's)")
     ap.add_argument("--resume", action="store_true", help="keep models already probed in --out")
+    ap.add_argument("--json", type=Path, help="write every model's record here too")
     ap.add_argument("--record", action="store_true", help=f"write the table into bench/RESULTS.md ({SECTION})")
     ap.add_argument("--results-md", type=Path, default=RESULTS_MD)
     args = ap.parse_args(argv)
@@ -195,11 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: " + ", ".join(f"{s} {rec['stamps'][s]['seconds']:.0f}s" for s in args.stamps),
                   file=sys.stderr, flush=True)
         records.append(rec)
-    text = table(records, args.stamps)
-    print(text)
-    if args.record:
-        cmd = shlex.join(["python", "-m", "bench.additive_probe", *(sys.argv[1:] if argv is None else argv)])
-        write_results_section(args.results_md, text, cmd.replace(" --record", ""), SECTION)
+    publish(table(records, args.stamps), records, args, "bench.additive_probe", SECTION, argv)
     return 0
 
 

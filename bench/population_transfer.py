@@ -24,20 +24,19 @@ Nothing is scanned: every rule is re-applied to the recorded L1 norms (as ``benc
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from bench.compare import RESULTS_MD, write_results_section
+from bench.compare import RESULTS_MD, publish
 from bench.verdicts import Judged, Model, attack_took, cross_validate, fit, judge, load_records, summary
 from bench.zoo import DATASET_TITLES
 from gate.outliers import OutlierRule, population_fit
 
 SECTION = "## The rule on another kind of model: population refitted on a few clean ones"
 DIRECTIONS = (("gtsrb", "cifar"), ("cifar", "gtsrb"))
+RATES = ("accuracy", "fpr", "tpr", "target_found")
 
 
 def refit_population(rule: OutlierRule, clean: list[Model], scale_too: bool = True) -> OutlierRule:
@@ -49,7 +48,7 @@ def refit_population(rule: OutlierRule, clean: list[Model], scale_too: bool = Tr
 
 def rates(judged: list[Judged]) -> dict[str, float | None]:
     s = summary(judged)
-    return {key: (s[key][0] / s[key][1] if s[key][1] else None) for key in ("accuracy", "fpr", "tpr", "target_found")}
+    return {key: (s[key][0] / s[key][1] if s[key][1] else None) for key in RATES}
 
 
 def draws(rule: OutlierRule, target: list[Model], n_clean: int, n_draws: int, seed: int,
@@ -69,17 +68,22 @@ def _count(k: int, n: int) -> str:
     return f"{100 * k / n:.1f} % ({k}/{n})" if n else "-"
 
 
-def _fixed(name: str, judged: list[Judged]) -> str:
+def _fixed(name: str, judged: list[Judged], rows: dict) -> str:
+    """The table row of a rule judged once; its rates into ``rows``."""
     s = summary(judged)
-    return (f"| {name} | {s['models']} ({s['clean']} clean) | " + " | ".join(
-        _count(*s[key]) for key in ("accuracy", "fpr", "tpr", "target_found")) + " |")
+    rows[name] = {key: s[key][0] / s[key][1] if s[key][1] else None for key in RATES}
+    return (f"| {name} | {s['models']} ({s['clean']} clean) | " + " | ".join(_count(*s[key]) for key in RATES)
+            + " |")
 
 
 def _spread(values: list[float]) -> str:
     return f"{100 * np.mean(values):.1f} % ({100 * min(values):.0f}-{100 * max(values):.0f})"
 
 
-def report(models: list[Model], clean_counts: list[int], n_draws: int, target_fpr: float, seed: int) -> str:
+def report(models: list[Model], clean_counts: list[int], n_draws: int, target_fpr: float,
+           seed: int) -> tuple[str, dict]:
+    """The tables, and per direction the rule fitted on the source and every row's (mean) rates."""
+    data: dict = {}
     lines = [f"{len(models)} models (attacks that did not take not counted). Fixed rows: rate (count); rows with "
              f"the population refitted: the mean over {n_draws} random draws of the n clean models (range over the "
              "draws), judged on the target's other models.", ""]
@@ -90,24 +94,28 @@ def report(models: list[Model], clean_counts: list[int], n_draws: int, target_fp
             continue
         rule = fit(src, target_fpr)
         name_s, name_t = DATASET_TITLES[source], DATASET_TITLES[target]
+        n_clean = sum(not m.backdoored for m in tgt)
+        rows: dict = {}
+        data[f"{source}->{target}"] = {"rule": rule.to_dict(), "rows": rows}
         lines += [f"### Fitted on {name_s} ({len(src)} models), judging {name_t}", "",
                   f"Rule fitted on {name_s}: scale_floor {rule.scale_floor:g}, population_weight "
                   f"{rule.population_weight:g}, alpha {rule.alpha:.2g}, population {rule.population_mean:.2f} / "
                   f"{rule.population_scale:.2f}.", "",
                   "| rule | models | accuracy | FPR (clean) | TPR | true target found |", "|---|---|---|---|---|---|",
-                  _fixed(f"{name_s} rule as it is", [judge(m, rule) for m in tgt]),
+                  _fixed(f"{name_s} rule as it is", [judge(m, rule) for m in tgt], rows),
                   _fixed(f"{name_s} rule, within-model only (population_weight 0)",
-                         [judge(m, replace(rule, population_weight=0.0)) for m in tgt])]
+                         [judge(m, replace(rule, population_weight=0.0)) for m in tgt], rows)]
         for scale_too in (True, False):
             what = "population" if scale_too else "population median only"
             for n in clean_counts:
                 d = draws(rule, tgt, n, n_draws, seed, scale_too)
-                lines.append(f"| {name_s} rule, {what} refitted on {n} clean {name_t} models | "
-                             f"{len(tgt) - n} ({sum(not m.backdoored for m in tgt) - n} clean) | "
-                             + " | ".join(_spread(d[key]) for key in ("accuracy", "fpr", "tpr", "target_found")) + " |")
+                name = f"{name_s} rule, {what} refitted on {n} clean {name_t} models"
+                rows[name] = {key: float(np.mean(d[key])) for key in RATES}
+                lines.append(f"| {name} | {len(tgt) - n} ({n_clean - n} clean) | "
+                             + " | ".join(_spread(d[key]) for key in RATES) + " |")
         own, _ = cross_validate(tgt, 5, target_fpr, seed)
-        lines += [_fixed(f"{name_t}'s own rule (cross-validated on {name_t} alone, 5 folds)", own), ""]
-    return "\n".join(lines).rstrip()
+        lines += [_fixed(f"{name_t}'s own rule (cross-validated on {name_t} alone, 5 folds)", own, rows), ""]
+    return "\n".join(lines).rstrip(), data
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target-fpr", type=float, default=0.03)
     ap.add_argument("--min-asr", type=float, default=0.9)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, help="write the fitted rules and every row's rates here")
     ap.add_argument("--record", action="store_true", help=f"write the tables into bench/RESULTS.md ({SECTION})")
     ap.add_argument("--results-md", type=Path, default=RESULTS_MD)
     args = ap.parse_args(argv)
@@ -127,12 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     models = [m for m in load_records(args.records) if m.method == args.method and attack_took(m, args.min_asr)]
     if not models:
         ap.error(f"no {args.method} records in {' '.join(map(str, args.records))}")
-    text = report(models, args.clean_models, args.draws, args.target_fpr, args.seed)
-    print(text)
-    if args.record:
-        cmd = shlex.join(["python", "-m", "bench.population_transfer",
-                          *[a for a in (sys.argv[1:] if argv is None else argv) if a != "--record"]])
-        write_results_section(args.results_md, text, cmd, SECTION)
+    text, data = report(models, args.clean_models, args.draws, args.target_fpr, args.seed)
+    publish(text, data, args, "bench.population_transfer", SECTION, argv)
     return 0
 
 

@@ -478,9 +478,8 @@ def check_rows(checks: list[Model], fitted: OutlierRule, min_asr: float, data: d
     for i, m in enumerate(rows):
         cells = [f"{list(j[i].flagged) or 'none'} ({1 - j[i].score:.2g})" for j in judged.values()]
         out.append(f"| {m.name} | {list(m.targets) or 'none'} | " + " | ".join(cells) + " |")
-    out += [""] + table([(name, summary(js)) for name, js in judged.items()], "rule")
     data["check_records"] = {name: summary(js) for name, js in judged.items()}
-    return out
+    return out + [""] + table(list(data["check_records"].items()), "rule")
 
 
 def report(models: list[Model], folds: int, target_fpr: float, min_asr: float, seed: int,

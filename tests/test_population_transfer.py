@@ -41,7 +41,9 @@ def test_draws_never_judge_the_models_the_population_was_fitted_on():
 
 
 def test_the_report_has_a_table_per_direction():
-    text = report(_zoo(), [3], 4, 0.03, 0)
+    text, data = report(_zoo(), [3], 4, 0.03, 0)
     assert "### Fitted on GTSRB (18 models), judging CIFAR-10" in text
     assert "### Fitted on CIFAR-10 (18 models), judging GTSRB" in text
     assert "population median only refitted on 3 clean GTSRB models" in text
+    assert set(data) == {"gtsrb->cifar", "cifar->gtsrb"}
+    assert "CIFAR-10 rule, population median only refitted on 3 clean GTSRB models" in data["cifar->gtsrb"]["rows"]
