@@ -30,6 +30,7 @@ import numpy as np
 
 from gate.blend import blend_outliers
 from gate.outliers import MAD_CONSISTENCY, find_outliers, finite_index
+from gate.reference import Standing, load, standing
 from gate.result import ScanResult
 
 OUTCOMES = ("accept", "reject", "review", "error")
@@ -88,6 +89,8 @@ class Decision:
     # calibrated outlier rule: the chance a clean model shows a class this extreme, and 1 minus it (with the
     # blend mode: the smaller of the two modes' p-values, each of which flags at alpha)
     model_p_value: float | None = None
+    # calibrated rule: where the patch rule's model p-value sits among clean reference models (gate.reference)
+    clean_reference: Standing | None = None
 
     @property
     def backdoor_score(self) -> float | None:
@@ -98,6 +101,8 @@ class Decision:
              "findings": [f.to_dict() for f in self.findings]}
         if self.model_p_value is not None:
             d.update(model_p_value=self.model_p_value, backdoor_score=self.backdoor_score)
+        if self.clean_reference is not None:
+            d["clean_reference"] = self.clean_reference.to_dict()
         return d
 
     @property
@@ -162,6 +167,9 @@ def decide(result: ScanResult, policy) -> Decision:
                                policy.blend_params())
         if model_p is not None:
             model_p = min(model_p, blend.model_p_value)
+    clean_reference = (standing(out.model_p_value, policy.outlier_rule(), result.search, result.method,
+                                input_pixels(result), blend is not None, load())
+                       if out.method == "calibrated" else None)
     weak = _weak_search(classes, rules)
     # flags of a scan that is incomplete or whose searches did not work are provisional
     provisional = ("" if result.complete and not weak else
@@ -223,9 +231,9 @@ def decide(result: ScanResult, policy) -> Decision:
             c = classes[i]
             reason += (f"; by its blend trigger, class {c.label} "
                        f"({_why_blend(c, finite_index(blend.anomaly_index[i]), blend.p_values[i], blend)})")
-        return Decision("accept", [reason], EXIT_CODES["accept"], [], model_p)
+        return Decision("accept", [reason], EXIT_CODES["accept"], [], model_p, clean_reference)
     outcome = max((f.outcome for f in findings), key=lambda o: _SEVERITY[o])
-    return Decision(outcome, [f.message for f in findings], EXIT_CODES[outcome], findings, model_p)
+    return Decision(outcome, [f.message for f in findings], EXIT_CODES[outcome], findings, model_p, clean_reference)
 
 
 def _why(c, idx: float, p_value: float, out, classes: list) -> str:

@@ -241,6 +241,8 @@ def execute(args: argparse.Namespace, *, renderers: bool, scan: Callable[..., Ga
     for note in notes:
         say(f"gate: note: {note}")
     result, decision = run.result, run.decision
+    if decision.clean_reference is not None:
+        say(f"gate: {decision.clean_reference.sentence}")
     target = out / ("report.html" if renderers else "report.json")
     cost = (f"from the cache: 0 queries now, {result.queries['total']:,} when scanned at {cache.record['scanned']}"
             if cache.hit else f"{result.queries['total']:,} queries, {result.seconds['total']:.1f} s")

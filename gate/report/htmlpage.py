@@ -138,7 +138,8 @@ def _banner(decision: Decision, limits: list[str] | None = None) -> str:
             f'<span class="pill">decision: {_e(decision.outcome)}</span>'
             f'<span class="pill">exit code {_e(decision.exit_code)}</span></div>'
             f'<div class="blurb">{_e(BLURBS.get(decision.outcome, ""))}</div><ul>{reasons}</ul>'
-            f'{_limits(limits) if limits else ""}</div>')
+            + (f'<p class="reference">{_e(decision.clean_reference.sentence)}</p>' if decision.clean_reference else "")
+            + f'{_limits(limits) if limits else ""}</div>')
 
 
 def _limits(limits: list[str]) -> str:
