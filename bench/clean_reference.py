@@ -63,8 +63,8 @@ def build(dirs: list[Path], folds: int, target_fpr: float, min_asr: float, seed:
     datasets = sorted({DATASET_TITLES.get(models[i].dataset, models[i].dataset) for i in clean})
     archs = sorted({models[i].arch for i in clean})
     side = round(math.sqrt(pixels.pop()))
-    return {"description": f"{len(clean)} clean wide-zoo models ({', '.join(datasets)}; {len(archs)} architectures; "
-                           f"{side}x{side}), each judged by a cross-validated rule not fitted on it",
+    return {"description": f"clean wide-zoo models ({', '.join(datasets)}; {len(archs)} architectures; {side}x{side}; "
+                           "each judged by a cross-validated rule not fitted on it)",
             "log10_p": [round(v, 4) for v in log10_p], "models": [models[i].name for i in clean],
             "rule": {k: getattr(shipped, k) for k in P_VALUE_FIELDS}, "search": searches[0], "pixels": side * side,
             "made_by": f"python -m bench.clean_reference --records {' '.join(map(str, dirs))} --folds {folds} "
@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"{doc['description']}: log10 p from {min(doc['log10_p']):.2f} to {max(doc['log10_p']):.2f} -> {args.out}")
+    low, high = min(doc["log10_p"]), max(doc["log10_p"])
+    print(f"{len(doc['log10_p'])} {doc['description']}: log10 p from {low:.2f} to {high:.2f} -> {args.out}")
     return 0
 
 

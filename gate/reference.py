@@ -70,7 +70,7 @@ class Standing:
     clean_models: int = 0
     at_or_below: int = 0  # clean reference models whose model p-value was at most this model's
     unavailable: str | None = None
-    description: str = ""
+    description: str = ""  # what the reference models are, after their count
 
     @property
     def p_value(self) -> float | None:
@@ -87,8 +87,8 @@ class Standing:
     def sentence(self) -> str:
         if self.unavailable:
             return f"Against clean models: not compared ({self.unavailable})."
-        return (f"Against clean models: {self.at_or_below} of {self.clean_models} clean reference models had a model "
-                f"p-value at or below this one (empirical p-value {self.p_value:.2g}; {self.description}).")
+        return (f"Against clean models: {self.at_or_below} of {self.clean_models} {self.description} had a model "
+                f"p-value at or below this one's (empirical p-value {self.p_value:.2g}).")
 
 
 def _differences(search: dict, reference: dict) -> list[str]:

@@ -18,7 +18,7 @@ def _search():
 def _reference(log10_p=(-4.0, -3.0, -2.0, -1.0, 0.0)):
     rule = OutlierRule()
     return CleanReference(tuple(log10_p), {k: getattr(rule, k) for k in P_VALUE_FIELDS},
-                          {k: v for k, v in _search().items() if k not in UNCOMPARED_SEARCH}, 1024, "five clean models")
+                          {k: v for k, v in _search().items() if k not in UNCOMPARED_SEARCH}, 1024, "clean models")
 
 
 def test_the_empirical_p_value_counts_clean_models_at_or_below_with_the_model_itself():
@@ -28,7 +28,7 @@ def test_the_empirical_p_value_counts_clean_models_at_or_below_with_the_model_it
     assert standing(1e-9, OutlierRule(), _search(), "b3d", 1024, False, ref).p_value == 1 / 6
     assert standing(0.0, OutlierRule(), _search(), "b3d", 1024, False, ref).at_or_below == 0
     assert standing(1.0, OutlierRule(), _search(), "b3d", 1024, False, ref).p_value == 1.0
-    assert "2 of 5 clean reference models" in s.sentence and s.to_dict()["p_value"] == 0.5
+    assert "2 of 5 clean models had" in s.sentence and s.to_dict()["p_value"] == 0.5
 
 
 def test_seed_image_counts_and_alpha_do_not_withhold_it():
