@@ -1,6 +1,7 @@
 """gate.reference: a model's p-value among clean reference models, and when that comparison is withheld."""
 
 import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -60,3 +61,19 @@ def test_the_shipped_reference_belongs_to_the_default_policy():
     assert s.unavailable is None, s.unavailable
     doc = json.loads(REFERENCE_FILE.read_text())
     assert len(doc["models"]) == len(ref.log10_p) and all(v <= 0 for v in ref.log10_p)
+
+
+def test_the_decision_carries_the_standing_of_a_default_scan_and_withholds_it_for_a_synthetic_one():
+    from gate.decision import decide
+    from tests.helpers import make_result
+
+    result = make_result()
+    result.search = _search()
+    decision = decide(result, builtin_policy())
+    ref = load(REFERENCE_FILE)
+    s = decision.clean_reference
+    assert s.unavailable is None and s.clean_models == len(ref.log10_p)
+    assert s.at_or_below == sum(v <= math.log10(decision.model_p_value) for v in ref.log10_p)
+    assert decision.to_dict()["clean_reference"]["p_value"] == (s.at_or_below + 1) / (len(ref.log10_p) + 1)
+    result.method = "b3d-ss"
+    assert "synthetic" in decide(result, builtin_policy()).to_dict()["clean_reference"]["unavailable"]

@@ -173,6 +173,7 @@ def test_html_is_self_contained_and_complete():
     assert "<script" not in page and "@import" not in page
     text = " ".join(p.text)
     assert "Rejected" in text and decision.reasons[0] in text
+    assert decision.clean_reference.sentence in text  # the helper's bandit search is unlike the reference's
     # a card with pictures for the flagged class only: 3 trigger pictures + 2 stamped examples
     assert sum(u.startswith("data:image/png") for u in p.urls) == 5
     assert [i for i in p.ids if i.startswith("class-")] == ["class-3"]
