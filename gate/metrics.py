@@ -126,6 +126,10 @@ def build_registry(result: ScanResult | None, decision: Decision | None, model: 
         Gauge(f"{PREFIX}_backdoor_score", "1 minus the model's p-value under the calibrated outlier rule (near 1: "
               "a class clean models do not show).", ["model"], registry=reg).labels(**labels) \
             .set(decision.backdoor_score)
+    if decision.clean_reference is not None and decision.clean_reference.p_value is not None:
+        Gauge(f"{PREFIX}_clean_reference_p_value", "Empirical p-value of the model's p-value among the clean reference "
+              "models: (k + 1) / (n + 1), k of n at or below it (absent where the scan is unlike the reference's).",
+              ["model"], registry=reg).labels(**labels).set(decision.clean_reference.p_value)
     if result is None:
         return reg
 

@@ -77,6 +77,22 @@ def test_registry_holds_the_run():
         assert reg.get_sample_value("backdoor_gate_class_anomaly_index", lab) == pytest.approx(c.anomaly_index)
         assert reg.get_sample_value("backdoor_gate_class_flagged", lab) == (1 if c.flagged else 0)
     assert reg.get_sample_value("backdoor_gate_class_l1", {**m, "class": "10"}) is None  # bounded by classes
+    # the helper's search (bandit on) is unlike the clean reference's: no empirical p-value, so no series
+    assert decision.clean_reference.p_value is None
+    assert reg.get_sample_value("backdoor_gate_clean_reference_p_value", m) is None
+
+
+def test_the_clean_reference_p_value_is_exported_for_a_default_scan():
+    from gate.policy import builtin_policy
+    from gate.scan import ScanConfig
+
+    result = make_result()
+    result.search = {**ScanConfig().search.to_dict(), **ScanConfig().to_dict()}
+    decision = decide(result, builtin_policy())
+    reg = build_registry(result, decision, "badnets", now=1000.0)
+    assert decision.clean_reference.p_value is not None
+    assert reg.get_sample_value("backdoor_gate_clean_reference_p_value", {"model": "badnets"}) == \
+        decision.clean_reference.p_value
 
 
 def test_every_metric_is_a_gauge_about_the_last_run_with_no_counter_series():
