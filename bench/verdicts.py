@@ -22,8 +22,8 @@ B3D-SS scans are also judged by the policy's shipped rule (fitted on B3D scans, 
 ``--synthetic`` scan is judged by today. With ``--blend-records``, a table shows where the blend search puts each
 planted blended / SIG target (amplitude, rank among the model's classes, ratio to the median).
 
-Backdoored models whose attack did not take (a true ASR below ``--min-asr``, 0.9) are listed apart and are not
-counted as backdoored or clean.
+Backdoored models whose attack did not take (a true ASR below ``--min-asr``, 0.9) are not counted as backdoored or
+clean; a table apart judges them by the rule fitted on all counted models (out of sample for them: :func:`weak_rows`).
 
 Metrics, each with its count and a 95 % Wilson interval: detection accuracy (backdoored: anything flagged;
 clean: nothing flagged), false-positive rate (clean models with a flag), TPR (backdoored models with a flag),
@@ -482,6 +482,32 @@ def check_rows(checks: list[Model], fitted: OutlierRule, min_asr: float, data: d
     return out + [""] + table(list(data["check_records"].items()), "rule")
 
 
+def weak_rows(weak: list[Model], final: OutlierRule, title: str, min_asr: float, data: dict) -> list[str]:
+    """Backdoored models whose attack did not take (true ASR under ``min_asr``) judged by the rule fitted on every
+    counted model: none of them was in its fit, so this is out of sample. A partly learned backdoor still flips most
+    triggered inputs; whether the gate sees it is worth knowing, apart from the counted figures."""
+    if not weak:
+        return []
+    judged = sorted((judge(m, final) for m in weak), key=lambda j: -min(j.model.asr or (0.0,)))
+    out = ["", f"{title}: the {len(weak)} backdoored models whose attack did not take (true ASR under {min_asr:.0%}, "
+           "not counted above), judged by the rule fitted on all the counted models (none of these in its fit):", "",
+           "| model | attack | true ASR | flagged | true target | p |", "|---|---|---|---|---|---|"]
+    for j in judged:
+        m = j.model
+        out.append(f"| {m.name} | {m.attack} | {min(m.asr or (0.0,)):.2f} | {list(j.flagged) or 'none'} | "
+                   f"{list(m.targets)} {'found' if j.target_found else 'missed'} | {1 - j.score:.2g} |")
+    by_attack: dict[str, list[Judged]] = {}
+    for j in judged:
+        if min(j.model.asr or (0.0,)) >= 0.75:
+            by_attack.setdefault(j.model.attack, []).append(j)
+    data["not_taken"] = [{"model": j.model.name, "asr": min(j.model.asr or (0.0,)), "flagged": list(j.flagged),
+                          "target_found": j.target_found, "score": j.score} for j in judged]
+    if by_attack:
+        out += ["", "With a true ASR of at least 75 %, true target found: " + ", ".join(
+            f"{attack} {sum(j.target_found for j in js)}/{len(js)}" for attack, js in sorted(by_attack.items())) + "."]
+    return out
+
+
 def report(models: list[Model], folds: int, target_fpr: float, min_asr: float, seed: int,
            checks: list[Model] | None = None) -> tuple[str, dict]:
     lines, data = [], {}
@@ -522,6 +548,8 @@ def report(models: list[Model], folds: int, target_fpr: float, min_asr: float, s
         if method == "b3d-ss" and checks:
             lines += check_rows([m for m in checks if m.method == method], final, min_asr, data[method])
         lines += blend_rows(ms, judged, final, folds, target_fpr, seed, data[method])
+        lines += weak_rows([m for m in failed if m.method == method and m.backdoored], final, title, min_asr,
+                           data[method])
         paper = ", ".join(f"{zoo.DATASET_TITLES[d]} {v[title]:.1f} %" for d, v in PAPER.items() if title in v)
         lines += ["", f"Paper ({title}, Table 2 detection accuracy): {paper}"
                   + (f"; false positives on 50 clean CIFAR-10 models: {PAPER_CLEAN_FP[title]}"

@@ -284,9 +284,15 @@ def test_failed_attacks_are_listed_not_counted():
 
     models = _fake_models(6, 6)
     models[-1] = replace(models[-1], asr=(0.5,))
+    models[-2] = replace(models[-2], asr=(0.8,), l1=np.full(10, 90.0))  # partly learned, its trigger not found
     text, data = verdicts.report(models, 2, 0.05, 0.9, 0)
-    assert data["b3d"]["cv"]["models"] == 11
+    assert data["b3d"]["cv"]["models"] == 10
     assert "Not counted, the attack did not take" in text and models[-1].name in text
+    # judged apart by the rule fitted on the 10 counted models: the planted 2-px target found, the flat one not
+    weak = {w["model"]: w for w in data["b3d"]["not_taken"]}
+    assert weak[models[-1].name]["target_found"] and not weak[models[-2].name]["target_found"]
+    assert f"| {models[-2].name} | badnets | 0.80 | none | [3] missed |" in text
+    assert "With a true ASR of at least 75 %, true target found: badnets 0/1." in text
 
 
 def test_blend_records_add_the_blend_modes_flags_with_the_same_fold_rules(tmp_path):
