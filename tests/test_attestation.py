@@ -113,8 +113,8 @@ def test_accept_writes_exit_files_and_a_signed_statement(assets, signed, capsys)
     sha = hashlib.sha256((assets / "tiny.onnx").read_bytes()).hexdigest()
     assert st["subject"] == [{"name": "tiny.onnx", "digest": {"sha256": sha}}]
     p = st["predicate"]
-    assert {k: p["decision"][k] for k in ("outcome", "exit_code", "reasons", "model_p_value", "backdoor_score")} == \
-        {k: report["decision"][k] for k in ("outcome", "exit_code", "reasons", "model_p_value", "backdoor_score")}
+    keys = ("outcome", "exit_code", "reasons", "model_p_value", "backdoor_score", "clean_reference")
+    assert {k: p["decision"][k] for k in keys} == {k: report["decision"][k] for k in keys}
     assert p["classes"] == [{k: c[k] for k in ("label", "l1", "flagged", "p_value")} for c in report["classes"]]
     canonical = json.dumps(report["policy"], sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
     assert p["policy"]["sha256"] == hashlib.sha256(canonical).hexdigest()

@@ -3,7 +3,7 @@
     {"_type": "https://in-toto.io/Statement/v1",
      "subject": [{"name": "<model file name>", "digest": {"sha256": "<hex>"}}],
      "predicateType": "https://backdoor-gate.dev/attestation/v1",
-     "predicate": {"decision": {outcome, exit_code, reasons, [model_p_value, backdoor_score]},
+     "predicate": {"decision": {outcome, exit_code, reasons, [model_p_value, backdoor_score, clean_reference]},
                    "model": {path, sha256, ...}, "classes": [{label, l1, flagged, p_value}, ...],
                    "scan": {method, complete, stop_reason, queries, seed},
                    "policy": {sha256, file, overrides, effective}, "data": {source, [sha256]},
@@ -141,6 +141,8 @@ def statement(decision: Decision, model: dict, policy: dict | None, *, result: S
     verdict = {"outcome": decision.outcome, "exit_code": decision.exit_code, "reasons": list(decision.reasons)}
     if decision.model_p_value is not None:
         verdict.update(model_p_value=decision.model_p_value, backdoor_score=decision.backdoor_score)
+    if decision.clean_reference is not None:
+        verdict["clean_reference"] = decision.clean_reference.to_dict()
     provenance = provenance or {}
     predicate = {
         "decision": verdict,
