@@ -46,39 +46,27 @@ TOLERANCE = {"rel": 1e-2, "abs": 1e-2}
 PIXEL_COUNTS = {"binary_l1"}  # integers a search measures, as rounding-sensitive as the L1 norm itself
 
 
-def _differences(before, after, where="report"):
-    """Where two reports differ: exact for everything but floats, which may move in their last digits."""
+def _differences(before, after, where="report", values=True):
+    """Where two reports differ: their shape (keys, list lengths) always; with ``values`` every value too, exact
+    for everything but floats (and pixel counts), which may move in their last digits."""
     if isinstance(before, dict) and isinstance(after, dict):
         if before.keys() != after.keys():
             return [f"{where}: keys {sorted(before.keys() ^ after.keys())} differ"]
-        return [d for k in before for d in _differences(before[k], after[k], f"{where}.{k}")]
+        return [d for k in before for d in _differences(before[k], after[k], f"{where}.{k}", values)]
     if isinstance(before, list) and isinstance(after, list):
         if len(before) != len(after):
             return [f"{where}: {len(before)} items became {len(after)}"]
         pairs = enumerate(zip(before, after, strict=True))
-        return [d for i, (b, a) in pairs for d in _differences(b, a, f"{where}[{i}]")]
+        return [d for i, (b, a) in pairs for d in _differences(b, a, f"{where}[{i}]", values)]
+    if not values:
+        containers = isinstance(before, (dict, list)) or isinstance(after, (dict, list))
+        return [f"{where}: {type(before).__name__} became {type(after).__name__}"] if containers else []
     measured = (isinstance(before, float) and isinstance(after, float)) or (
         where.rsplit(".", 1)[-1] in PIXEL_COUNTS and type(before) is type(after) is int)
     if measured:
         return [] if after == pytest.approx(before, **TOLERANCE) else [f"{where}: {before!r} became {after!r}"]
     if type(before) is not type(after) or before != after:
         return [f"{where}: {before!r} became {after!r}"]
-    return []
-
-
-def _shape_differences(before, after, where="report"):
-    """Where two reports differ in shape: a key one has and the other lacks, a list of another length."""
-    if isinstance(before, dict) and isinstance(after, dict):
-        if before.keys() != after.keys():
-            return [f"{where}: keys {sorted(before.keys() ^ after.keys())} differ"]
-        return [d for k in before for d in _shape_differences(before[k], after[k], f"{where}.{k}")]
-    if isinstance(before, list) and isinstance(after, list):
-        if len(before) != len(after):
-            return [f"{where}: {len(before)} items became {len(after)}"]
-        return [d for i, (b, a) in enumerate(zip(before, after, strict=True))
-                for d in _shape_differences(b, a, f"{where}[{i}]")]
-    if isinstance(before, (dict, list)) or isinstance(after, (dict, list)):
-        return [f"{where}: {type(before).__name__} became {type(after).__name__}"]
     return []
 
 
@@ -90,9 +78,9 @@ def _simd(cpu: str) -> str:
 def test_the_shape_comparison_sees_keys_and_lengths_not_values():
     report = {"decision": {"outcome": "review"}, "classes": [{"l1": 1.0, "status": "converged"}]}
     moved = {"decision": {"outcome": "review"}, "classes": [{"l1": 9.0, "status": "max_steps"}]}
-    assert _shape_differences(report, moved) == []
-    assert _shape_differences(report, {**report, "new": 1}) == ["report: keys ['new'] differ"]
-    assert _shape_differences(report, {**report, "classes": []}) == ["report.classes: 1 items became 0"]
+    assert _differences(report, moved, values=False) == [] and len(_differences(report, moved)) == 2
+    assert _differences(report, {**report, "new": 1}, values=False) == ["report: keys ['new'] differ"]
+    assert _differences(report, {**report, "classes": []}, values=False) == ["report.classes: 1 items became 0"]
     assert _simd("AMD EPYC (avx2 fma)") != _simd("Intel(R) Xeon(R) Processor (avx2 fma avx512f)")
     assert _simd("Xeon A (avx2 fma)") == _simd("Xeon B (avx2 fma)")
 
@@ -129,7 +117,7 @@ def test_gate_run_gives_the_golden_report(name, tmp_path, monkeypatch, capsys):
         assert after["decision"][key] == before["decision"][key]
     assert after["flagged"] == before["flagged"]
     same_kind = _simd(json.loads(MACHINE.read_text())["cpu"]) == _simd(cpu_description())
-    differences = _differences(before, after) if same_kind else _shape_differences(before, after)
+    differences = _differences(before, after, values=same_kind)
     assert differences == [], "\n".join(differences)
 
 
