@@ -463,12 +463,16 @@ def same_models_rows(by_method: dict[str, tuple[list[Judged], list[Judged]]], da
             "need no fit.", "", *table(rows, "method, rule")]
 
 
-def check_rows(checks: list[Model], fitted: OutlierRule, min_asr: float, data: dict) -> list[str]:
+def check_rows(checks: list[Model], fitted: OutlierRule, min_asr: float, data: dict,
+               records: list[Model] = ()) -> list[str]:
     """Scans made with other settings (``--check-records``: B3D-SS at the product's 100 synthetic images per class)
-    judged by the shipped rule and by the rule fitted on the method's records: per model, and totals."""
+    judged by the shipped rule and by the rule fitted on the method's records: per model, and totals; then, on the
+    models with both, the two settings side by side under the shipped rule, with their queries per class (what the
+    other setting costs, synthesis included)."""
     rows = [m for m in checks if attack_took(m, min_asr)]
     if not rows:
         return []
+    side = _side_by_side(rows, records, data)
     rules = (("shipped rule", OutlierRule()), ("rule fitted on these B3D-SS records", fitted))
     judged = {name: [judge(m, r) for m in rows] for name, r in rules}
     out = ["", f"B3D-SS scans made with other settings (--check-records: {len(rows)} models) judged by the shipped "
@@ -479,7 +483,24 @@ def check_rows(checks: list[Model], fitted: OutlierRule, min_asr: float, data: d
         cells = [f"{list(j[i].flagged) or 'none'} ({1 - j[i].score:.2g})" for j in judged.values()]
         out.append(f"| {m.name} | {list(m.targets) or 'none'} | " + " | ".join(cells) + " |")
     data["check_records"] = {name: summary(js) for name, js in judged.items()}
-    return out + [""] + table(list(data["check_records"].items()), "rule")
+    return out + [""] + table(list(data["check_records"].items()), "rule") + side
+
+
+def _side_by_side(checks: list[Model], records: list[Model], data: dict) -> list[str]:
+    """The models scanned both ways, each way judged by the shipped rule, with its mean queries per class."""
+    mine = {m.name: m for m in records}
+    pairs = [(mine[m.name], m) for m in checks if m.name in mine]
+    if not pairs:
+        return []
+    rows, costs = [], []
+    ways = (("the records' scans", [a for a, _ in pairs]), ("the --check-records scans", [b for _, b in pairs]))
+    for label, ms in ways:
+        rows.append((label, summary([judge(m, OutlierRule()) for m in ms])))
+        q = [m.queries_per_class for m in ms if m.queries_per_class is not None]
+        costs.append(f"{label} {np.mean(q):,.0f}" if len(q) == len(ms) else f"{label} not recorded")
+    data["check_side_by_side"] = {label: s for label, s in rows}
+    return ["", f"The {len(pairs)} models with both scans, each judged by the shipped rule; queries per class, "
+            "synthesis included: " + ", ".join(costs) + ".", ""] + table(rows, "scans")
 
 
 def weak_rows(weak: list[Model], final: OutlierRule, title: str, min_asr: float, data: dict) -> list[str]:
@@ -546,7 +567,7 @@ def report(models: list[Model], folds: int, target_fpr: float, min_asr: float, s
                     rows.append((f"{name} shipped rule (B3D's fit)", summary(of(shipped))))
         lines += table(rows, "rule")
         if method == "b3d-ss" and checks:
-            lines += check_rows([m for m in checks if m.method == method], final, min_asr, data[method])
+            lines += check_rows([m for m in checks if m.method == method], final, min_asr, data[method], ms)
         lines += blend_rows(ms, judged, final, folds, target_fpr, seed, data[method])
         lines += weak_rows([m for m in failed if m.method == method and m.backdoored], final, title, min_asr,
                            data[method])

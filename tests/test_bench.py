@@ -474,3 +474,19 @@ def test_check_records_are_judged_by_the_shipped_rule_and_by_the_methods_own_fit
     assert data["b3d-ss"]["cv"]["models"] == 16  # the checks are not counted in the cross-validation
     plain, plain_data = verdicts.report(ss, 2, 0.05, 0.9, 0)
     assert "check-records" not in plain and "check_records" not in plain_data["b3d-ss"]
+
+
+def test_check_records_of_the_same_models_are_set_beside_their_records_scans_with_their_cost():
+    from dataclasses import replace
+
+    from bench import verdicts
+
+    ss = [replace(m, method="b3d-ss", queries_per_class=1000.0) for m in _fake_models(8, 8)]
+    # the same four models scanned another way: the backdoored ones' targets no longer small, five times the cost
+    checks = [replace(m, queries_per_class=5000.0, l1=np.where(np.arange(10) == 3, 90.0, m.l1) if m.backdoored
+                      else m.l1) for m in ss[6:10]]
+    text, data = verdicts.report(ss, 2, 0.05, 0.9, 0, checks)
+    side = data["b3d-ss"]["check_side_by_side"]
+    assert side["the records' scans"]["tpr"] == (2, 2) and side["the --check-records scans"]["tpr"][0] < 2
+    assert "The 4 models with both scans" in text
+    assert "the records' scans 1,000, the --check-records scans 5,000" in text
