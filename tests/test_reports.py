@@ -628,3 +628,16 @@ def test_big_models_keep_the_page_small():
     assert page.count("data:image/png;base64,") == 3 + 1
     assert page.count('<tr id="row-') == 149 and 'id="row-17"' not in page
     assert len(page) < 200_000
+
+
+def test_the_html_rule_text_writes_the_calibrated_method_out():
+    from gate.outliers import OutlierRule
+    from gate.report.htmlpage import _rule_text
+
+    rule = OutlierRule().to_dict()
+    text = _rule_text({**rule, "model_p_value": 2.9e-13, "backdoor_score": 1.0, "median_l1": 299.0})
+    assert "leave-one-out robust z of log L1 against the other classes (scale floor 0.6)" in text
+    assert "weight 0.7 with a robust z against clean models' natural classes" in text and "median -1.47" in text
+    assert "Šidák" in text and "≤ 1.2e-05" in text
+    within = _rule_text({**rule, "population_weight": 0.0})
+    assert "clean models" not in within and "scale floor 0.6" in within

@@ -223,9 +223,15 @@ def _status_counts(result: ScanResult) -> str:
 
 def _rule_text(o: dict) -> str:
     if o.get("method", "mad") == "calibrated":
-        return (f"calibrated: leave-one-out robust z of log L1 (scale floor {_n(o.get('scale_floor'))}), flag at a "
-                f"per-model p-value ≤ {_n(o.get('alpha'))}; model p-value {_n(o.get('model_p_value'))}, backdoor "
-                f"score {_n(o.get('backdoor_score'))}; median L1 {_n(o.get('median_l1'))}")
+        weight = o.get("population_weight")
+        population = ("" if not weight else
+                      f", averaged with weight {_n(weight)} with a robust z against clean models' natural classes "
+                      f"(log(L1 / pixels): median {_n(o.get('population_mean'))}, spread "
+                      f"{_n(o.get('population_scale'))})")
+        return (f"calibrated: leave-one-out robust z of log L1 against the other classes (scale floor "
+                f"{_n(o.get('scale_floor'))}){population}; Šidák-corrected normal tail, flag at a per-model p-value ≤ "
+                f"{_n(o.get('alpha'))}; model p-value {_n(o.get('model_p_value'))}, backdoor score "
+                f"{_n(o.get('backdoor_score'))}; median L1 {_n(o.get('median_l1'))}")
     return (f"MAD: anomaly index > {_n(o.get('anomaly_threshold'))} or L1 < {_n(o.get('median_ratio'))} × median; "
             f"median L1 {_n(o.get('median_l1'))}, MAD {_n(o.get('mad'))}")
 
