@@ -74,7 +74,8 @@ class ScanConfig(Settings):
     outliers: OutlierRule = field(default_factory=OutlierRule)
     blend_params: BlendParams = field(default_factory=BlendParams)
     screening_params: ScreeningParams = field(default_factory=ScreeningParams)
-    seed: int = setting(0, integer(0), "random seed: same seed, model, data and policy -> same report")
+    seed: int = setting(0, integer(0), "random seed: same seed, model, data and policy -> same report (on a CPU of the "
+                        "same SIMD kind: another CPU's float kernels round differently, like another seed)")
     max_images: int = setting(1000, integer(MIN_IMAGES), "clean images used at most (search pool + held-out)",
                               place="data.max_images")
     held_out: int = setting(100, integer(0), "images kept aside to measure each trigger's attack success",

@@ -305,8 +305,10 @@ def _reproduce(result: ScanResult | None, model: dict, policy: dict | None, comm
                         "the <code>policy</code> block of report.json)")
         same.append("the same data" + (f" ({_e(result.data.get('source'))})" if result is not None else ""))
         tool = result.tool.get("version", "") if result is not None else ""
-        same.append(f"gate {_e(tool)}".rstrip() + " give the same report, timings aside"
-                    + (f": the scan is seeded (seed {_e(result.seed)})." if result is not None else "."))
+        same.append(f"gate {_e(tool)}".rstrip() + " give the same report on a CPU of the same kind, timings aside"
+                    + (f": the scan is seeded (seed {_e(result.seed)})" if result is not None else "")
+                    + "; on a CPU with other SIMD sets the float kernels round differently and the search's "
+                    "trigger sizes move as with another seed.")
         parts.append(f'<p class="muted">Run from the same folder: {", ".join(same[:-1])} and {same[-1]}</p>')
     if links:
         items = "".join(f'<li><a href="{_e(name)}">{_e(name)}</a> <span class="muted">— '
