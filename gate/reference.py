@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from gate.errors import GateError
 from gate.outliers import OutlierRule
 
 REFERENCE_FILE = Path(__file__).parent / "policies" / "clean_reference.json"
@@ -60,7 +61,11 @@ def load(path: str | Path = REFERENCE_FILE) -> CleanReference | None:
     path = Path(path)
     if not path.is_file():
         return None
-    return CleanReference.from_dict(json.loads(path.read_text()))
+    try:
+        return CleanReference.from_dict(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as exc:  # a damaged installation: fail closed, and say where
+        raise GateError(f"clean reference {path} is unreadable ({type(exc).__name__}: {exc}); reinstall the "
+                        "gate or remake it with python -m bench.clean_reference") from exc
 
 
 @dataclass(frozen=True)

@@ -77,3 +77,16 @@ def test_the_decision_carries_the_standing_of_a_default_scan_and_withholds_it_fo
     assert decision.to_dict()["clean_reference"]["p_value"] == (s.at_or_below + 1) / (len(ref.log10_p) + 1)
     result.method = "b3d-ss"
     assert "synthetic" in decide(result, builtin_policy()).to_dict()["clean_reference"]["unavailable"]
+
+
+def test_a_damaged_reference_file_is_a_clear_error_not_a_silent_gap(tmp_path):
+    from gate.errors import GateError
+
+    assert load(tmp_path / "none.json") is None
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"log10_p": [')
+    with pytest.raises(GateError, match="unreadable"):
+        load(bad)
+    bad.write_text('{"log10_p": [-1.0]}')
+    with pytest.raises(GateError, match="KeyError"):
+        load(bad)
