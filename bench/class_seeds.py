@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         small += o.result.l1 < 0.1 * o.mask.size
         print(f"| {seed} | {o.result.l1:.1f} | {o.result.steps} | {o.result.status} | "
               f"{'-' if share is None else f'{share:.0%}'} |", flush=True)
-    print(f"\n{small} of {args.seeds} seeds end under 10 % of the image; "
-          + ("" if square is None else f"{on_patch} with at least half of the mask on the planted patch."))
+    print(f"\n{small} of {args.seeds} seeds end under 10 % of the image"
+          + ("." if square is None else f"; {on_patch} with at least half of the mask on the planted patch."))
     return 0
 
 
