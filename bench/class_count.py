@@ -33,12 +33,14 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import zoo
 from bench.compare import RESULTS_MD, publish
+from bench.population_transfer import RATES, mean_and_range
+from bench.population_transfer import rates as headline_rates
 from bench.verdicts import Judged, Model, attack_took, cross_validate, folds_of, judge, load_records, summary
 from bench.zoo import DATASET_TITLES, WIDE_ZOO_DIR
 
 SECTION = "## The verdict and the number of classes: the cross-validated rule on models with classes left out"
-RATES = ("accuracy", "fpr", "tpr", "target_found")
 RULES = (("calibrated", None), ("within-model only", (0.0,)))
 
 
@@ -56,11 +58,10 @@ def keep_classes(m: Model, k: int, rng: np.random.Generator) -> Model:
 
 
 def rates(judged: list[Judged]) -> dict[str, float | None]:
+    """``bench.population_transfer.rates`` (the headline rates), and extra flags per model and the ROC-AUC."""
     s = summary(judged)
-    out = {key: (s[key][0] / s[key][1] if s[key][1] else None) for key in RATES}
-    out["extra"] = s["extra"][0] / s["models"] if s["models"] else None
-    out["auc"] = None if s["auc"] is None else s["auc"][0]
-    return out
+    return {**headline_rates(judged), "extra": s["extra"][0] / s["models"] if s["models"] else None,
+            "auc": None if s["auc"] is None else s["auc"][0]}
 
 
 def judged_with_classes(models: list[Model], rule_of: list, k: int, draws: int, seed: int) -> list[dict]:
@@ -77,9 +78,7 @@ def _spread(values: list[float | None], percent: bool = True) -> str:
         return "-"
     if not percent:
         return f"{np.mean(v):.3f}" if len(v) == 1 else f"{np.mean(v):.3f} ({min(v):.2f}-{max(v):.2f})"
-    if len(v) == 1:
-        return f"{100 * v[0]:.1f} %"
-    return f"{100 * np.mean(v):.1f} % ({100 * min(v):.0f}-{100 * max(v):.0f})"
+    return f"{100 * v[0]:.1f} %" if len(v) == 1 else mean_and_range(v)
 
 
 def report(models: list[Model], class_counts: list[int], draws: int, folds: int, target_fpr: float,
@@ -126,7 +125,7 @@ def accuracy_rows(models: list[Model], zoo_dir: Path) -> tuple[list[str], dict]:
     for dataset in sorted({m.dataset for m in models}):
         acc, ratio = [], []
         for m in models:
-            path = Path(zoo_dir) / f"{m.name}.json"
+            path = zoo.manifest_path(m.name, zoo_dir)
             if m.dataset != dataset or m.backdoored or not path.exists():
                 continue
             acc.append(float(json.loads(path.read_text())["clean_accuracy"]))

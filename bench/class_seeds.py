@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from bench import zoo
 from bench.screen_replay import parse_changes
 from gate.errors import GateError
 from gate.policy import Policy
+from gate.scan import ClassOutcome, ScanEngine
 
 
 def patch_square(man: dict, target: int) -> tuple[slice, slice] | None:
@@ -32,12 +34,8 @@ def patch_square(man: dict, target: int) -> tuple[slice, slice] | None:
     return None
 
 
-def search_class(oracle, images, policy: Policy, label: int, seed: int) -> tuple:
-    """The class's outcome in a scan with ``seed`` (``gate.scan.ClassOutcome``)."""
-    from dataclasses import replace
-
-    from gate.scan import ScanEngine
-
+def search_class(oracle, images, policy: Policy, label: int, seed: int) -> ClassOutcome:
+    """The class's outcome in a scan with ``seed``."""
     cfg = replace(policy.scan_config(), seed=seed)
     engine = ScanEngine(oracle, images, cfg, labels=[label])
     engine.run_rounds()

@@ -76,7 +76,8 @@ def _fixed(name: str, judged: list[Judged], rows: dict) -> str:
             + " |")
 
 
-def _spread(values: list[float]) -> str:
+def mean_and_range(values: list[float]) -> str:
+    """The mean rate and its range over draws, in percent: "85.7 % (81-90)"."""
     return f"{100 * np.mean(values):.1f} % ({100 * min(values):.0f}-{100 * max(values):.0f})"
 
 
@@ -112,7 +113,7 @@ def report(models: list[Model], clean_counts: list[int], n_draws: int, target_fp
                 name = f"{name_s} rule, {what} refitted on {n} clean {name_t} models"
                 rows[name] = {key: float(np.mean(d[key])) for key in RATES}
                 lines.append(f"| {name} | {len(tgt) - n} ({n_clean - n} clean) | "
-                             + " | ".join(_spread(d[key]) for key in RATES) + " |")
+                             + " | ".join(mean_and_range(d[key]) for key in RATES) + " |")
         own, _ = cross_validate(tgt, 5, target_fpr, seed)
         lines += [_fixed(f"{name_t}'s own rule (cross-validated on {name_t} alone, 5 folds)", own, rows), ""]
     return "\n".join(lines).rstrip(), data
