@@ -75,7 +75,7 @@ def compare_conventions(oracle: Oracle, x: np.ndarray, y: np.ndarray) -> list[Fi
     fits = []
     for layout in LAYOUTS:
         try:
-            _, h, w, c, _ = resolve_layout(oracle.input_shape, layout)
+            _, h, w, c, _ = resolve_layout(oracle.input_shape, layout, oracle.overrides.size)
         except GateError as exc:
             for value_range, mean, std, name in normalisations(oracle.spec.channels):
                 fits.append(Fit(Convention(layout, value_range, mean, std, name), None, str(exc)))
@@ -87,6 +87,6 @@ def compare_conventions(oracle: Oracle, x: np.ndarray, y: np.ndarray) -> list[Fi
                                                   f"not {x.shape[1]}x{x.shape[2]}x{x.shape[3]}"))
                 continue
             view = oracle.with_spec(SpecOverrides(layout=layout, value_range=value_range, mean=mean, std=std,
-                                                  output_kind=oracle.spec.output_kind))
+                                                  output_kind=oracle.spec.output_kind, size=oracle.overrides.size))
             fits.append(Fit(convention, float(np.mean(view.predict(x) == y))))
     return sorted(fits, key=lambda f: (f.accuracy is None, -(f.accuracy or 0.0)))

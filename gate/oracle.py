@@ -82,6 +82,7 @@ class QueryOracle:
     """
 
     on_cuda = False
+    overrides = SpecOverrides()  # what the user stated about the input; set by :meth:`_resolve_spec`
 
     def __init__(self, max_batch: int, max_queries: int | None) -> None:
         self.max_batch = int(max_batch)
@@ -90,7 +91,8 @@ class QueryOracle:
         self.ort_seconds = 0.0  # seconds spent waiting for the model's answers
 
     def _resolve_spec(self, o: SpecOverrides) -> InputSpec:
-        layout, h, w, c, layout_detected = resolve_layout(self.input_shape, o.layout)
+        layout, h, w, c, layout_detected = resolve_layout(self.input_shape, o.layout, o.size)
+        self.overrides = o
         check_channels(o.mean, c, "mean")
         check_channels(o.std, c, "std")
         b = self.input_shape[0]

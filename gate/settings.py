@@ -166,6 +166,28 @@ channel_values = Check(_channel_values, _floats, "A,B,C")
 positive_channel_values = Check(_positive_channel_values, _floats, "A,B,C")
 
 
+MAX_IMAGE_SIDE = 4096
+
+
+def _image_size(v):
+    """(height, width) from [H, W], a single side H (square), or the text "HxW" / "H"."""
+    if isinstance(v, str):
+        parts = v.lower().replace("x", " ").replace(",", " ").split()
+        try:
+            v = [int(p) for p in parts]
+        except ValueError:
+            raise Bad("must be HxW (e.g. 32x32) or one side for a square") from None
+    if _is_int(v):
+        v = [v, v]
+    if (not isinstance(v, (list, tuple)) or len(v) not in (1, 2) or not all(_is_int(x) for x in v)
+            or not all(1 <= x <= MAX_IMAGE_SIDE for x in v)):
+        raise Bad(f"must be HxW (e.g. 32x32) or one side for a square, each 1 to {MAX_IMAGE_SIDE}")
+    return (int(v[0]), int(v[-1]))
+
+
+image_size = Check(_image_size, str, "HxW")
+
+
 def optional(check: Check, *, none_text: str | None = None) -> Check:
     """``check`` or None. ``none_text``: the command-line word that means None (e.g. "0")."""
     def wrapped(v):

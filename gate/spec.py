@@ -16,7 +16,17 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from gate.errors import ModelError, UsageError
-from gate.settings import Bad, Check, Settings, channel_values, choice, optional, positive_channel_values, setting
+from gate.settings import (
+    Bad,
+    Check,
+    Settings,
+    channel_values,
+    choice,
+    image_size,
+    optional,
+    positive_channel_values,
+    setting,
+)
 
 LAYOUTS = ("NCHW", "NHWC")
 OUTPUT_KINDS = ("probs", "logits")
@@ -43,6 +53,9 @@ class SpecOverrides(Settings):
                                             "per-channel std the model expects divided by")
     output_kind: str | None = setting(None, optional(choice(*OUTPUT_KINDS)), "what the model outputs: probs | "
                                       "logits (default: detected by probing)", flag="--output")
+    size: tuple[int, int] | None = setting(None, optional(image_size), "image size HxW the model was trained at, for "
+                                           "an input with dynamic height and width (default: the input shape's)",
+                                           flag="--image-size")
 
     def validate(self) -> None:
         if (self.mean is None) != (self.std is None):
@@ -95,12 +108,41 @@ class InputSpec:
         return d
 
 
-def resolve_layout(shape: list, stated: str | None) -> tuple[str, int, int, int, bool]:
-    """Pick NCHW/NHWC from a rank-4 input shape; returns (layout, H, W, C, detected)."""
-    dims = shape[1:]
-    if any(not isinstance(d, int) or d <= 0 for d in dims):
-        raise ModelError(f"model input needs static image dimensions, got shape {shape}")
-    d1, d2, d3 = dims
+def _static(d) -> bool:
+    return isinstance(d, int) and not isinstance(d, bool) and d > 0
+
+
+def resolve_layout(shape: list, stated: str | None,
+                   size: tuple[int, int] | None = None) -> tuple[str, int, int, int, bool]:
+    """Pick NCHW/NHWC from a rank-4 input shape; returns (layout, H, W, C, detected).
+
+    An input whose height and width are dynamic (a symbolic name in ONNX, -1 in V2 metadata) takes them from
+    ``size``, the (H, W) the user states; its channel dimension must be fixed, and tells the layout. A fixed
+    height and width must agree with ``size`` when both are given."""
+    dims = list(shape[1:])
+    if all(_static(d) for d in dims):
+        return _resolve_static(shape, stated, size)
+    candidates = [stated] if stated is not None else [
+        layout for layout, c in (("NCHW", dims[0]), ("NHWC", dims[2])) if _static(c) and c in (1, 3, 4)]
+    if len(candidates) != 1:
+        raise ModelError(f"model input {shape} has no fixed channel dimension of 1, 3 or 4 to read its layout from; "
+                         f"state it with --layout")
+    layout = candidates[0]
+    (c, h, w) = dims if layout == "NCHW" else (dims[2], dims[0], dims[1])
+    if not (_static(c) and c in (1, 3, 4)):
+        raise ModelError(f"model input {shape} read as {layout} has channels {c!r}; expected a fixed 1, 3 or 4")
+    if size is None:
+        raise ModelError(f"model input {shape} has a dynamic height or width: state the image size the model was "
+                         f"trained at with --image-size HxW (policy input.size), e.g. the size of its clean data")
+    for name, dim, want in (("height", h, size[0]), ("width", w, size[1])):
+        if _static(dim) and dim != want:
+            raise ModelError(f"model input {shape} has a fixed {name} of {dim}, not the stated size "
+                             f"{size[0]}x{size[1]}")
+    return layout, size[0], size[1], c, stated is None
+
+
+def _resolve_static(shape: list, stated: str | None, size: tuple[int, int] | None) -> tuple[str, int, int, int, bool]:
+    d1, d2, d3 = shape[1:]
     if stated is not None:
         layout, detected = stated, False
     elif d1 in (1, 3) and d3 not in (1, 3):
@@ -116,6 +158,8 @@ def resolve_layout(shape: list, stated: str | None) -> tuple[str, int, int, int,
     if c not in (1, 3, 4):
         raise ModelError(f"model input {shape} read as {layout} has {c} channels; expected 1, 3 or 4 "
                          f"(state the layout if it is the other one)")
+    if size is not None and tuple(size) != (h, w):
+        raise ModelError(f"model input {shape} takes {h}x{w} images, not the stated size {size[0]}x{size[1]}")
     return layout, h, w, c, detected
 
 

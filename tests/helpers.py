@@ -76,6 +76,28 @@ def linear_model(path, *, layout="NCHW", size=4, channels=3, classes=5, batch="N
     return w, b
 
 
+def pooled_model(path, *, layout="NCHW", dims=("h", "w"), channels=3, classes=4, seed=0):
+    """A classifier that works at any image size: the channel means (a global average pool) -> x W + b.
+    ``dims``: the input's height and width as declared, symbolic names (dynamic) or ints (fixed); a
+    ``channels`` of a name makes the channel dimension dynamic too. Returns (W, b)."""
+    rng = np.random.default_rng(seed)
+    c = channels if isinstance(channels, int) else 3
+    shape = ["N", channels, *dims] if layout == "NCHW" else ["N", *dims, channels]
+    w = rng.normal(size=(c, classes)).astype(np.float32)
+    b = rng.normal(size=(classes,)).astype(np.float32)
+    axes = [2, 3] if layout == "NCHW" else [1, 2]
+    nodes = [helper.make_node("ReduceMean", ["input"], ["pooled"], axes=axes, keepdims=0),
+             helper.make_node("MatMul", ["pooled", "W"], ["mm"]),
+             helper.make_node("Add", ["mm", "B"], ["output"])]
+    graph = helper.make_graph(nodes, "pooled", [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", classes])],
+                              [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return w, b
+
+
 # --------------------------------------------------------------------------- kernel inputs and references
 def perturb_reference(x, delta, sigma, scale, offset, channels_first):
     """numpy reference of gate.kernels.perturb_encode."""

@@ -15,7 +15,7 @@ import yaml
 from gate.cli import main
 from gate.decision import RULE_LOW_ACCURACY, decide
 from gate.policy import Policy, builtin_policy, load_policy
-from tests.helpers import DEMO, DEMO_MODEL, ROOT, fake_synthesis, linear_model, make_result
+from tests.helpers import DEMO, DEMO_MODEL, ROOT, fake_synthesis, linear_model, make_result, pooled_model
 
 FAST = ["--k", "6", "--batch-size", "4", "--max-steps", "15", "--max-images", "100", "--quiet"]
 QUIET_RULES = {"outliers": {"anomaly_threshold": 1.0e6, "median_ratio": 0.0},
@@ -195,3 +195,33 @@ def test_inspect_on_the_demo_names_imagenet_normalisation_as_the_wrong_one(capsy
     assert re.search(r"NCHW ImageNet mean/std on \[0,1\]\s+\d+\.\d%  <- in use", text)
     assert "warning: the input convention in use gives" in text and "and no --mean/--std" in text
 
+
+
+# --------------------------------------------------------------------------- a model with a dynamic image size
+def test_a_dynamic_size_model_is_inspected_and_run_at_the_stated_size(tmp_path, capsys):
+    """[N, h, w, 3]: refused (exit 2, one line naming --image-size) until the size is stated, on the command
+    line or in the policy; then inspected and run at that size, and the report says so."""
+    from gate.oracle import Oracle
+    from gate.spec import SpecOverrides
+
+    pooled_model(tmp_path / "dyn.onnx", layout="NHWC", classes=4, seed=2)
+    x = (np.random.default_rng(5).random((150, 8, 6, 3)) * 255).astype(np.uint8)
+    y = Oracle(tmp_path / "dyn.onnx", SpecOverrides(size=(8, 6)), device="cpu").predict(x / 255.0)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+
+    code, _, err = gate_run(capsys, "inspect", tmp_path / "dyn.onnx", "--data", tmp_path / "d.npz")
+    assert code == 2 and "--image-size" in err and len(err.strip().splitlines()) == 1
+
+    code, out, _ = gate_run(capsys, "inspect", tmp_path / "dyn.onnx", "--data", tmp_path / "d.npz",
+                            "--image-size", "8x6")
+    assert code == 0 and "layout NHWC, 8x6x3" in out
+    assert re.search(r"NHWC \[0,1\]\s+100\.0%  <- in use, best", out)
+
+    pol = tmp_path / "p.yaml"
+    pol.write_text(yaml.safe_dump({"version": 1, "input": {"size": [8, 6]}, **QUIET_RULES}))
+    code, _, _ = gate_run(capsys, "run", tmp_path / "dyn.onnx", "--data", tmp_path / "d.npz", "--policy", pol,
+                          "--out", tmp_path / "o", *FAST)
+    doc = report(tmp_path / "o")
+    assert code == 0 and doc["decision"]["outcome"] == "accept"
+    assert (doc["input_spec"]["height"], doc["input_spec"]["width"]) == (8, 6)
+    assert doc["policy"]["input"]["size"] == [8, 6]

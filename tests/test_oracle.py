@@ -8,7 +8,7 @@ from onnx import TensorProto
 from gate.errors import ModelError, QueryBudgetExceeded
 from gate.oracle import Oracle, softmax
 from gate.spec import SpecOverrides
-from tests.helpers import linear_model
+from tests.helpers import linear_model, pooled_model
 
 
 def direct(path, x):
@@ -213,3 +213,70 @@ def test_a_cuda_session_that_fell_back_to_the_cpu_gets_one_thread_per_call(tmp_p
     built.clear()
     Oracle(path, device="auto", calls=1)
     assert [t for _, t in built] == [0]
+
+
+# --------------------------------------------------------------------------- dynamic height and width
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_dynamic_height_and_width_take_the_stated_size(tmp_path, layout):
+    """An input declared [N, 3, h, w] (or [N, h, w, 3]) is refused until the size is stated, then runs at it."""
+    path = tmp_path / "dyn.onnx"
+    pooled_model(path, layout=layout)
+    with pytest.raises(ModelError, match=r"dynamic height or width.*--image-size HxW") as err:
+        Oracle(path, device="cpu")
+    assert "\n" not in str(err.value)
+
+    o = Oracle(path, SpecOverrides(size=(8, 6)), device="cpu")
+    assert (o.spec.layout, o.spec.image_shape) == (layout, (8, 6, 3))
+    assert "layout" in o.spec.detected  # read from the one fixed dimension, the channels
+    x = np.random.default_rng(3).random((5, 8, 6, 3), dtype=np.float32)
+    raw = direct(path, x.transpose(0, 3, 1, 2).copy() if layout == "NCHW" else x)
+    np.testing.assert_allclose(o.probs(x), softmax(raw.astype(np.float64)), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ModelError, match="do not match"):
+        o.probs(np.zeros((2, 6, 8, 3), np.float32))
+
+
+def test_a_fixed_size_must_agree_with_the_stated_one(tmp_path):
+    path = tmp_path / "m.onnx"
+    linear_model(path, size=4, softmax=True)
+    assert Oracle(path, SpecOverrides(size=(4, 4)), device="cpu").spec.image_shape == (4, 4, 3)
+    with pytest.raises(ModelError, match=r"takes 4x4 images, not the stated size 4x5"):
+        Oracle(path, SpecOverrides(size=(4, 5)), device="cpu")
+    half = tmp_path / "half.onnx"  # a fixed height and a dynamic width: the height must agree too
+    pooled_model(half, dims=(8, "w"))
+    assert Oracle(half, SpecOverrides(size=(8, 3)), device="cpu").spec.image_shape == (8, 3, 3)
+    with pytest.raises(ModelError, match="fixed height of 8, not the stated size 7x3"):
+        Oracle(half, SpecOverrides(size=(7, 3)), device="cpu")
+
+
+def test_a_dynamic_channel_dimension_is_refused_with_the_way_out(tmp_path):
+    path = tmp_path / "c.onnx"
+    pooled_model(path, channels="c")
+    with pytest.raises(ModelError, match="no fixed channel dimension.*--layout"):
+        Oracle(path, SpecOverrides(size=(8, 8)), device="cpu")
+    with pytest.raises(ModelError, match="read as NCHW has channels 'c'"):
+        Oracle(path, SpecOverrides(size=(8, 8), layout="NCHW"), device="cpu")
+
+
+@pytest.mark.parametrize("given, want", [("32x32", (32, 32)), ("64X48", (64, 48)), ("28", (28, 28)),
+                                         ([16, 24], (16, 24)), (96, (96, 96)), ("32,32", (32, 32))])
+def test_image_size_setting_reads_its_forms(given, want):
+    assert SpecOverrides(size=given).size == want
+
+
+@pytest.mark.parametrize("given", ["0x32", "a", "32x32x3", [1, 2, 3], True, 5000, "", 3.5])
+def test_image_size_setting_refuses_the_rest(given):
+    from gate.settings import SettingError
+
+    with pytest.raises(SettingError, match="size must be HxW"):
+        SpecOverrides(size=given)
+
+
+def test_workers_open_a_dynamic_model_with_the_resolved_size(tmp_path):
+    """Ray workers get the gate's resolved spec as stated overrides: they must not need the flag again."""
+    from gate.distributed import stated_spec
+
+    path = tmp_path / "dyn.onnx"
+    pooled_model(path)
+    o = Oracle(path, SpecOverrides(size=(8, 6)), device="cpu")
+    worker = Oracle(path, stated_spec(o), device="cpu")
+    assert worker.spec.image_shape == o.spec.image_shape and worker.spec.detected == ()

@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"model        {info['path']}  (sha256 {info['sha256'][:16]}...)")
     print(f"input        {oracle.input_name} {info['input_shape']} {spec.dtype}, layout {spec.layout}, "
-          f"range [0,{spec.value_range:g}]" + (f", mean {list(spec.mean)} std {list(spec.std)}" if spec.mean else ""))
+          f"{spec.height}x{spec.width}x{spec.channels}, range [0,{spec.value_range:g}]"
+          + (f", mean {list(spec.mean)} std {list(spec.std)}" if spec.mean else ""))
     print(f"output       {info['num_classes']} classes as {spec.output_kind}"
           + (f"  (detected: {', '.join(spec.detected)})" if spec.detected else ""))
     print(f"providers    {', '.join(oracle.providers)}")
