@@ -121,7 +121,8 @@ def stated_spec(oracle: Oracle) -> SpecOverrides:
     """The oracle's resolved input spec as overrides, so a worker's oracle uses it without detecting anything."""
     s = oracle.spec
     return SpecOverrides(layout=s.layout, value_range=s.value_range, mean=s.mean, std=s.std,
-                         output_kind=s.output_kind, size=(s.height, s.width))
+                         output_kind=s.output_kind, size=(s.height, s.width),
+                         output_name=oracle.output_name)
 
 
 def model_bytes(oracle: Oracle) -> bytes:

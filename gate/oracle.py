@@ -72,6 +72,37 @@ def looks_like_probs(out: np.ndarray, tol: float = 1e-3) -> bool:
     return bool(out.min() >= -tol and out.max() <= 1 + tol and np.allclose(out.sum(axis=1), 1.0, atol=tol))
 
 
+def score_output(outputs: list[tuple[str, str, list, bool]], where: str, stated: str | None = None) -> tuple:
+    """The output that gives a score per class, of ``outputs`` as (name, type, shape, floating point) each.
+
+    ``stated`` (``--output-name``) picks one by name; otherwise the one floating-point output of shape (batch,
+    classes), classes not 1 (labels, top-1 scores and embeddings of another width are not it). Several of the
+    same class count (logits beside probabilities) are one model's scores: the first is taken. Several of
+    different counts (an embedding beside the logits) must be named: a wrong choice would scan the wrong thing."""
+    listed = ", ".join(f"'{n}' {t} {list(s)}" for n, t, s, _ in outputs) or "none"
+
+    def is_score(o) -> bool:
+        return o[3] and len(o[2]) == 2 and o[2][1] != 1
+
+    if stated is not None:
+        named = [o for o in outputs if o[0] == stated]
+        if not named:
+            raise ModelError(f"{where} has no output '{stated}' (outputs: {listed})")
+        if not is_score(named[0]):
+            raise ModelError(f"{where}: output '{stated}' {named[0][1]} {list(named[0][2])} is not a score per "
+                             f"class (a floating-point output of shape (batch, classes))")
+        return named[0]
+    scores = [o for o in outputs if is_score(o)]
+    if not scores:
+        raise ModelError(f"{where} gives no score for every class (outputs: {listed}): a model that answers only "
+                         f"labels or top-k cannot be scanned; it needs its probabilities or logits, (batch, classes)")
+    widths = {o[2][1] for o in scores}
+    if len(scores) > 1 and (len(widths) > 1 or not all(isinstance(w, int) and w > 0 for w in widths)):
+        raise ModelError(f"{where} has several score outputs of different widths ({listed}); name the one that "
+                         f"gives the class scores with --output-name")
+    return scores[0]
+
+
 class QueryOracle:
     """Query-only access to an image classifier: what every oracle shares.
 
@@ -264,12 +295,12 @@ class Oracle(QueryOracle):
         overrides = overrides or SpecOverrides()
         self.calls = int(calls)
         self._pool: ThreadPoolExecutor | None = None
-        self._open(device, threads)
+        self._open(device, threads, overrides.output_name)
         self.spec = self._resolve_spec(overrides)
         self._scale, self._offset = self.spec.affine()
 
     # ------------------------------------------------------------------ opening and checking
-    def _open(self, device: str, threads: int) -> None:
+    def _open(self, device: str, threads: int, output_name: str | None) -> None:
         import onnx
 
         if self.path.is_dir():
@@ -309,17 +340,16 @@ class Oracle(QueryOracle):
             raise ModelError("device 'cuda' requested but onnxruntime could not use a CUDA GPU")
 
         inp = self.session.get_inputs()[0]
-        out = self.session.get_outputs()[0]
-        self.input_name, self.output_name = inp.name, out.name
+        self.input_name = inp.name
         self.input_shape = list(inp.shape)
         if len(self.input_shape) != 4:
             raise ModelError(f"model input must be rank 4 (a batch of images), got shape {self.input_shape}")
         if inp.type not in _DTYPES:
             raise ModelError(f"unsupported input dtype {inp.type}; supported: float32, float16, float64")
         self._dtype = _DTYPES[inp.type]
-        if len(out.shape) != 2:
-            raise ModelError(f"model output must be rank 2 (batch, classes), got shape {list(out.shape)}")
-        self._declared_classes = out.shape[1] if isinstance(out.shape[1], int) else None
+        outputs = [(o.name, o.type, list(o.shape), o.type in _DTYPES) for o in self.session.get_outputs()]
+        self.output_name, _, out_shape, _ = score_output(outputs, f"model {self.path.name}", output_name)
+        self._declared_classes = out_shape[1] if isinstance(out_shape[1], int) and out_shape[1] > 0 else None
 
     def _session(self, ort, providers: list[str], threads: int):
         opts = ort.SessionOptions()
@@ -398,6 +428,7 @@ class Oracle(QueryOracle):
             "sha256": self.sha256,
             "input_name": self.input_name,
             "input_shape": [d if isinstance(d, int) else str(d) for d in self.input_shape],
+            "output_name": self.output_name,
             "num_classes": self.num_classes,
             "image_shape": list(self.image_shape),
         }

@@ -47,7 +47,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from gate.errors import ModelError, UsageError
-from gate.oracle import QueryOracle
+from gate.oracle import QueryOracle, score_output
 from gate.spec import SpecOverrides
 
 INPUT_DATATYPES = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64}
@@ -228,7 +228,7 @@ class RemoteOracle(QueryOracle):
         self.stats = {"requests": 0, "images_sent": 0, "retries": 0, "seconds": 0.0}
         try:
             self._tc, self._tc_error = _tritonclient()
-            self._open()
+            self._open((overrides or SpecOverrides()).output_name)
             self.request_images = self._request_size(request_images)
             self.spec = self._resolve_spec(overrides or SpecOverrides())
             self._scale, self._offset = self.spec.affine()
@@ -237,7 +237,7 @@ class RemoteOracle(QueryOracle):
             raise
 
     # ------------------------------------------------------------------ opening and checking
-    def _open(self) -> None:
+    def _open(self, output_name: str | None) -> None:
         where = f"model '{self.model_name}' at {self.url}"
         self.server_metadata = self._ask(lambda c: c.get_server_metadata(), f"GET {self.url}/v2")
         self.metadata = self._ask(lambda c: c.get_model_metadata(self.model_name, self.model_version),
@@ -263,7 +263,8 @@ class RemoteOracle(QueryOracle):
         if datatype not in INPUT_DATATYPES:
             raise ModelError(f"unsupported input datatype {datatype}; supported: FP32, FP16, FP64")
         self._datatype, self._dtype = datatype, INPUT_DATATYPES[datatype]
-        self.output_name, _, out_shape = _score_output(outs, where)
+        scores = [(n, dt, shape, dt in SCORE_DATATYPES) for n, dt, shape in outs]
+        self.output_name, _, out_shape, _ = score_output(scores, where, output_name)
         self._declared_classes = out_shape[1] if out_shape[1] > 0 else None
         self.sha256 = canonical_sha256({"url": self.path, "server": self.server_metadata, "model": self.metadata})
         server = self.server_metadata if isinstance(self.server_metadata, dict) else {}
@@ -449,15 +450,3 @@ def _tensor(t, where: str) -> tuple[str, str, list[int]]:
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         raise ModelError(f"{where}: tensor '{t['name']}' has no integer shape in the metadata: {str(shape)[:60]}")
     return t["name"], t["datatype"], shape
-
-
-def _score_output(outputs: list[tuple[str, str, list[int]]], where: str) -> tuple[str, str, list[int]]:
-    """The one output that gives a score per class: floating point, (batch, classes), classes not 1."""
-    scores = [o for o in outputs if o[1] in SCORE_DATATYPES and len(o[2]) == 2 and o[2][1] != 1]
-    if len(scores) == 1:
-        return scores[0]
-    listed = ", ".join(f"'{n}' {dt} {shape}" for n, dt, shape in outputs) or "none"
-    if len(scores) > 1:
-        raise ModelError(f"{where} has several score outputs ({listed}); the gate scans a model with one")
-    raise ModelError(f"{where} gives no score for every class (outputs: {listed}): a server that answers only "
-                     f"labels or top-k cannot be scanned; serve the model's probabilities or logits")

@@ -26,6 +26,7 @@ from gate.settings import (
     optional,
     positive_channel_values,
     setting,
+    text,
 )
 
 LAYOUTS = ("NCHW", "NHWC")
@@ -56,6 +57,8 @@ class SpecOverrides(Settings):
     size: tuple[int, int] | None = setting(None, optional(image_size), "image size HxW the model was trained at, for "
                                            "an input with dynamic height and width (default: the input shape's)",
                                            flag="--image-size")
+    output_name: str | None = setting(None, optional(text), "the output to scan, by name, when the model has score "
+                                      "outputs of different widths (default: the one output of class scores)")
 
     def validate(self) -> None:
         if (self.mean is None) != (self.std is None):

@@ -111,7 +111,7 @@ def test_query_budget_refuses_before_exceeding(tmp_path, images):
 @pytest.mark.parametrize("kwargs, message", [
     ({"extra_input": True}, "exactly one input"),
     ({"in_type": TensorProto.INT64}, "unsupported input dtype"),
-    ({"output_rank3": True}, "output must be rank 2"),
+    ({"output_rank3": True}, "gives no score for every class"),
     ({"nan": True}, "non-finite"),
 ])
 def test_bad_models_give_one_line_errors(tmp_path, kwargs, message):
@@ -280,3 +280,60 @@ def test_workers_open_a_dynamic_model_with_the_resolved_size(tmp_path):
     o = Oracle(path, SpecOverrides(size=(8, 6)), device="cpu")
     worker = Oracle(path, stated_spec(o), device="cpu")
     assert worker.spec.image_shape == o.spec.image_shape and worker.spec.detected == ()
+
+
+# --------------------------------------------------------------------------- which output is scanned
+def outputs_model(path, first: str) -> np.ndarray:
+    """A linear model over 4x4 RGB images whose outputs are ``first`` (label: the ArgMax, int64 (N,);
+    embedding: another linear map, (N, 16); probs: the softmax) and then 'logits' (N, 5). Returns the
+    logits' weights."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+    w, w2 = rng.normal(size=(48, 5)).astype(np.float32), rng.normal(size=(48, 16)).astype(np.float32)
+    nodes = [helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+             helper.make_node("MatMul", ["flat", "W"], ["logits"])]
+    extra = {"label": (helper.make_node("ArgMax", ["logits"], ["label"], axis=1, keepdims=0), TensorProto.INT64, ["N"]),
+             "embedding": (helper.make_node("MatMul", ["flat", "W2"], ["embedding"]), TensorProto.FLOAT, ["N", 16]),
+             "probs": (helper.make_node("Softmax", ["logits"], ["probs"], axis=1), TensorProto.FLOAT, ["N", 5])}
+    node, dtype, shape = extra[first]
+    graph = helper.make_graph(nodes + [node], "outputs",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 4, 4])],
+                              [helper.make_tensor_value_info(first, dtype, shape),
+                               helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])],
+                              [numpy_helper.from_array(w, "W"), numpy_helper.from_array(w2, "W2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return w
+
+
+@pytest.mark.parametrize("first, scanned", [("label", "logits"), ("probs", "probs")])
+def test_the_class_scores_are_found_among_several_outputs(tmp_path, images, first, scanned):
+    """A label beside the logits: the logits; probabilities beside them (the same scores): the first."""
+    path = tmp_path / "m.onnx"
+    w = outputs_model(path, first)
+    o = Oracle(path, device="cpu")
+    assert o.output_name == scanned and o.num_classes == 5 and o.describe()["output_name"] == scanned
+    logits = images.transpose(0, 3, 1, 2).reshape(len(images), -1).astype(np.float64) @ w
+    np.testing.assert_allclose(o.probs(images), softmax(logits), rtol=1e-4, atol=1e-5)
+
+
+def test_outputs_of_different_widths_must_be_named(tmp_path, images):
+    """An embedding beside the logits could be either: refused until --output-name says which."""
+    from gate.distributed import stated_spec
+
+    path = tmp_path / "m.onnx"
+    outputs_model(path, "embedding")
+    with pytest.raises(ModelError, match=r"several score outputs of different widths .*'embedding'.*--output-name"):
+        Oracle(path, device="cpu")
+    o = Oracle(path, SpecOverrides(output_name="logits"), device="cpu")
+    assert (o.output_name, o.num_classes, o.probs(images).shape) == ("logits", 5, (7, 5))
+    assert Oracle(path, stated_spec(o), device="cpu").output_name == "logits"  # a Ray worker's oracle
+    with pytest.raises(ModelError, match=r"has no output 'scores' \(outputs: 'embedding'"):
+        Oracle(path, SpecOverrides(output_name="scores"), device="cpu")
+    label = tmp_path / "label.onnx"
+    outputs_model(label, "label")
+    with pytest.raises(ModelError, match=r"output 'label' tensor\(int64\) \['N'\] is not a score per class"):
+        Oracle(label, SpecOverrides(output_name="label"), device="cpu")

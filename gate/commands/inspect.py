@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"input        {oracle.input_name} {info['input_shape']} {spec.dtype}, layout {spec.layout}, "
           f"{spec.height}x{spec.width}x{spec.channels}, range [0,{spec.value_range:g}]"
           + (f", mean {list(spec.mean)} std {list(spec.std)}" if spec.mean else ""))
-    print(f"output       {info['num_classes']} classes as {spec.output_kind}"
+    print(f"output       {oracle.output_name}: {info['num_classes']} classes as {spec.output_kind}"
           + (f"  (detected: {', '.join(spec.detected)})" if spec.detected else ""))
     print(f"providers    {', '.join(oracle.providers)}")
     if "data" in info:
