@@ -93,6 +93,12 @@ def score_output(outputs: list[tuple[str, str, list, bool]], where: str, stated:
                              f"class (a floating-point output of shape (batch, classes))")
         return named[0]
     scores = [o for o in outputs if is_score(o)]
+    single = [o for o in outputs if o[3] and len(o[2]) == 2 and o[2][1] == 1]
+    if not scores and single:
+        name, _, shape, _ = single[0]
+        raise ModelError(f"{where} gives no score for every class: output '{name}' {list(shape)} has one "
+                         f"score per image (a top-1 score, or a one-class model); a model that answers only labels or "
+                         f"top-k cannot be scanned, and a backdoor scan needs at least 2 classes")
     if not scores:
         raise ModelError(f"{where} gives no score for every class (outputs: {listed}): a model that answers only "
                          f"labels or top-k cannot be scanned; it needs its probabilities or logits, (batch, classes)")

@@ -3,13 +3,19 @@
 :func:`run_gate` is the one way the gate judges a model (``gate run``, ``gate scan`` and the benchmarks
 all call it)::
 
-    oracle -> data (the policy's data section, or images given) -> [synthesis, B3D-SS] -> scan -> decide
+    oracle -> data (the policy's data section, or images given) -> [synthesis, B3D-SS | convention check]
+           -> scan -> decide
 
 Data (policy ``data.source``): ``file`` requires ``data.path`` (the default: no data is an error, never a
 silent change of method); ``synthetic`` synthesises samples from the model (B3D-SS); ``auto`` uses
 ``data.path`` when that file exists and fits the model (image size, channels, labels within the model's
 classes), else synthesises: an opt-in fallback, whose reason the result's ``data.fallback`` states.
 Synthesis queries count against the run's query budget; the scan gets what is left.
+
+With labelled images and no input range, mean or std stated, :func:`gate.conventions.check_convention`
+measures the convention in use on a sample first, and the scan switches to a common one that fits clearly
+better when the one in use is under ``rules.min_clean_accuracy`` (the result's ``data.convention`` says what was
+measured; its queries count as synthesis's do).
 
 The report's stamped examples are read off the scan's held-out pass (no query after the decision), and
 nothing changes the result once :func:`gate.decision.decide` has seen it. With a
@@ -29,6 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from gate.checkpoint import Checkpoint, fingerprint
+from gate.conventions import ConventionCheck, check_convention, most_queries, switch
 from gate.data import ImageSet, fit_to_model, load_images
 from gate.decision import Decision, decide
 from gate.errors import DataError, GateError, ModelError
@@ -83,17 +90,25 @@ def run_gate(oracle: Oracle, policy: Policy, *, images: ImageSet | None = None, 
             images, synthesis = synthesize_data(policy, oracle, progress)
             if checkpoint is not None:
                 checkpoint.save_data(images.x, images.y, images.source, synthesis, fp)
+    convention = None
+    if method == "b3d" and images.y is not None and _convention_unstated(oracle, policy) and _affordable(
+            oracle, policy, most_queries(oracle, len(images))):
+        convention = check_convention(oracle, images.x, images.y, policy.rules.min_clean_accuracy)
+        if convention.chosen is not None:
+            oracle = switch(oracle, convention)
+            log(f"warning: {convention.sentence()}")
     cfg = policy.scan_config()
     cfg = dataclasses.replace(cfg, batch_images=max(cfg.batch_images, oracle.max_batch))
-    if synthesis is not None and cfg.max_queries is not None:  # the run's budget covers synthesis and scan
-        cfg = dataclasses.replace(cfg, max_queries=max(0, cfg.max_queries - synthesis["queries"]))
+    spent = (synthesis["queries"] if synthesis is not None else 0) + (convention.queries if convention else 0)
+    if cfg.max_queries is not None:  # the run's budget covers synthesis or the convention check, and the scan
+        cfg = dataclasses.replace(cfg, max_queries=max(0, cfg.max_queries - spent))
     if ray is not None:
         from gate.distributed import ray_scan
 
         out = ray_scan(oracle, images, cfg, ray, method=method, progress=progress, examples=examples)
     else:
         out = _scan_here(oracle, images, cfg, method, progress, examples, policy, log, checkpoint, resume)
-    result = with_fallback(with_synthesis(out.result, synthesis), fallback)
+    result = with_fallback(with_convention(with_synthesis(out.result, synthesis), convention), fallback)
     decision = decide(result, policy)
     progress.emit(ScanFinished(result.flagged, decision.outcome))
     shown = _example_images(images, out.triggers, out.examples, result, decision) if examples else None
@@ -184,6 +199,30 @@ def with_synthesis(result: ScanResult, synthesis: dict | None) -> ScanResult:
         result, synthesis=synthesis,
         queries={**q, "total": q["scan"] + int(synthesis["queries"]), "synthesis": int(synthesis["queries"])},
         seconds={**s, "total": s["scan"] + synthesis["seconds"], "synthesis": synthesis["seconds"]})
+
+
+def _convention_unstated(oracle: Oracle, policy: Policy) -> bool:
+    """Whether the scan may check the input convention: nobody stated its range or normalisation, and the
+    clean-accuracy rule (whose floor the check uses) is on."""
+    o = oracle.overrides
+    return (o.value_range is None and o.mean is None and o.std is None
+            and policy.rules.min_clean_accuracy is not None)
+
+
+def _affordable(oracle: Oracle, policy: Policy, queries: int) -> bool:
+    """Whether a check of at most ``queries`` leaves the scan most of its budgets (the run's and the oracle's):
+    the check takes at most half of either, else it is skipped."""
+    limits = [v for v in (policy.budget.max_queries, oracle.remaining) if v is not None]
+    return all(2 * queries <= v for v in limits)
+
+
+def with_convention(result: ScanResult, check: ConventionCheck | None) -> ScanResult:
+    """The scan's result with the convention check that preceded it counted in (queries) and described."""
+    if check is None:
+        return result
+    q = result.queries
+    return dataclasses.replace(result, data={**result.data, "convention": check.to_dict()},
+                               queries={**q, "total": q["total"] + check.queries, "convention": check.queries})
 
 
 def with_fallback(result: ScanResult, fallback: str | None) -> ScanResult:

@@ -98,6 +98,23 @@ def pooled_model(path, *, layout="NCHW", dims=("h", "w"), channels=3, classes=4,
     return w, b
 
 
+def reconventioned_model(src, dst, *, scale=(1.0,), offset=(0.0,)):
+    """``src`` (NCHW, trained on [0, 1]) behind a per-channel affine map of its input, x = scale * z + offset: a
+    model that wants z. 1/255: the same network taking [0, 255]; std and mean: taking ImageNet-normalised z."""
+    m = onnx.load(str(src))
+    inp = m.graph.input[0]
+    name = inp.name
+    inp.name = "z"
+    shape = (1, len(scale), 1, 1)
+    m.graph.initializer.extend([numpy_helper.from_array(np.asarray(scale, np.float32).reshape(shape), "conv_scale"),
+                                numpy_helper.from_array(np.asarray(offset, np.float32).reshape(shape), "conv_offset")])
+    nodes = [helper.make_node("Mul", ["z", "conv_scale"], ["z_scaled"]),
+             helper.make_node("Add", ["z_scaled", "conv_offset"], [name])]
+    for i, n in enumerate(nodes):
+        m.graph.node.insert(i, n)
+    onnx.save(m, str(dst))
+
+
 # --------------------------------------------------------------------------- kernel inputs and references
 def perturb_reference(x, delta, sigma, scale, offset, channels_first):
     """numpy reference of gate.kernels.perturb_encode."""

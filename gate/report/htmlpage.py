@@ -171,7 +171,8 @@ def _spec_text(spec: dict, model: dict) -> str:
     parts.append(f"output: {spec.get('output_kind', '?')}")
     detected = spec.get("detected") or []
     if detected:
-        parts.append(f"detected: {', '.join(detected)}")
+        words = {"convention": "range and normalisation (from the labelled data's accuracy)"}
+        parts.append(f"detected: {', '.join(words.get(d, d) for d in detected)}")
     return "; ".join(parts)
 
 

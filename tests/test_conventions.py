@@ -1,0 +1,96 @@
+"""The scan's input-convention check: a model that wants [0, 255] or ImageNet-normalised images, scanned with
+nothing stated, is scanned under the convention its labelled data says it was trained with; one that fits the
+convention in use, or whose convention is stated, is left alone."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from gate.cli import main
+from gate.conventions import PROBE_IMAGES, check_convention, mcnemar_p
+from gate.data import fit_to_model, load_images
+from gate.oracle import Oracle
+from tests.helpers import DEMO, DEMO_MODEL, reconventioned_model
+
+FAST = ["--k", "6", "--batch-size", "4", "--max-steps", "15", "--max-images", "100", "--quiet"]
+IMAGENET = {"scale": (0.229, 0.224, 0.225), "offset": (0.485, 0.456, 0.406)}
+
+pytestmark = pytest.mark.skipif(not DEMO_MODEL.is_file(), reason="demo models not built yet")
+
+
+@pytest.fixture(scope="module")
+def wrapped(tmp_path_factory):
+    """The demo model behind [0, 255] and behind ImageNet normalisation, and the demo's labelled images."""
+    d = tmp_path_factory.mktemp("conventions")
+    reconventioned_model(DEMO_MODEL, d / "range255.onnx", scale=(1 / 255,))
+    reconventioned_model(DEMO_MODEL, d / "imagenet.onnx", **IMAGENET)
+    return d
+
+
+def labelled(oracle):
+    images = fit_to_model(load_images(DEMO / "gtsrb_sample.npz"), oracle.image_shape)
+    return images.x, images.y
+
+
+def test_mcnemar_counts_only_the_images_the_two_disagree_on():
+    a = np.array([True] * 10 + [False] * 5 + [True] * 20)
+    b = np.array([False] * 10 + [False] * 5 + [True] * 20)
+    assert mcnemar_p(a, b) == pytest.approx(2 / 2 ** 10) == mcnemar_p(b, a)
+    assert mcnemar_p(a, a) == 1.0
+    c = np.array([True, False] * 10)  # 10 each way: no evidence
+    assert mcnemar_p(c, ~c) == 1.0
+
+
+@pytest.mark.parametrize("name, want", [("range255", "NCHW [0,255]"),
+                                        ("imagenet", "NCHW ImageNet mean/std on [0,1]")])
+def test_a_model_near_chance_under_the_default_switches_to_the_convention_that_fits(wrapped, name, want):
+    oracle = Oracle(wrapped / f"{name}.onnx", device="cpu")
+    check = check_convention(oracle, *labelled(oracle), floor=0.5)
+    assert check.accuracy < 0.5 and check.chosen is not None and check.chosen.label == want
+    assert check.fits[0].convention == check.chosen and check.fits[0].accuracy > 0.7 and check.p_value < 1e-3
+    measured = [f for f in check.fits if f.accuracy is not None]  # NHWC cannot read this input shape
+    assert check.queries == PROBE_IMAGES * len(measured) == oracle.queries - 8 + PROBE_IMAGES * (len(measured) - 1)
+
+
+def test_a_model_that_fits_the_default_is_measured_once_and_kept():
+    oracle = Oracle(DEMO_MODEL, device="cpu")
+    check = check_convention(oracle, *labelled(oracle), floor=0.5)
+    assert check.chosen is None and check.fits == [] and check.accuracy > 0.7
+    assert check.queries == oracle.queries - 8 == PROBE_IMAGES  # 8: the output-kind probe when opened
+
+
+def test_no_convention_clears_the_floor_then_none_is_chosen(wrapped):
+    oracle = Oracle(wrapped / "range255.onnx", device="cpu")
+    x, y = labelled(oracle)
+    check = check_convention(oracle, x, (y + 1) % 43, floor=0.5)  # labels no convention can match
+    assert check.chosen is None and len(check.fits) > 1
+
+
+def test_gate_run_scans_under_the_convention_that_fits_and_says_so(wrapped, tmp_path, capsys):
+    code = main(["run", str(wrapped / "range255.onnx"), "--data", str(DEMO / "gtsrb_sample.npz"), "--out",
+                 str(tmp_path / "o"), *FAST[:-1]])  # not --quiet: the switch is said on stderr
+    err = capsys.readouterr().err
+    doc = json.loads((tmp_path / "o" / "report.json").read_text())
+    conv = doc["data"]["convention"]
+    assert conv["switched_to"] == "NCHW [0,255]" and "--input-range 255" in conv["flags"]
+    assert "scanning under NCHW [0,255]" in err
+    assert doc["input_spec"]["value_range"] == 255.0 and "convention" in doc["input_spec"]["detected"]
+    assert doc["data"]["clean_accuracy"] >= 0.5  # the scan's own measure, under the chosen convention
+    q = doc["queries"]
+    assert q["convention"] == conv["queries"] == PROBE_IMAGES * len(conv["fits"]) and q["total"] == q["scan"] + q[
+        "convention"]
+    assert "BG006" not in {f["rule"] for f in doc["decision"]["findings"]} and code in (0, 1, 3)
+
+
+def test_a_stated_convention_is_never_second_guessed(wrapped, tmp_path, capsys):
+    """--input-range 1 stated: no check, the model stays near chance, and the clean-accuracy rule says why."""
+    code = main(["run", str(wrapped / "range255.onnx"), "--data", str(DEMO / "gtsrb_sample.npz"), "--input-range", "1",
+                 "--out", str(tmp_path / "o"), *FAST])
+    capsys.readouterr()
+    doc = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert "convention" not in doc["data"] and doc["queries"]["convention"] == 0
+    assert doc["input_spec"]["value_range"] == 1.0 and doc["data"]["clean_accuracy"] < 0.2
+    assert code == 3 and "BG006" in {f["rule"] for f in doc["decision"]["findings"]}
