@@ -139,7 +139,7 @@ def build_registry(result: ScanResult | None, decision: Decision | None, model: 
           registry=reg).labels(**labels).set(len(result.flagged))
     Gauge(f"{PREFIX}_scan_complete", "1 when the scan finished within its budgets, else 0.", ["model"],
           registry=reg).labels(**labels).set(1 if result.complete else 0)
-    Gauge(f"{PREFIX}_last_run_queries", "Images the last run sent to the model (scan and synthesis).",
+    Gauge(f"{PREFIX}_last_run_queries", "Images the last run sent to the model (scan, synthesis and convention check).",
           ["model"], registry=reg).labels(**labels).set(int(result.queries.get("total", 0)))
     Gauge(f"{PREFIX}_scan_duration_seconds", "Wall time of the last scan (synthesis included).", ["model"],
           registry=reg).labels(**labels).set(float(result.seconds.get("total", 0.0)))

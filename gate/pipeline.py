@@ -13,9 +13,8 @@ classes), else synthesises: an opt-in fallback, whose reason the result's ``data
 Synthesis queries count against the run's query budget; the scan gets what is left.
 
 With labelled images and no input range, mean or std stated, :func:`gate.conventions.check_convention`
-measures the convention in use on a sample first, and the scan switches to a common one that fits clearly
-better when the one in use is under ``rules.min_clean_accuracy`` (the result's ``data.convention`` says what was
-measured; its queries count as synthesis's do).
+measures the common conventions on a sample first, and the scan switches to one that fits clearly better than
+the one in use (the result's ``data.convention`` says what was measured; its queries count as synthesis's do).
 
 The report's stamped examples are read off the scan's held-out pass (no query after the decision), and
 nothing changes the result once :func:`gate.decision.decide` has seen it. With a
@@ -91,9 +90,9 @@ def run_gate(oracle: Oracle, policy: Policy, *, images: ImageSet | None = None, 
             if checkpoint is not None:
                 checkpoint.save_data(images.x, images.y, images.source, synthesis, fp)
     convention = None
-    if method == "b3d" and images.y is not None and _convention_unstated(oracle, policy) and _affordable(
+    if method == "b3d" and images.y is not None and _convention_unstated(oracle) and _affordable(
             oracle, policy, most_queries(oracle, len(images))):
-        convention = check_convention(oracle, images.x, images.y, policy.rules.min_clean_accuracy)
+        convention = check_convention(oracle, images.x, images.y)
         if convention.chosen is not None:
             oracle = switch(oracle, convention)
             log(f"warning: {convention.sentence()}")
@@ -201,12 +200,10 @@ def with_synthesis(result: ScanResult, synthesis: dict | None) -> ScanResult:
         seconds={**s, "total": s["scan"] + synthesis["seconds"], "synthesis": synthesis["seconds"]})
 
 
-def _convention_unstated(oracle: Oracle, policy: Policy) -> bool:
-    """Whether the scan may check the input convention: nobody stated its range or normalisation, and the
-    clean-accuracy rule (whose floor the check uses) is on."""
+def _convention_unstated(oracle: Oracle) -> bool:
+    """Whether the scan may check the input convention: nobody stated its range or normalisation."""
     o = oracle.overrides
-    return (o.value_range is None and o.mean is None and o.std is None
-            and policy.rules.min_clean_accuracy is not None)
+    return o.value_range is None and o.mean is None and o.std is None
 
 
 def _affordable(oracle: Oracle, policy: Policy, queries: int) -> bool:

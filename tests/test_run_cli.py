@@ -93,7 +93,7 @@ def test_accept_exit_0_writes_every_report(assets, tmp_path, capsys):
     assert metric(out, "backdoor_gate_decision", outcome="accept", model=label) == 1
     assert metric(out, "backdoor_gate_last_run_queries", model=label) == doc["queries"]["total"]
     q = doc["queries"]  # the HTML report's stamped examples come from the scan's held-out pass: no extra query
-    assert "report" not in q and q["total"] == q["scan"] + q["synthesis"]
+    assert "report" not in q and q["total"] == q["scan"] + q["synthesis"] + q["convention"]
     html = (out / "report.html").read_text()
     # nothing flagged: no cards with pictures, a table row per class
     assert "Accepted" in html and html.count("data:image/png;base64,") == 0 and html.count('<tr id="row-') == 5

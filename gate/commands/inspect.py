@@ -9,7 +9,7 @@ import json
 import numpy as np
 
 from gate.commands.common import add_model_args, open_oracle
-from gate.conventions import compare_conventions
+from gate.conventions import MAX_IMAGES, compare_conventions, data_stats
 from gate.data import fit_to_model, load_images
 
 MARGIN = 0.02  # a convention this much more accurate than the one in use is worth a warning
@@ -38,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
                         "clean_accuracy": None if images.y is None else float(np.mean(pred == images.y)),
                         "predicted_classes": int(len(np.unique(pred)))}
         if images.y is not None:
-            fits = compare_conventions(oracle, images.x, images.y)
-            extra_queries = sum(min(len(images), 2000) for f in fits if f.accuracy is not None)
+            fits = compare_conventions(oracle, images.x, images.y, data_stats(images.x))
+            extra_queries = sum(min(len(images), MAX_IMAGES) for f in fits if f.accuracy is not None)
             in_use = next((f for f in fits if f.convention.same_as(spec.layout, spec.value_range, spec.mean,
                                                                     spec.std)), None)
             best = fits[0] if fits and fits[0].accuracy is not None else None

@@ -199,7 +199,8 @@ def _facts(result: ScanResult | None, model: dict, policy: dict | None, policy_s
                        f"bandit {'on' if s.get('bandit') else 'off'}, seed {result.seed}", False),
             ("Outlier rule", _rule_text(result.outliers), False),
             ("Queries", f"{_n(int(result.queries.get('total', 0)))} total ({_n(int(result.queries.get('scan', 0)))} "
-                        f"scan, {_n(int(result.queries.get('synthesis', 0)))} synthesis; the examples below "
+                        f"scan, {_n(int(result.queries.get('synthesis', 0)))} synthesis, "
+                        f"{_n(int(result.queries.get('convention', 0)))} convention check; the examples below "
                         f"come from the scan's held-out pass)", False),
             ("Time", f"{_seconds(float(result.seconds.get('total', 0.0)))} total, "
                      f"{_pct(result.seconds.get('ort_fraction'))} in the model", False),
