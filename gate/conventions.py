@@ -113,7 +113,12 @@ def compare_conventions(oracle: Oracle, x: np.ndarray, y: np.ndarray, stats: tup
                 fits.append(Fit(convention, None, f"the input shape read as {layout} takes {h}x{w}x{c} images, "
                                                   f"not {x.shape[1]}x{x.shape[2]}x{x.shape[3]}"))
                 continue
-            correct = convention_view(oracle, convention).predict(x) == y
+            try:
+                view = convention_view(oracle, convention)
+            except GateError as exc:  # e.g. a uint8 input takes no other range
+                fits.append(Fit(convention, None, str(exc)))
+                continue
+            correct = view.predict(x) == y
             fits.append(Fit(convention, float(np.mean(correct)), correct=correct))
     return sorted(fits, key=lambda f: (f.accuracy is None, -(f.accuracy or 0.0)))
 

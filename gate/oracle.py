@@ -25,6 +25,15 @@ from gate.errors import ModelError, QueryBudgetExceeded
 from gate.spec import InputSpec, SpecOverrides, broadcast_channels, check_channels, resolve_layout
 
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+_INPUT_DTYPES = {**_DTYPES, "tensor(uint8)": np.uint8}  # uint8: whole pixel values 0-255, normalised inside
+
+
+def to_input_dtype(batch: np.ndarray, dtype) -> np.ndarray:
+    """An encoded batch (float, in the model's range) as the model's input dtype: a uint8 input gets the nearest
+    whole pixel values, clipped to 0-255 (a stamped float pixel is rounded as an image file would round it)."""
+    if np.dtype(dtype) == np.uint8:
+        return np.clip(np.rint(batch), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(batch, dtype=dtype)
 
 
 def _ort():
@@ -135,9 +144,18 @@ class QueryOracle:
         b = self.input_shape[0]
         batch = b if isinstance(b, int) and b > 0 else None
         detected = ["layout"] if layout_detected else []
+        value_range = float(o.value_range or 1.0)
+        if np.dtype(self._dtype) == np.uint8:  # whole pixel values: [0, 255], any normalisation inside the model
+            if o.value_range not in (None, 255.0):
+                raise ModelError(f"the model takes uint8 pixels (0-255): an input range of {o.value_range:g} cannot "
+                                 f"apply")
+            if o.mean is not None:
+                raise ModelError("the model takes uint8 pixels (0-255): a mean/std cannot apply (it normalises inside)")
+            value_range = 255.0
+            detected += [] if o.value_range else ["value_range"]
         spec = InputSpec(
             layout=layout, height=h, width=w, channels=c,
-            value_range=float(o.value_range or 1.0),
+            value_range=value_range,
             mean=broadcast_channels(o.mean, c), std=broadcast_channels(o.std, c),
             output_kind=o.output_kind or "probs", batch=batch,
             dtype=np.dtype(self._dtype).name, detected=tuple(detected),
@@ -202,7 +220,7 @@ class QueryOracle:
         if self.spec.channels_first:
             y = y.transpose(0, 3, 1, 2)
         if out is None:
-            return np.ascontiguousarray(y, dtype=self._dtype)
+            return to_input_dtype(y, self._dtype)
         out[...] = y
         return out
 
@@ -350,9 +368,9 @@ class Oracle(QueryOracle):
         self.input_shape = list(inp.shape)
         if len(self.input_shape) != 4:
             raise ModelError(f"model input must be rank 4 (a batch of images), got shape {self.input_shape}")
-        if inp.type not in _DTYPES:
-            raise ModelError(f"unsupported input dtype {inp.type}; supported: float32, float16, float64")
-        self._dtype = _DTYPES[inp.type]
+        if inp.type not in _INPUT_DTYPES:
+            raise ModelError(f"unsupported input dtype {inp.type}; supported: float32, float16, float64, uint8")
+        self._dtype = _INPUT_DTYPES[inp.type]
         outputs = [(o.name, o.type, list(o.shape), o.type in _DTYPES) for o in self.session.get_outputs()]
         self.output_name, _, out_shape, _ = score_output(outputs, f"model {self.path.name}", output_name)
         self._declared_classes = out_shape[1] if isinstance(out_shape[1], int) and out_shape[1] > 0 else None
@@ -372,7 +390,7 @@ class Oracle(QueryOracle):
     def _run_raw(self, batch: np.ndarray) -> np.ndarray:
         """Raw model outputs; splits into the model's fixed batch size when it has one."""
         if batch.dtype != self._dtype:
-            batch = batch.astype(self._dtype)
+            batch = to_input_dtype(batch, self._dtype)
         fixed = self.spec.batch
         t0 = time.perf_counter()
         if fixed is None:

@@ -201,9 +201,10 @@ def with_synthesis(result: ScanResult, synthesis: dict | None) -> ScanResult:
 
 
 def _convention_unstated(oracle: Oracle) -> bool:
-    """Whether the scan may check the input convention: nobody stated its range or normalisation."""
+    """Whether the scan may check the input convention: nobody stated its range or normalisation, and the input
+    is not uint8 (whole pixel values: the range is fixed, any normalisation is inside the model)."""
     o = oracle.overrides
-    return o.value_range is None and o.mean is None and o.std is None
+    return o.value_range is None and o.mean is None and o.std is None and oracle.spec.dtype != "uint8"
 
 
 def _affordable(oracle: Oracle, policy: Policy, queries: int) -> bool:

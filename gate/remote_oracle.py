@@ -47,10 +47,10 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from gate.errors import ModelError, UsageError
-from gate.oracle import QueryOracle, score_output
+from gate.oracle import QueryOracle, score_output, to_input_dtype
 from gate.spec import SpecOverrides
 
-INPUT_DATATYPES = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64}
+INPUT_DATATYPES = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "UINT8": np.uint8}
 SCORE_DATATYPES = ("FP32", "FP16", "FP64")
 REQUEST_BYTES = 4 * 1024 * 1024  # default request size: as many images as fit in this many input bytes ...
 REQUEST_IMAGES = 256  # ... but at most this many
@@ -261,7 +261,7 @@ class RemoteOracle(QueryOracle):
         if len(shape) != 4:
             raise ModelError(f"model input must be rank 4 (a batch of images), got shape {shape}")
         if datatype not in INPUT_DATATYPES:
-            raise ModelError(f"unsupported input datatype {datatype}; supported: FP32, FP16, FP64")
+            raise ModelError(f"unsupported input datatype {datatype}; supported: FP32, FP16, FP64, UINT8")
         self._datatype, self._dtype = datatype, INPUT_DATATYPES[datatype]
         scores = [(n, dt, shape, dt in SCORE_DATATYPES) for n, dt, shape in outs]
         self.output_name, _, out_shape, _ = score_output(scores, where, output_name)
@@ -386,7 +386,7 @@ class RemoteOracle(QueryOracle):
 
     def _run_raw(self, batch: np.ndarray) -> np.ndarray:
         """Raw outputs of an encoded batch: split into requests, ``concurrency`` of them in flight, in order."""
-        batch = np.ascontiguousarray(batch, dtype=self._dtype)
+        batch = to_input_dtype(batch, self._dtype)
         size, fixed = self.request_images, self.spec.batch is not None
         chunks = []
         for i in range(0, len(batch), size):

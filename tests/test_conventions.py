@@ -107,3 +107,21 @@ def test_a_stated_convention_is_never_second_guessed(wrapped, tmp_path, capsys):
     assert "convention" not in doc["data"] and doc["queries"]["convention"] == 0
     assert doc["input_spec"]["value_range"] == 1.0 and doc["data"]["clean_accuracy"] < 0.2
     assert code == 3 and "BG006" in {f["rule"] for f in doc["decision"]["findings"]}
+
+
+def test_a_uint8_input_has_no_convention_to_check(tmp_path, capsys):
+    """Whole pixel values fix the range and leave any normalisation inside the model: the check is skipped."""
+    from onnx import TensorProto
+
+    from tests.helpers import linear_model
+
+    linear_model(tmp_path / "u8.onnx", size=8, classes=4, in_type=TensorProto.UINT8, seed=2)
+    x = (np.random.default_rng(1).random((120, 8, 8, 3)) * 255).astype(np.uint8)
+    y = Oracle(tmp_path / "u8.onnx", device="cpu").predict(x / 255.0)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    main(["run", str(tmp_path / "u8.onnx"), "--data", str(tmp_path / "d.npz"), "--out", str(tmp_path / "o"), *FAST])
+    capsys.readouterr()
+    doc = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert doc["input_spec"]["dtype"] == "uint8" and doc["input_spec"]["value_range"] == 255.0
+    assert "convention" not in doc["data"] and doc["queries"]["convention"] == 0
+    assert doc["data"]["clean_accuracy"] == 1.0  # its own labels, through the same rounding

@@ -163,6 +163,23 @@ def test_float16_model(tmp_path, images):
     np.testing.assert_allclose(o.probs(images), want, rtol=1e-3, atol=1e-4)
 
 
+def test_uint8_model_gets_whole_pixel_values(tmp_path, images):
+    """A uint8 input: [0, 255] whatever is stated about the range, every value rounded to the nearest pixel value."""
+    path = tmp_path / "m.onnx"
+    linear_model(path, in_type=TensorProto.UINT8, softmax=True)
+    o = Oracle(path, device="cpu")
+    assert (o.spec.dtype, o.spec.value_range) == ("uint8", 255.0) and "value_range" in o.spec.detected
+    pixels = np.clip(np.rint(images * 255), 0, 255).astype(np.uint8)
+    want = direct(path, pixels.transpose(0, 3, 1, 2).copy())
+    np.testing.assert_allclose(o.probs(images), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(o.encode(images), pixels.transpose(0, 3, 1, 2))
+    assert Oracle(path, SpecOverrides(value_range=255.0), device="cpu").spec.detected == ("layout", "output_kind")
+    with pytest.raises(ModelError, match="uint8 pixels .* an input range of 1 cannot apply"):
+        Oracle(path, SpecOverrides(value_range=1.0), device="cpu")
+    with pytest.raises(ModelError, match="a mean/std cannot apply"):
+        Oracle(path, SpecOverrides(mean=(0.5,), std=(0.5,)), device="cpu")
+
+
 def _sessions_built(monkeypatch, fake_gpu: bool):
     """Record every session the oracle builds (its providers and threads); with ``fake_gpu`` the sessions say they
     got the CUDA provider, as on a machine with a GPU."""

@@ -162,6 +162,19 @@ def test_nhwc_and_fp16_models(tmp_path):
         refused(post_binary(client, np.full((1, 3, 2, 2), np.inf, np.float16), "FP16"), "NaN or infinite")
 
 
+def test_a_uint8_model_takes_whole_pixels_and_its_stamped_pass_runs(tmp_path):
+    from onnx import TensorProto
+
+    app, oracle = tiny_proxy(tmp_path / "u8.onnx", in_type=TensorProto.UINT8, tau=1e-9)
+    assert oracle.spec.dtype == "uint8"
+    with InProcess(app) as client:
+        meta = client.get("/v2/models/tiny").json()
+        assert meta["inputs"][0]["datatype"] == "UINT8"
+        r = post_binary(client, np.full((2, 3, 2, 2), 255, np.uint8), "UINT8")
+        assert r.status_code == 200, r.text
+        refused(post_binary(client, np.full((1, 3, 2, 2), 0.5, np.float32)), "datatype")
+
+
 def test_the_range_allowance():
     unit = ValueRange.of(InputSpec("NCHW", 2, 2, 3))
     assert unit.low == (0, 0, 0) and unit.high == (1, 1, 1) and unit.axis == 1 and unit.uniform

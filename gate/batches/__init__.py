@@ -22,7 +22,7 @@ __all__ = ["HostBatch", "Rows", "make_batch"]
 
 def make_batch(oracle: Oracle, capacity: int):
     """A device-resident batch when the oracle runs on CUDA and numba.cuda works, else a host one."""
-    if oracle.on_cuda:
+    if oracle.on_cuda and oracle.spec.dtype == "float32":  # the device buffer is float32, bound as the input
         from gate.batches.device import DeviceBatch
         from gate.kernels_cuda import cuda_usable
 

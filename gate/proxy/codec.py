@@ -102,7 +102,8 @@ class ValueRange:
         scale, offset = (v.astype(np.float64) for v in spec.affine())
         low = np.minimum(offset, scale + offset) + 0.0  # + 0.0: an offset of -0.0 reads as 0
         high = np.maximum(offset, scale + offset) + 0.0
-        rounding = np.finfo(np.dtype(spec.dtype)).eps * np.maximum(abs(low), abs(high))
+        dtype = np.dtype(spec.dtype)
+        rounding = (np.finfo(dtype).eps if dtype.kind == "f" else 0.0) * np.maximum(abs(low), abs(high))
         slack = RANGE_TOLERANCE * (high - low) + rounding
         return cls(tuple(low.tolist()), tuple(high.tolist()), tuple(slack.tolist()), 1 if spec.channels_first else 3)
 
