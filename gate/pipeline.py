@@ -201,10 +201,13 @@ def with_synthesis(result: ScanResult, synthesis: dict | None) -> ScanResult:
 
 
 def _convention_unstated(oracle: Oracle) -> bool:
-    """Whether the scan may check the input convention: nobody stated its range or normalisation, and the input
-    is not uint8 (whole pixel values: the range is fixed, any normalisation is inside the model)."""
+    """Whether the scan may check the input convention: nobody stated its range or normalisation, the input is not
+    uint8 (whole pixel values: the range is fixed, any normalisation is inside the model), and the model is a file
+    (a served model takes what its server takes: other conventions' inputs may be refused, and are queries the
+    server sees)."""
     o = oracle.overrides
-    return o.value_range is None and o.mean is None and o.std is None and oracle.spec.dtype != "uint8"
+    return (isinstance(oracle, Oracle) and o.value_range is None and o.mean is None and o.std is None
+            and oracle.spec.dtype != "uint8")
 
 
 def _affordable(oracle: Oracle, policy: Policy, queries: int) -> bool:

@@ -70,7 +70,9 @@ def test_remote_scan_gives_the_local_report(proxy, tmp_path, capsys):
     travel as binary tensor data, and ONNX Runtime's per-image results do not depend on the batch they came
     in) and the query count are those of the scan of the file."""
     local, remote = tmp_path / "local", tmp_path / "remote"
-    code_l, out_l, _ = gate(capsys, "scan", DEMO_MODEL, "--data", SAMPLE, "--out", local, "--device", "cpu", *FAST)
+    # the file's scan would check the input convention first (a served model is scanned as served): stated here
+    code_l, out_l, _ = gate(capsys, "scan", DEMO_MODEL, "--data", SAMPLE, "--out", local, "--device", "cpu",
+                            "--input-range", "1", *FAST)
     before = images_served(proxy)
     code_r, out_r, _ = gate(capsys, "scan", "--remote", proxy.url, "--model-name", "demo", "--data", SAMPLE,
                             "--out", remote, *FAST)
