@@ -13,6 +13,8 @@ from gate.cli import main
 from gate.conventions import PROBE_IMAGES, chance_p, check_convention, data_stats, mcnemar_p
 from gate.data import fit_to_model, load_images
 from gate.oracle import Oracle
+from gate.report.limits import blind_spots
+from gate.result import ScanResult
 from tests.helpers import DEMO, DEMO_MODEL, reconventioned_model
 
 FAST = ["--k", "6", "--batch-size", "4", "--max-steps", "15", "--max-images", "100", "--quiet"]
@@ -96,6 +98,9 @@ def test_gate_run_scans_under_the_convention_that_fits_and_says_so(wrapped, tmp_
     assert q["convention"] == conv["queries"] == PROBE_IMAGES * len(conv["fits"]) and q["total"] == q["scan"] + q[
         "convention"]
     assert "BG006" not in {f["rule"] for f in doc["decision"]["findings"]} and code in (0, 1, 3)
+    spots = blind_spots(ScanResult.from_dict(doc))  # the report page says the convention was not stated
+    assert any(s.startswith("Input convention: nobody stated it; the scan ran under NCHW [0,255]") and
+               "--input-range 255" in s for s in spots)
 
 
 def test_a_stated_convention_is_never_second_guessed(wrapped, tmp_path, capsys):

@@ -46,6 +46,12 @@ def blind_spots(result: ScanResult) -> list[str]:
     elif acc < 0.5:
         spots.append(f"Input convention: the model is right on only {pct(acc)} of the labelled images: check the "
                      "layout, value range and mean/std, or the searches ran on inputs the model does not expect.")
+    switched = (d.get("convention") or {}).get("switched_to")
+    if switched:
+        spots.append(f"Input convention: nobody stated it; the scan ran under {switched}, the convention that "
+                     f"classified the labelled images best ({pct(d['convention']['fits'][switched])}). Conventions "
+                     "that classify as well (ImageNet or the data's own mean/std) differ to the model, and a scan "
+                     f"under another one can end differently: state the vendor's ({d['convention']['flags']}).")
     budget = (f"Query budget: each class's search ran at most {num(s.get('max_steps'))} steps of "
               f"{num(s.get('k'))} samples ({num(int(result.queries.get('total', 0)))} queries in all)")
     if s.get("max_queries") or s.get("max_seconds"):
