@@ -25,7 +25,7 @@ from gate.checkpoint import Checkpoint
 from gate.data import ImageSet
 from gate.distributed import RayOptions, call, connect, model_bytes, open_model_bytes, stated_spec, task_result
 from gate.oracle import Oracle
-from gate.pipeline import GateRun, load_data, run_gate, with_fallback
+from gate.pipeline import GateRun, load_data, may_check_convention, run_gate, with_fallback
 from gate.policy import Policy
 from gate.progress import Progress
 from gate.spec import SpecOverrides
@@ -44,6 +44,8 @@ class ModelJob:
     policy: Policy
     images: ImageSet | None  # None: B3D-SS, the worker synthesises the samples
     examples: int
+    convention_check: bool  # the user stated no range or normalisation: the run checks the convention (the spec
+    #                         above states everything, so the worker cannot tell)
 
 
 def run_model(job: ModelJob) -> GateRun:
@@ -53,7 +55,7 @@ def run_model(job: ModelJob) -> GateRun:
     policy = job.policy
     if job.images is None:  # the command found no clean images to use: the samples are synthesised, here
         policy = dataclasses.replace(policy, data=dataclasses.replace(policy.data, source="synthetic"))
-    return run_gate(oracle, policy, images=job.images, examples=job.examples)
+    return run_gate(oracle, policy, images=job.images, examples=job.examples, convention_check=job.convention_check)
 
 
 class RayModels:
@@ -85,7 +87,8 @@ class RayModels:
         if fallback:
             log(f"warning: {fallback}")
         job = ModelJob(model_bytes(oracle), oracle.sha256, stated_spec(oracle), self.options.device,
-                       oracle.max_batch, max(1, int(self.options.cpus)), policy, images, examples)
+                       oracle.max_batch, max(1, int(self.options.cpus)), policy, images, examples,
+                       may_check_convention(oracle))
         if self._stopped.is_set():  # a run that had not started when the command was stopped
             raise KeyboardInterrupt("SIGTERM")
         ref = self._task.remote(self.runner, job)

@@ -61,12 +61,15 @@ class GateRun:
 
 def run_gate(oracle: Oracle, policy: Policy, *, images: ImageSet | None = None, examples: int = 0,
              progress: Progress | None = None, log: Callable[[str], None] | None = None,
-             checkpoint: Checkpoint | None = None, resume: bool = False, ray: RayOptions | None = None) -> GateRun:
+             checkpoint: Checkpoint | None = None, resume: bool = False, ray: RayOptions | None = None,
+             convention_check: bool | None = None) -> GateRun:
     """Scan ``oracle``'s model under ``policy`` and decide. ``images``: clean data given by the caller (the
     policy's data section is then not consulted); ``examples``: stamped examples per class for the report.
     ``checkpoint``: where the scan's state is saved between rounds; with ``resume`` the run continues from
     the checkpoint there (refused when it was made for another model, data or policy). ``ray``: the scan's
-    classes run on a Ray cluster (:mod:`gate.distributed`; no checkpoint then), with the same result."""
+    classes run on a Ray cluster (:mod:`gate.distributed`; no checkpoint then), with the same result.
+    ``convention_check``: whether to check the input convention on labelled data (default: when
+    :func:`may_check_convention`; a Ray worker, whose spec states everything, is told the command's answer)."""
     progress = progress or Progress(enabled=False)
     log = log or (lambda _text: None)
     if oracle.num_classes < 2:
@@ -90,7 +93,9 @@ def run_gate(oracle: Oracle, policy: Policy, *, images: ImageSet | None = None, 
             if checkpoint is not None:
                 checkpoint.save_data(images.x, images.y, images.source, synthesis, fp)
     convention = None
-    if method == "b3d" and images.y is not None and _convention_unstated(oracle) and _affordable(
+    if convention_check is None:
+        convention_check = may_check_convention(oracle)
+    if method == "b3d" and images.y is not None and convention_check and _affordable(
             oracle, policy, most_queries(oracle, len(images))):
         convention = check_convention(oracle, images.x, images.y)
         if convention.chosen is not None:
@@ -200,7 +205,7 @@ def with_synthesis(result: ScanResult, synthesis: dict | None) -> ScanResult:
         seconds={**s, "total": s["scan"] + synthesis["seconds"], "synthesis": synthesis["seconds"]})
 
 
-def _convention_unstated(oracle: Oracle) -> bool:
+def may_check_convention(oracle: Oracle) -> bool:
     """Whether the scan may check the input convention: nobody stated its range or normalisation, the input is not
     uint8 (whole pixel values: the range is fixed, any normalisation is inside the model), and the model is a file
     (a served model takes what its server takes: other conventions' inputs may be refused, and are queries the
