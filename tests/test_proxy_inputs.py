@@ -281,3 +281,25 @@ def test_binary_sizes_and_other_fields(unit):
     refused(post(unit, b'{"id": ' + b"1" * 5000 + b"}"), "request body is not valid JSON: Exceeds the limit")
     r = post(unit, dict(tensor_json(pixels()), inputs=[dict(tensor_json(pixels())["inputs"][0], name="x" * 10_000)]))
     assert len(refused(r, "unknown input 'xxx")) < 200  # what the client sent is quoted, cut short
+
+
+def test_the_proxy_stamps_under_the_convention_the_scan_ran_under(tmp_path):
+    """The scan may have chosen the convention from labelled data (report.json's input_spec): with no input flag
+    the proxy takes it; a flag that contradicts it is refused; a report without one changes nothing."""
+    from gate.commands.proxy import as_scanned
+    from gate.errors import GateError
+    from gate.oracle import Oracle
+    from tests.helpers import linear_model
+
+    linear_model(tmp_path / "m.onnx", size=2, classes=3, softmax=True)
+    oracle = Oracle(tmp_path / "m.onnx", device="cpu")
+    scanned = {"layout": "NCHW", "value_range": 255.0, "mean": None, "std": None}
+    taken = as_scanned(oracle, scanned, SpecOverrides(), "r.json")
+    assert (taken.spec.layout, taken.spec.value_range, taken.spec.output_kind) == ("NCHW", 255.0, "probs")
+    assert as_scanned(oracle, {**scanned, "value_range": 1.0}, SpecOverrides(), "r.json") is oracle
+    assert as_scanned(oracle, None, SpecOverrides(), "r.json") is oracle
+    with pytest.raises(GateError, match=r"r.json: the scan ran under NCHW range \[0,255\], the input flags"):
+        as_scanned(oracle, scanned, SpecOverrides(value_range=1.0), "r.json")
+    normalised = as_scanned(oracle, {**scanned, "value_range": 1.0, "mean": [0.5] * 3, "std": [0.25] * 3},
+                            SpecOverrides(), "r.json")
+    assert normalised.spec.mean == (0.5, 0.5, 0.5) and normalised.spec.std == (0.25, 0.25, 0.25)
