@@ -286,7 +286,7 @@ def test_binary_sizes_and_other_fields(unit):
 def test_the_proxy_stamps_under_the_convention_the_scan_ran_under(tmp_path):
     """The scan may have chosen the convention from labelled data (report.json's input_spec): with no input flag
     the proxy takes it; a flag that contradicts it is refused; a report without one changes nothing."""
-    from gate.commands.proxy import as_scanned
+    from gate.commands.common import as_scanned
     from gate.errors import GateError
     from gate.oracle import Oracle
     from tests.helpers import linear_model

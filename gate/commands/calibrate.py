@@ -13,7 +13,7 @@ import sys
 import numpy as np
 
 from gate.calibrate import calibrate
-from gate.commands.common import add_model_args, open_oracle
+from gate.commands.common import add_model_args, as_scanned, open_oracle, spec_from_args
 from gate.data import fit_to_model, load_images
 from gate.errors import UsageError
 from gate.shield import Shield, load_scan_triggers
@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     oracle = open_oracle(args)
     st = load_scan_triggers(args.report, args.triggers, model_sha256=oracle.sha256, allow_unverified=True,
                             warn=lambda text: print(f"gate calibrate: {text}", file=sys.stderr, flush=True))
+    oracle = as_scanned(oracle, st.report.get("input_spec"), spec_from_args(args), args.report)
     images = fit_to_model(load_images(args.data), oracle.image_shape)
     x = images.x
     if args.max_images is not None and args.max_images < len(x):

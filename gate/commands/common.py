@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterable
 
-from gate.errors import UsageError
-from gate.oracle import Oracle, host_cores
+import numpy as np
+
+from gate.errors import GateError, UsageError
+from gate.oracle import Oracle, QueryOracle, host_cores
 from gate.policy import PAPER, Policy, load_policy, policy_settings
 from gate.settings import Setting, SettingError, add_flags, given
 from gate.spec import SpecOverrides
@@ -168,6 +170,31 @@ def open_oracle(args: argparse.Namespace, overrides: SpecOverrides | None = None
     # on the CPU: one single-thread model call per core rather than one call parallel inside (gate.oracle.Oracle)
     return Oracle(args.model, overrides if overrides is not None else spec_from_args(args), device=args.device,
                   max_batch=args.max_batch, max_queries=max_queries, calls=host_cores())
+
+
+def as_scanned(oracle: QueryOracle, scanned: dict | None, stated: SpecOverrides, report: str) -> QueryOracle:
+    """``oracle`` under the input convention the scan ran under (its report's ``input_spec``): the reversed triggers
+    are stamped as the scan stamped them. Nothing stated here: the scan's convention is taken (it may have been
+    chosen from labelled data); a stated one that differs is refused."""
+    if not scanned:
+        return oracle
+    s = oracle.spec
+
+    def same(a, b) -> bool:
+        return (a is None) == (b is None) and (a is None or np.allclose(a, b, rtol=1e-6, atol=0))
+    if (scanned.get("layout") == s.layout and float(scanned.get("value_range", 1.0)) == s.value_range
+            and same(scanned.get("mean"), s.mean) and same(scanned.get("std"), s.std)):
+        return oracle
+    there = (f"{scanned.get('layout')} range [0,{float(scanned.get('value_range', 1.0)):g}]"
+             + (f" mean {scanned['mean']} std {scanned.get('std')}" if scanned.get("mean") else ""))
+    if any(v is not None for v in (stated.layout, stated.value_range, stated.mean, stated.std)):
+        raise GateError(f"{report}: the scan ran under {there}, the input flags given here say otherwise; pass the "
+                        f"scan's convention or none")
+    return oracle.with_spec(SpecOverrides(
+        layout=scanned["layout"], value_range=float(scanned.get("value_range", 1.0)),
+        mean=None if scanned.get("mean") is None else tuple(scanned["mean"]),
+        std=None if scanned.get("std") is None else tuple(scanned["std"]),
+        output_kind=s.output_kind, size=stated.size, output_name=stated.output_name))
 
 
 # --------------------------------------------------------------------------- the policy on the command line

@@ -22,12 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from gate.commands.common import add_model_args, spec_from_args
+from gate.commands.common import add_model_args, as_scanned, spec_from_args
 from gate.errors import GateError, UsageError
 from gate.oracle import Oracle
 from gate.result import Triggers
 from gate.shield import Shield, load_scan_triggers
-from gate.spec import SpecOverrides
 
 
 def register(sub) -> None:
@@ -90,31 +89,6 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError("--no-shield takes no --triggers, --threshold or --calibration")
     if args.upstream and not args.upstream.startswith(("http://", "https://")):
         raise UsageError(f"--upstream must be an http(s) URL, got {args.upstream!r}")
-
-
-def as_scanned(oracle: Oracle, scanned: dict | None, stated: SpecOverrides, report: str) -> Oracle:
-    """``oracle`` under the input convention the scan ran under (its report's ``input_spec``): the reversed triggers
-    are stamped as the scan stamped them. Nothing stated here: the scan's convention is taken (it may have been
-    chosen from labelled data); a stated one that differs is refused."""
-    if not scanned:
-        return oracle
-    s = oracle.spec
-
-    def same(a, b) -> bool:
-        return (a is None) == (b is None) and (a is None or np.allclose(a, b, rtol=1e-6, atol=0))
-    if (scanned.get("layout") == s.layout and float(scanned.get("value_range", 1.0)) == s.value_range
-            and same(scanned.get("mean"), s.mean) and same(scanned.get("std"), s.std)):
-        return oracle
-    there = (f"{scanned.get('layout')} range [0,{float(scanned.get('value_range', 1.0)):g}]"
-             + (f" mean {scanned['mean']} std {scanned.get('std')}" if scanned.get("mean") else ""))
-    if any(v is not None for v in (stated.layout, stated.value_range, stated.mean, stated.std)):
-        raise GateError(f"{report}: the scan ran under {there}, the input flags given here say otherwise; pass the "
-                        f"scan's convention or none")
-    return oracle.with_spec(SpecOverrides(
-        layout=scanned["layout"], value_range=float(scanned.get("value_range", 1.0)),
-        mean=None if scanned.get("mean") is None else tuple(scanned["mean"]),
-        std=None if scanned.get("std") is None else tuple(scanned["std"]),
-        output_kind=s.output_kind, size=stated.size, output_name=stated.output_name))
 
 
 def build(args: argparse.Namespace):
