@@ -191,35 +191,39 @@ def probe_indices(n: int, seed: int = 0) -> np.ndarray:
 def most_queries(oracle: Oracle, images: int) -> int:
     """The most queries :func:`check_convention` can make on ``images`` labelled images."""
     return min(PROBE_IMAGES, images) * (1 + len(LAYOUTS) * (len(normalisations(oracle.spec.channels)) + 1))
+    # (+1: the data's own mean/std; 1 +: the convention in use, when it is none of the common ones)
 
 
 def check_convention(oracle: Oracle, x: np.ndarray, y: np.ndarray, seed: int = 0) -> ConventionCheck:
     """Measure every convention on a seeded sample of labelled images (``x`` float NHWC [0, 1], ``y``) and pick
-    the best when it beats the one in use beyond chance (module docstring). Queries: the sample's, once per
-    convention the input shape allows (at most :func:`most_queries`)."""
+    the best when it beats the one in use beyond chance (module docstring). Every image goes through a view of
+    ``oracle`` (its own count stays as it was); queries: the sample's, once per convention the input shape allows
+    (at most :func:`most_queries`)."""
     pick = probe_indices(len(x), seed)
     n = len(pick)
+    x_probe, y_probe = x[pick], y[pick]
     current = in_use(oracle)
-    correct = oracle.predict(x[pick]) == y[pick]
-    accuracy = float(np.mean(correct))
-    others = [f for f in compare_conventions(oracle, x[pick], y[pick], data_stats(x)) if not f.convention.same_as(
-        current.layout, current.value_range, current.mean, current.std)
-        and (oracle.overrides.layout is None or f.convention.layout == current.layout)]
-    queries = n + sum(n for f in others if f.accuracy is not None)
-    fits = sorted([Fit(current, accuracy, correct=correct), *others],
-                  key=lambda f: (f.accuracy is None, -(f.accuracy or 0.0)))
+    fits = [f for f in compare_conventions(oracle, x_probe, y_probe, data_stats(x))
+            if oracle.overrides.layout is None or f.convention.layout == current.layout]
+    mine = next((f for f in fits if f.accuracy is not None and f.convention.same_as(
+        current.layout, current.value_range, current.mean, current.std)), None)
+    if mine is None:  # the convention in use is none of the common ones
+        correct = convention_view(oracle, current).predict(x_probe) == y_probe
+        mine = Fit(current, float(np.mean(correct)), correct=correct)
+        fits = sorted([mine, *fits], key=lambda f: (f.accuracy is None, -(f.accuracy or 0.0)))
+    queries = n * sum(f.accuracy is not None for f in fits)
     best = fits[0]
-    if best.convention == current:
-        return ConventionCheck(n, current, accuracy, fits, None, None, queries)
-    p = mcnemar_p(best.correct, correct)
+    if best is mine:
+        return ConventionCheck(n, current, mine.accuracy, fits, None, None, queries)
+    p = mcnemar_p(best.correct, mine.correct)
     better = p < SWITCH_P and chance_p(int(best.correct.sum()), n, 1.0 / oracle.num_classes) < SWITCH_P
-    return ConventionCheck(n, current, accuracy, fits, best.convention if better else None, p, queries)
+    return ConventionCheck(n, current, mine.accuracy, fits, best.convention if better else None, p, queries)
 
 
 def switch(oracle: Oracle, check: ConventionCheck) -> Oracle:
     """``oracle`` under the convention ``check`` chose, its queries counted on from all the check made (so a hard
     budget still holds), the spec saying the convention was detected."""
     view = convention_view(oracle, check.chosen)
-    view.queries = oracle.queries + check.queries - check.images  # the sample went through ``oracle`` itself
+    view.queries = oracle.queries + check.queries  # the check's views' queries
     view.spec = replace(view.spec, detected=oracle.spec.detected + ("convention",))
     return view
