@@ -128,8 +128,8 @@ def resolve_layout(shape: list, stated: str | None,
     candidates = [stated] if stated is not None else [
         layout for layout, c in (("NCHW", dims[0]), ("NHWC", dims[2])) if _static(c) and c in (1, 3, 4)]
     if len(candidates) != 1:
-        raise ModelError(f"model input {shape} has no fixed channel dimension of 1, 3 or 4 to read its layout from; "
-                         f"state it with --layout")
+        raise ModelError(f"model input {shape} has no single fixed channel dimension of 1, 3 or 4 to read its layout "
+                         f"from; state it with --layout")
     layout = candidates[0]
     (c, h, w) = dims if layout == "NCHW" else (dims[2], dims[0], dims[1])
     if not (_static(c) and c in (1, 3, 4)):

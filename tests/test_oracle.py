@@ -268,7 +268,7 @@ def test_a_fixed_size_must_agree_with_the_stated_one(tmp_path):
 def test_a_dynamic_channel_dimension_is_refused_with_the_way_out(tmp_path):
     path = tmp_path / "c.onnx"
     pooled_model(path, channels="c")
-    with pytest.raises(ModelError, match="no fixed channel dimension.*--layout"):
+    with pytest.raises(ModelError, match="no single fixed channel dimension.*--layout"):
         Oracle(path, SpecOverrides(size=(8, 8)), device="cpu")
     with pytest.raises(ModelError, match="read as NCHW has channels 'c'"):
         Oracle(path, SpecOverrides(size=(8, 8), layout="NCHW"), device="cpu")
