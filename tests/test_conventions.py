@@ -134,3 +134,14 @@ def test_a_uint8_input_has_no_convention_to_check(tmp_path, capsys):
     assert doc["input_spec"]["dtype"] == "uint8" and doc["input_spec"]["value_range"] == 255.0
     assert "convention" not in doc["data"] and doc["queries"]["convention"] == 0
     assert doc["data"]["clean_accuracy"] == 1.0  # its own labels, through the same rounding
+
+
+def test_inspect_says_what_a_scan_would_do(wrapped, capsys):
+    args = ["inspect", str(wrapped / "range255.onnx"), "--data", str(DEMO / "gtsrb_sample.npz")]
+    assert main([*args, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["scan_convention"]["switched_to"] == "NCHW [0,255]"
+    assert main(args) == 0
+    assert "gate run/scan would switch to NCHW [0,255] (McNemar p" in capsys.readouterr().out
+    assert main([*args, "--input-range", "255", "--json"]) == 0  # stated: the scan would not check
+    assert "scan_convention" not in json.loads(capsys.readouterr().out)

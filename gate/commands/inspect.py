@@ -9,8 +9,9 @@ import json
 import numpy as np
 
 from gate.commands.common import add_model_args, open_oracle
-from gate.conventions import MAX_IMAGES, compare_conventions, data_stats
+from gate.conventions import MAX_IMAGES, check_convention, compare_conventions, data_stats
 from gate.data import fit_to_model, load_images
+from gate.pipeline import may_check_convention
 
 MARGIN = 0.02  # a convention this much more accurate than the one in use is worth a warning
 
@@ -48,6 +49,10 @@ def run(args: argparse.Namespace) -> int:
                                     "accuracy": f.accuracy, "note": f.note or None,
                                     "in_use": f is in_use, "best": f is best} for f in fits]
             accuracy = info["data"]["clean_accuracy"]
+            if may_check_convention(oracle):  # what `gate run` would do with nothing stated (its own test)
+                check = check_convention(oracle, images.x, images.y)
+                extra_queries += check.queries
+                info["scan_convention"] = check.to_dict()
             if best is not None and best is not in_use and best.accuracy > accuracy + MARGIN:
                 info["convention_warning"] = (
                     f"the input convention in use gives {accuracy:.1%} on the labelled data, {best.convention.label} "
@@ -79,6 +84,11 @@ def run(args: argparse.Namespace) -> int:
         skipped = {c["layout"]: c["note"] for c in info["conventions"] if c["accuracy"] is None}
         for layout, note in skipped.items():
             print(f"  {layout}: not tried ({note})")
+    if "scan_convention" in info:
+        sc = info["scan_convention"]
+        print("scan         with nothing stated, gate run/scan would "
+              + (f"switch to {sc['switched_to']} (McNemar p {sc['p_value']:.1e} on {sc['images']} images)"
+                 if sc["switched_to"] else f"keep {sc['in_use']}"))
     if "convention_warning" in info:
         print(f"warning: {info['convention_warning']}")
     return 0
