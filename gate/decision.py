@@ -296,11 +296,16 @@ def _low_accuracy(result: ScanResult, rules) -> list[Finding]:
     accuracy = result.data.get("clean_accuracy")
     if least is None or accuracy is None or result.method != "b3d" or accuracy >= least:
         return []
+    check = result.data.get("convention") or {}
+    fits = check.get("fits") or {}
+    best = max(fits, key=fits.get) if fits else None
+    measured = (f"; the convention check measured {len(fits)} conventions on {check.get('images')} of the images, "
+                f"the best {best} at {_pct(fits[best])}" if best else "")
     return [Finding(
         RULE_LOW_ACCURACY, rules.incomplete,
         f"clean accuracy {_pct(accuracy, 1)} on {result.data.get('source')} is below {_pct(least)} "
         f"(rules.min_clean_accuracy): the data is not this model's, or its input convention (range, layout, "
-        f"mean/std) is wrong; `gate inspect MODEL --data DATA` compares the conventions",
+        f"mean/std) is wrong{measured}; `gate inspect MODEL --data DATA` compares the conventions",
         None, {"clean_accuracy": accuracy, "min_clean_accuracy": least})]
 
 

@@ -144,6 +144,14 @@ def test_min_clean_accuracy(accuracy, method, fires):
     assert decide(result, Policy().override({"rules.min_clean_accuracy": None})).outcome == "accept"
 
 
+def test_low_accuracy_quotes_what_the_convention_check_measured():
+    result = make_result([40.0, 47.0, 36.0, 44.0, 41.0])
+    result.data["clean_accuracy"] = 0.3
+    result.data["convention"] = {"images": 100, "fits": {"NCHW [0,1]": 0.31, "NCHW [0,255]": 0.42}}
+    low = [f for f in decide(result, Policy()).findings if f.rule == RULE_LOW_ACCURACY]
+    assert "measured 2 conventions on 100 of the images, the best NCHW [0,255] at 42%" in low[0].message
+
+
 def test_the_rule_on_a_real_run(assets, tmp_path, capsys):
     pol = tmp_path / "p.yaml"
     pol.write_text(yaml.safe_dump(QUIET_RULES))
