@@ -120,6 +120,11 @@ def compare_conventions(oracle: Oracle, x: np.ndarray, y: np.ndarray, stats: tup
                 continue
             correct = view.predict(x) == y
             fits.append(Fit(convention, float(np.mean(correct)), correct=correct))
+    return _best_first(fits)
+
+
+def _best_first(fits: list[Fit]) -> list[Fit]:
+    """Measured fits by accuracy, best first (ties keep their order), then those not measured."""
     return sorted(fits, key=lambda f: (f.accuracy is None, -(f.accuracy or 0.0)))
 
 
@@ -189,9 +194,10 @@ def probe_indices(n: int, seed: int = 0) -> np.ndarray:
 
 
 def most_queries(oracle: Oracle, images: int) -> int:
-    """The most queries :func:`check_convention` can make on ``images`` labelled images."""
+    """The most queries :func:`check_convention` can make on ``images`` labelled images: the sample once per
+    convention of each layout (the common ones and the data's own mean/std), and once more for the convention in
+    use when it is none of them."""
     return min(PROBE_IMAGES, images) * (1 + len(LAYOUTS) * (len(normalisations(oracle.spec.channels)) + 1))
-    # (+1: the data's own mean/std; 1 +: the convention in use, when it is none of the common ones)
 
 
 def check_convention(oracle: Oracle, x: np.ndarray, y: np.ndarray, seed: int = 0) -> ConventionCheck:
@@ -210,7 +216,7 @@ def check_convention(oracle: Oracle, x: np.ndarray, y: np.ndarray, seed: int = 0
     if mine is None:  # the convention in use is none of the common ones
         correct = convention_view(oracle, current).predict(x_probe) == y_probe
         mine = Fit(current, float(np.mean(correct)), correct=correct)
-        fits = sorted([mine, *fits], key=lambda f: (f.accuracy is None, -(f.accuracy or 0.0)))
+        fits = _best_first([mine, *fits])
     queries = n * sum(f.accuracy is not None for f in fits)
     best = fits[0]
     if best is mine:

@@ -152,7 +152,8 @@ class QueryOracle:
             if o.mean is not None:
                 raise ModelError("the model takes uint8 pixels (0-255): a mean/std cannot apply (it normalises inside)")
             value_range = 255.0
-            detected += [] if o.value_range else ["value_range"]
+            if o.value_range is None:
+                detected.append("value_range")
         spec = InputSpec(
             layout=layout, height=h, width=w, channels=c,
             value_range=value_range,
